@@ -1,0 +1,404 @@
+"""Backward kernels: preprocess (Delta = rowsum(O * dO)), dK/dV, dQ. No atomics anywhere.
+
+FlashAttention-2's split: the dK/dV program owns one key block and walks the query tiles of
+every query head in its GQA group (so dK/dV are summed over the group in registers); the dQ
+program owns one query block and walks the key tiles. Both recompute P from the saved LSE.
+
+RoPE: Q and K are rotated on load exactly as in the forward; dQ and dK are accumulated in the
+rotated frame and rotated back (transpose rotation, same cos/sin with -sin) before the store.
+Bias PEs: the dK/dV program also accumulates sum(dS * d(bias)/d(param)) for its key block,
+per query head, into a partials buffer (key_blocks, B, Hq) that torch sums: deterministic.
+
+dS below is the gradient of the natural-unit scaled logits s = scale * q.k + bias:
+dS = P * (dP - Delta), dQ = scale * dS @ K, dK = scale * dS^T @ Q, dV = P^T @ dO.
+"""
+import triton
+import triton.language as tl
+
+from .attn_fwd import load_qk, load_tile, qk_dot
+from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
+                         bias_grad_terms, bias_log2, qk_columns, rope_angle_cos_sin,
+                         rope_rotate, rope_shift)
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(O, DO, DELTA,
+                               stride_ob, stride_oh, stride_om, stride_od,
+                               stride_dob, stride_doh, stride_dom, stride_dod,
+                               Hq, Sq, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_DV: tl.constexpr):
+    """DELTA (B, Hq, Sq) float32 = rowsum(O * dO)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Sq
+    cols = tl.arange(0, BLOCK_DV)
+    c_mask = cols < DV
+    o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, m_mask, cols, c_mask,
+                  stride_om, stride_od, True)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, m_mask, cols, c_mask,
+                   stride_dom, stride_dod, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Sq + offs_m, delta, mask=m_mask)
+
+
+@triton.jit
+def load_pe_params(PE: tl.constexpr, PA, PB, h):
+    """(a, b) natural-unit PE parameters of head h: slope / r1 and r2 (0 when unused)."""
+    a = 0.0
+    b = 0.0
+    if PE == PE_ALIBI:
+        a = tl.load(PA + h).to(tl.float32)
+    elif PE == PE_KERPLE_LOG or PE == PE_KERPLE_POWER:
+        a = tl.load(PA + h).to(tl.float32)
+        b = tl.load(PB + h).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, colB, maskA,
+                 colC, maskC, PE: tl.constexpr, HAS_PASS: tl.constexpr):
+    """Store a gradient held as dot groups (see load_qk) back into its head-dim columns."""
+    base = ptr + rows.to(tl.int64)[:, None] * stride_row
+    tl.store(base + colA[None, :] * stride_col, xa.to(ptr.dtype.element_ty),
+             mask=row_mask[:, None] & maskA[None, :])
+    if PE == PE_ROPE:
+        tl.store(base + colB[None, :] * stride_col, xb.to(ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & maskA[None, :])
+        if HAS_PASS:
+            tl.store(base + colC[None, :] * stride_col, xc.to(ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & maskC[None, :])
+
+
+@triton.jit
+def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+                Q, DO, LSE, DELTA, QPOS, THETA, c_tab, s_tab,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
+                Sq, q_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
+                colA, colB, maskA, colC, maskC, colV, maskV,
+                PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
+                ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
+                PREC: tl.constexpr):
+    """Accumulate dK, dV (and PE-parameter gradients) of one key block over query tiles."""
+    for t in range(tile_lo, tile_hi):
+        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < Sq
+        if EXPLICIT_POS:
+            qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0)
+        else:
+            qpos = q_start + offs_m
+        cos = c_tab
+        sin = s_tab
+        if PE == PE_ROPE:
+            if EXPLICIT_POS:
+                cos, sin = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+            else:
+                cos, sin = rope_shift(c_tab, s_tab, q_start + t * BLOCK_M, THETA, rope_factor,
+                                      ROT_HALF, BLOCK_A)
+        qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, cos, sin, colA, colB, maskA,
+                             colC, maskC, PE, HAS_PASS, MASKED)
+        do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
+        lse = tl.load(LSE + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
+        # A query that saw no key has LSE -inf; +inf makes its P exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+        sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
+        if PE != PE_NONE and PE != PE_ROPE:
+            sT += bias_log2(PE, kpos, qpos, pa * LOG2E, pb)
+        if MASKED:
+            visible = n_mask[:, None] & m_mask[None, :]
+            if CAUSAL:
+                visible = visible & (kpos[:, None] <= qpos[None, :])
+            sT = tl.where(visible, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if NEED_PE_GRAD:
+            t1, t2 = bias_grad_terms(PE, dsT, kpos, qpos, pa, pb)
+            g1 += t1
+            g2 += t2
+        ds16 = dsT.to(qa.dtype)
+        dka = tl.dot(ds16, qa, dka, input_precision=PREC)
+        if PE == PE_ROPE:
+            dkb = tl.dot(ds16, qb, dkb, input_precision=PREC)
+            if HAS_PASS:
+                dkc = tl.dot(ds16, qc, dkc, input_precision=PREC)
+    return dka, dkb, dkc, dv, g1, g2
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, PA, PB, GPA, GPB,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
+    B, Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor,
+    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    DK_OUT += b * stride_dkb + hk * stride_dkh
+    DV_OUT += b * stride_dvb + hk * stride_dvh
+    QPOS += b * stride_qpb
+    KPOS += b * stride_kpb
+    scale_log2 = scale * LOG2E
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < Sk
+    colA, colB = qk_columns(PE, INTERLEAVED, ROT_HALF, BLOCK_A)
+    maskA = tl.arange(0, BLOCK_A) < (ROT_HALF if PE == PE_ROPE else D)
+    colC = ROT_DIM + tl.arange(0, BLOCK_C)
+    maskC = colC < D
+    colV = tl.arange(0, BLOCK_DV)
+    maskV = colV < DV
+
+    if EXPLICIT_POS:
+        kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0)
+    else:
+        kpos = k_start + offs_n
+    c_k = 0.0
+    s_k = 0.0
+    c_tab = 0.0
+    s_tab = 0.0
+    if PE == PE_ROPE:
+        c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        if not EXPLICIT_POS:
+            c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_M), THETA, 1.0, ROT_HALF, BLOCK_A)
+    ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, c_k, s_k, colA, colB, maskA,
+                         colC, maskC, PE, HAS_PASS, True)
+    v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, True)
+
+    # Query tiles: [lo, u0) masked, [u0, u1) unmasked, [u1, m_tiles) masked.
+    m_tiles = tl.cdiv(Sq, BLOCK_M)
+    lo = 0
+    u0 = 0
+    if CAUSAL:
+        if EXPLICIT_POS:
+            u0 = m_tiles
+        else:
+            off = q_start - k_start  # query i sees key j iff i >= j - off
+            n0 = pid_n * BLOCK_N
+            lo = tl.maximum(n0 - off, 0) // BLOCK_M
+            u0 = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M)
+    if (pid_n + 1) * BLOCK_N > Sk:  # partial key block: every tile needs the key mask
+        u0 = m_tiles
+    lo = tl.minimum(lo, m_tiles)
+    u0 = tl.minimum(tl.maximum(u0, lo), m_tiles)
+    u1 = tl.maximum(u0, Sq // BLOCK_M)
+
+    dka = tl.zeros([BLOCK_N, BLOCK_A], tl.float32)
+    dkb = tl.zeros([BLOCK_N, BLOCK_A], tl.float32)
+    dkc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        pa, pb = load_pe_params(PE, PA, PB, h)
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        LSEh = LSE + (b * Hq + h) * Sq
+        DELTAh = DELTA + (b * Hq + h) * Sq
+        g1 = 0.0
+        g2 = 0.0
+        dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
+            dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+            Qh, DOh, LSEh, DELTAh, QPOS, THETA, c_tab, s_tab,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
+            Sq, q_start, rope_factor, scale_log2, pa, pb, lo, u0,
+            colA, colB, maskA, colC, maskC, colV, maskV,
+            PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
+            PREC)
+        dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
+            dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+            Qh, DOh, LSEh, DELTAh, QPOS, THETA, c_tab, s_tab,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
+            Sq, q_start, rope_factor, scale_log2, pa, pb, u0, u1,
+            colA, colB, maskA, colC, maskC, colV, maskV,
+            PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
+            PREC)
+        dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
+            dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+            Qh, DOh, LSEh, DELTAh, QPOS, THETA, c_tab, s_tab,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
+            Sq, q_start, rope_factor, scale_log2, pa, pb, u1, m_tiles,
+            colA, colB, maskA, colC, maskC, colV, maskV,
+            PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
+            PREC)
+        if NEED_PE_GRAD:
+            slot = (pid_n * B + b) * Hq + h
+            tl.store(GPA + slot, g1)
+            tl.store(GPB + slot, g2)
+
+    dka *= scale
+    dkb *= scale
+    dkc *= scale
+    if PE == PE_ROPE:
+        dka, dkb = rope_rotate(dka, dkb, c_k, -s_k)
+    store_groups(DK_OUT, offs_n, n_mask, stride_dkn, stride_dkd, dka, dkb, dkc, colA, colB, maskA,
+                 colC, maskC, PE, HAS_PASS)
+    tl.store(DV_OUT + offs_n.to(tl.int64)[:, None] * stride_dvn + colV[None, :] * stride_dvd,
+             dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & maskV[None, :])
+
+
+@triton.jit
+def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
+              K, V, KPOS, THETA, c_tab, s_tab,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+              Sk, k_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
+              colA, colB, maskA, colC, maskC, colV, maskV,
+              PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
+              BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi)."""
+    for t in range(tile_lo, tile_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < Sk
+        if EXPLICIT_POS:
+            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0)
+        else:
+            kpos = k_start + offs_n
+        cos = c_tab
+        sin = s_tab
+        if PE == PE_ROPE:
+            if EXPLICIT_POS:
+                cos, sin = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+            else:
+                cos, sin = rope_shift(c_tab, s_tab, k_start + t * BLOCK_N, THETA, rope_factor,
+                                      ROT_HALF, BLOCK_A)
+        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, colA, colB, maskA,
+                             colC, maskC, PE, HAS_PASS, MASKED)
+        v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
+
+        s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
+        if PE != PE_NONE and PE != PE_ROPE:
+            s += bias_log2(PE, qpos, kpos, pa * LOG2E, pb)
+        if MASKED:
+            visible = n_mask[None, :] & m_mask[:, None]
+            if CAUSAL:
+                visible = visible & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds16 = (p * (dp - delta[:, None])).to(qa.dtype)
+        dqa = tl.dot(ds16, ka, dqa, input_precision=PREC)
+        if PE == PE_ROPE:
+            dqb = tl.dot(ds16, kb, dqb, input_precision=PREC)
+            if HAS_PASS:
+                dqc = tl.dot(ds16, kc, dqc, input_precision=PREC)
+    return dqa, dqb, dqc
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, PA, PB,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
+    Hq, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor,
+    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
+    QPOS += b * stride_qpb
+    KPOS += b * stride_kpb
+    scale_log2 = scale * LOG2E
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Sq
+    colA, colB = qk_columns(PE, INTERLEAVED, ROT_HALF, BLOCK_A)
+    maskA = tl.arange(0, BLOCK_A) < (ROT_HALF if PE == PE_ROPE else D)
+    colC = ROT_DIM + tl.arange(0, BLOCK_C)
+    maskC = colC < D
+    colV = tl.arange(0, BLOCK_DV)
+    maskV = colV < DV
+
+    if EXPLICIT_POS:
+        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0)
+    else:
+        qpos = q_start + offs_m
+    pa, pb = load_pe_params(PE, PA, PB, h)
+    c_q = 0.0
+    s_q = 0.0
+    c_tab = 0.0
+    s_tab = 0.0
+    if PE == PE_ROPE:
+        c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        if not EXPLICIT_POS:
+            c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
+    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, colA, colB, maskA,
+                         colC, maskC, PE, HAS_PASS, True)
+    do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, True)
+    lse = tl.load(LSE + bh * Sq + offs_m, mask=m_mask, other=float("inf"))
+    delta = tl.load(DELTA + bh * Sq + offs_m, mask=m_mask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+    # Key tiles, as in the forward: [0, n_full) unmasked, [n_full, n_tiles) masked.
+    n_tiles = tl.cdiv(Sk, BLOCK_N)
+    n_full = Sk // BLOCK_N
+    if CAUSAL:
+        if EXPLICIT_POS:
+            n_full = 0
+        else:
+            off = q_start - k_start
+            last_visible = tl.minimum(off + pid_m * BLOCK_M + BLOCK_M, Sk)
+            n_tiles = tl.cdiv(tl.maximum(last_visible, 0), BLOCK_N)
+            n_full = tl.minimum(tl.maximum(off + pid_m * BLOCK_M + 1, 0) // BLOCK_N, n_full)
+    n_full = tl.minimum(n_full, n_tiles)
+
+    dqa = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+    dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+    dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
+                              K, V, KPOS, THETA, c_tab, s_tab,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                              Sk, k_start, rope_factor, scale_log2, pa, pb, 0, n_full,
+                              colA, colB, maskA, colC, maskC, colV, maskV,
+                              PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                              BLOCK_N, PREC)
+    dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
+                              K, V, KPOS, THETA, c_tab, s_tab,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                              Sk, k_start, rope_factor, scale_log2, pa, pb, n_full, n_tiles,
+                              colA, colB, maskA, colC, maskC, colV, maskV,
+                              PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                              BLOCK_N, PREC)
+    dqa *= scale
+    dqb *= scale
+    dqc *= scale
+    if PE == PE_ROPE:
+        dqa, dqb = rope_rotate(dqa, dqb, c_q, -s_q)
+    store_groups(DQ, offs_m, m_mask, stride_dqm, stride_dqd, dqa, dqb, dqc, colA, colB, maskA,
+                 colC, maskC, PE, HAS_PASS)

@@ -1,0 +1,213 @@
+"""Forward kernel: FlashAttention-2 style online softmax (exp2 domain) with the PE in the tile.
+
+One program = one BLOCK_M block of queries of one (batch, query head). It loads Q once (and
+rotates it once for RoPE), then walks the key tiles it can see: first the tiles that need no
+mask at all, then the tiles that straddle the causal diagonal or the end of the keys.
+
+Shapes (strides are passed, so bhsd and bshd views both work without copies):
+    Q (B, Hq, Sq, D)   K (B, Hkv, Sk, D)   V (B, Hkv, Sk, DV)   O (B, Hq, Sq, DV)
+    LSE (B, Hq, Sq) float32, natural log   QPOS (B|1, Sq), KPOS (B|1, Sk) int (explicit only)
+    THETA (ROT_HALF,) float64 inv_freq (RoPE)   PA, PB (Hq,) PE parameters (bias PEs)
+"""
+import triton
+import triton.language as tl
+
+from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE, bias_log2,
+                         qk_columns, rope_angle_cos_sin, rope_rotate, rope_shift)
+
+
+@triton.jit
+def load_tile(ptr, rows, row_mask, cols, col_mask, stride_row, stride_col, MASKED: tl.constexpr):
+    """Load a (rows, cols) tile; rows beyond the sequence and padded columns read 0."""
+    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
+    if MASKED:
+        return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    else:
+        return tl.load(ptrs, mask=col_mask[None, :], other=0.0)
+
+
+@triton.jit
+def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, colA, colB, maskA,
+            colC, maskC, PE: tl.constexpr, HAS_PASS: tl.constexpr, MASKED: tl.constexpr):
+    """Load Q or K as its dot groups, rotated for RoPE, in the input dtype.
+
+    Returns (a, b, c): a = group A (all columns for non-RoPE PEs), b = the rotated partners,
+    c = RoPE pass-through columns (partial rotary). Unused groups are returned as ``a``.
+    """
+    a = load_tile(ptr, rows, row_mask, colA, maskA, stride_row, stride_col, MASKED)
+    if PE == PE_ROPE:
+        b = load_tile(ptr, rows, row_mask, colB, maskA, stride_row, stride_col, MASKED)
+        ra, rb = rope_rotate(a.to(tl.float32), b.to(tl.float32), cos, sin)
+        if HAS_PASS:
+            c = load_tile(ptr, rows, row_mask, colC, maskC, stride_row, stride_col, MASKED)
+        else:
+            c = a
+        return ra.to(a.dtype), rb.to(a.dtype), c
+    else:
+        return a, a, a
+
+
+@triton.jit
+def qk_dot(qa, qb, qc, ka, kb, kc, PE: tl.constexpr, HAS_PASS: tl.constexpr,
+           PREC: tl.constexpr):
+    """q @ k^T summed over the dot groups: (BLOCK_M, BLOCK_N) float32."""
+    s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+    if PE == PE_ROPE:
+        s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
+        if HAS_PASS:
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+               Sk, k_start, rope_factor, scale_log2, pa2, pb, tile_lo, tile_hi,
+               colA, colB, maskA, colC, maskC, colV, maskV,
+               PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
+               BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update over key tiles [tile_lo, tile_hi).
+
+    MASKED=False tiles are fully inside the keys and fully visible (no per-element mask).
+    """
+    for t in range(tile_lo, tile_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < Sk
+        if EXPLICIT_POS:
+            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0)
+        else:
+            kpos = k_start + offs_n
+        cos = c_tab
+        sin = s_tab
+        if PE == PE_ROPE:
+            if EXPLICIT_POS:
+                cos, sin = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+            else:
+                cos, sin = rope_shift(c_tab, s_tab, k_start + t * BLOCK_N, THETA, rope_factor,
+                                      ROT_HALF, BLOCK_A)
+        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, colA, colB, maskA,
+                             colC, maskC, PE, HAS_PASS, MASKED)
+        v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
+
+        s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
+        if PE != PE_NONE and PE != PE_ROPE:
+            s += bias_log2(PE, qpos, kpos, pa2, pb)
+        if MASKED:
+            visible = n_mask[None, :]
+            if CAUSAL:
+                visible = visible & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead so
+        # exp2(-inf - -inf) never makes a NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, QPOS, KPOS, THETA, PA, PB,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
+    Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor,
+    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+    INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # int64: offsets below may exceed 2**31
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += bh * Sq
+    QPOS += b * stride_qpb
+    KPOS += b * stride_kpb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Sq
+    colA, colB = qk_columns(PE, INTERLEAVED, ROT_HALF, BLOCK_A)
+    maskA = tl.arange(0, BLOCK_A) < (ROT_HALF if PE == PE_ROPE else D)
+    colC = ROT_DIM + tl.arange(0, BLOCK_C)
+    maskC = colC < D
+    colV = tl.arange(0, BLOCK_DV)
+    maskV = colV < DV
+
+    if EXPLICIT_POS:
+        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0)
+    else:
+        qpos = q_start + offs_m
+
+    # PE parameters, per head, with log2(e) folded in where the bias is linear in them.
+    pa2 = 0.0
+    pb = 0.0
+    if PE == PE_ALIBI:
+        pa2 = tl.load(PA + h).to(tl.float32) * LOG2E
+    elif PE == PE_KERPLE_LOG or PE == PE_KERPLE_POWER:
+        pa2 = tl.load(PA + h).to(tl.float32) * LOG2E
+        pb = tl.load(PB + h).to(tl.float32)
+
+    # RoPE: rotate the Q tile once; build the per-offset table for the key tiles.
+    c_q = 0.0
+    s_q = 0.0
+    c_tab = 0.0
+    s_tab = 0.0
+    if PE == PE_ROPE:
+        c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        if not EXPLICIT_POS:
+            c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
+    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, colA, colB, maskA,
+                         colC, maskC, PE, HAS_PASS, True)
+
+    # Key tiles this block must visit: [0, n_full) need no mask, [n_full, n_tiles) do.
+    n_tiles = tl.cdiv(Sk, BLOCK_N)
+    n_full = Sk // BLOCK_N
+    if CAUSAL:
+        if EXPLICIT_POS:
+            n_full = 0
+        else:
+            off = q_start - k_start  # key j visible to query i iff j <= i + off
+            last_visible = tl.minimum(off + pid_m * BLOCK_M + BLOCK_M, Sk)
+            n_tiles = tl.cdiv(tl.maximum(last_visible, 0), BLOCK_N)
+            n_full = tl.minimum(tl.maximum(off + pid_m * BLOCK_M + 1, 0) // BLOCK_N, n_full)
+    n_full = tl.minimum(n_full, n_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                               Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
+                               colA, colB, maskA, colC, maskC, colV, maskV,
+                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                               BLOCK_N, PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                               Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
+                               colA, colB, maskA, colC, maskC, colV, maskV,
+                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                               BLOCK_N, PREC)
+
+    # Rows that saw no key: output 0 and LSE -inf.
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_om + colV[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & maskV[None, :])
+    tl.store(LSE + offs_m, lse, mask=m_mask)

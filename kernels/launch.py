@@ -1,0 +1,171 @@
+"""Launchers: grids, strides, tile configs. No policy (validation lives in posattn.api).
+
+All tensors are (B, H, S, D) *views* with arbitrary strides (bhsd and bshd storage both work);
+the last dim should have stride 1 for speed (the caller makes sure).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .attn_fwd import attn_fwd_kernel
+from .configs import tile_config
+
+# PE kinds, the values of the kernels' PE constexpr (see pe_helpers.py)
+PE_NONE, PE_ROPE, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER = 0, 1, 2, 3, 4
+
+
+@dataclass
+class KernelPE:
+    """What the kernels need of a PE.
+
+    kind: PE_* value. RoPE: theta (rot_dim // 2,) float64 inv_freq on the device, factor (the
+    attention factor, multiplies cos and sin), rot_dim, interleaved. Bias PEs: pa (Hq,) =
+    slope or r1, pb (Hq,) = r2 (KERPLE), any float dtype.
+    """
+
+    kind: int = PE_NONE
+    theta: Optional[torch.Tensor] = None
+    factor: float = 1.0
+    rot_dim: int = 0
+    interleaved: bool = False
+    pa: Optional[torch.Tensor] = None
+    pb: Optional[torch.Tensor] = None
+
+
+@dataclass
+class KernelPositions:
+    """Contiguous (q_start, k_start) or explicit int32 tensors qpos (B|1, Sq), kpos (B|1, Sk)."""
+
+    q_start: int = 0
+    k_start: int = 0
+    qpos: Optional[torch.Tensor] = None
+    kpos: Optional[torch.Tensor] = None
+
+    @property
+    def explicit(self) -> bool:
+        return self.qpos is not None
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def _arch(t: torch.Tensor) -> Optional[int]:
+    if t.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def _layout_meta(pe: KernelPE, D: int, DV: int):
+    """Head-dim constexprs: dot groups A (+B, +C pass-through for RoPE) and the V width.
+
+    Returns (meta dict of constexprs, padded width that drives register use)."""
+    if pe.kind == PE_ROPE:
+        half = pe.rot_dim // 2
+        rest = D - pe.rot_dim
+        meta = dict(ROT_HALF=half, ROT_DIM=pe.rot_dim, BLOCK_A=_pow2(half),
+                    BLOCK_C=_pow2(rest), HAS_PASS=rest > 0, INTERLEAVED=pe.interleaved)
+        width = 2 * meta["BLOCK_A"] + (meta["BLOCK_C"] if rest else 0)
+    else:
+        meta = dict(ROT_HALF=0, ROT_DIM=D, BLOCK_A=_pow2(D), BLOCK_C=16, HAS_PASS=False,
+                    INTERLEAVED=False)
+        width = meta["BLOCK_A"]
+    meta.update(D=D, DV=DV, BLOCK_DV=_pow2(DV))
+    return meta, max(width, meta["BLOCK_DV"])
+
+
+def _pos_args(pos: KernelPositions, dummy: torch.Tensor):
+    if pos.explicit:
+        qp, kp = pos.qpos, pos.kpos
+        qs = (qp.stride(0) if qp.shape[0] > 1 else 0, qp.stride(1))
+        ks = (kp.stride(0) if kp.shape[0] > 1 else 0, kp.stride(1))
+        return qp, kp, qs + ks
+    return dummy, dummy, (0, 0, 0, 0)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 dots (no TF32): fp32 users ask for accuracy, not speed.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
+    """Forward. Returns out (B, Hq, Sq, DV) in q's dtype and lse (B, Hq, Sq) float32."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
+    if q.stride(2) < q.stride(1):  # bshd storage: keep it for the output too
+        out = q.new_empty((B, Sq, Hq, DV)).transpose(1, 2)
+    else:
+        out = q.new_empty((B, Hq, Sq, DV))
+    lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    meta, width = _layout_meta(pe, D, DV)
+    cfg = tile_config("fwd", width, causal, q.dtype, _arch(q))
+    qp, kp, pstrides = _pos_args(pos, q)
+    grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse, qp, kp,
+        pe.theta if pe.theta is not None else q, pe.pa if pe.pa is not None else q,
+        pe.pb if pe.pb is not None else q,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
+        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
+        float(pe.factor),
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: bool,
+             scale: float, need_pe_grad: bool):
+    """Backward. Returns dq, dk, dv and, when need_pe_grad, the PE-parameter gradients
+    (pa_grad, pb_grad) each (Hq,) float32 (summed deterministically over per-program partials)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    meta, width = _layout_meta(pe, D, DV)
+    arch = _arch(q)
+    qp, kp, pstrides = _pos_args(pos, q)
+    theta = pe.theta if pe.theta is not None else q
+    pa = pe.pa if pe.pa is not None else q
+    pb = pe.pb if pe.pb is not None else q
+
+    delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    pre_m = 64 if arch is not None else 32
+    attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
+        DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
+
+    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch)
+    n_blocks = triton.cdiv(Sk, cfg.BLOCK_N)
+    if need_pe_grad:
+        gpa = torch.empty((n_blocks, B, Hq), device=q.device, dtype=torch.float32)
+        gpb = torch.empty_like(gpa)
+    else:
+        gpa = gpb = delta  # never written
+    attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, pa, pb, gpa, gpb,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *pstrides, B, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
+        float(pe.factor),
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
+        NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch)
+    attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
+        q, k, v, do, lse, delta, dq, qp, kp, theta, pa, pb,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
+        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor),
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    pe_grads = (gpa.sum(dim=(0, 1)), gpb.sum(dim=(0, 1))) if need_pe_grad else (None, None)
+    return dq, dk, dv, pe_grads

@@ -1,0 +1,129 @@
+"""Triton backend: PE spec -> kernel record, and a thin autograd.Function over the launchers.
+
+Saved for backward: q, k, v, out, lse (never an S x S tensor, never a rotated Q or K).
+Importing this module imports Triton; posattn.api imports it lazily, on first use.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .pe import ALiBi, KERPLE, NoPE, PE, RoPE
+from .positions import Positions
+from .kernels import launch
+from .kernels.launch import KernelPE, KernelPositions
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_runnable(q: torch.Tensor) -> None:
+    """backend='triton' runs Triton or raises: never a silent fallback to the reference."""
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype} "
+                        "(use backend='reference' for float64)")
+    if q.device.type == "cuda":
+        return
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    raise ValueError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                     f"before triton is imported; q is on {q.device}")
+
+
+def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> KernelPE:
+    """Reduce a PE spec to the kernel record (inv_freq + factor, or per-head parameters)."""
+    if isinstance(spec, NoPE):
+        return KernelPE(launch.PE_NONE)
+    if isinstance(spec, RoPE):
+        inv_freq, factor = spec.frequencies(head_dim, cur_len)
+        return KernelPE(launch.PE_ROPE, theta=inv_freq.to(device=device, dtype=torch.float64),
+                        factor=float(factor), rot_dim=2 * inv_freq.numel(),
+                        interleaved=spec.interleaved)
+    if isinstance(spec, ALiBi):
+        return KernelPE(launch.PE_ALIBI, pa=spec.get_slopes(num_heads, device))
+    if isinstance(spec, KERPLE):
+        r1, r2 = spec.get_params(num_heads, device)
+        kind = launch.PE_KERPLE_LOG if spec.kind == "log" else launch.PE_KERPLE_POWER
+        return KernelPE(kind, pa=r1, pb=r2)
+    raise TypeError(f"unsupported PE spec {type(spec).__name__}")
+
+
+def kernel_positions(q_pos: Positions, k_pos: Positions, batch: int, device) -> KernelPositions:
+    """Both contiguous -> two ints; otherwise both become explicit int32 tensors (O(S))."""
+    if q_pos.is_contiguous and k_pos.is_contiguous:
+        return KernelPositions(q_start=q_pos.start, k_start=k_pos.start)
+
+    def explicit(p: Positions):
+        if p.is_contiguous:
+            return torch.arange(p.length, device=device, dtype=torch.int32)[None] + p.start
+        return p.tensor.to(torch.int32)
+
+    return KernelPositions(qpos=explicit(q_pos), kpos=explicit(k_pos))
+
+
+def _stride1(t: torch.Tensor) -> torch.Tensor:
+    """Copy only when the last dim is strided (the kernels take any other strides)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+class _NoLaunch(torch.autograd.Function):
+    """Sk == 0 or an empty batch: output 0, LSE -inf, zero gradients; no kernel launch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, DV: int):
+        B, Hq, Sq, _ = q.shape
+        ctx.save_for_backward(q, k, v)
+        lse = torch.full((B, Hq, Sq), float("-inf"), device=q.device, dtype=torch.float32)
+        ctx.mark_non_differentiable(lse)
+        return q.new_zeros((B, Hq, Sq, DV)), lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v = ctx.saved_tensors
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pa, pb, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
+        pe_run = KernelPE(pe.kind, pe.theta, pe.factor, pe.rot_dim, pe.interleaved,
+                          pa.detach() if pa is not None else None,
+                          pb.detach() if pb is not None else None)
+        out, lse = launch.attn_fwd(q, k, v, pe_run, pos, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, pa, pb)
+        ctx.pe, ctx.pos, ctx.causal, ctx.scale = pe, pos, causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, pa, pb = ctx.saved_tensors
+        pe = ctx.pe
+        need_pe_grad = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        pe_run = KernelPE(pe.kind, pe.theta, pe.factor, pe.rot_dim, pe.interleaved,
+                          pa.detach() if pa is not None else None,
+                          pb.detach() if pb is not None else None)
+        dq, dk, dv, (gpa, gpb) = launch.attn_bwd(_stride1(dout), q, k, v, out, lse, pe_run, ctx.pos,
+                                                 ctx.causal, ctx.scale, need_pe_grad)
+        dpa = gpa.to(pa.dtype) if need_pe_grad and ctx.needs_input_grad[3] else None
+        dpb = gpb.to(pb.dtype) if need_pe_grad and ctx.needs_input_grad[4] else None
+        return dq, dk, dv, dpa, dpb, None, None, None, None
+
+
+def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Positions, k_pos: Positions):
+    """Fused attention on (B, H, S, D) views. Returns (out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32)."""
+    _check_runnable(q)
+    B, Hq, Sq, D = q.shape
+    Sk, DV = k.shape[2], v.shape[3]
+    cur_len = None
+    if isinstance(spec, RoPE) and spec.needs_cur_len:
+        cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
+    pe = kernel_pe(spec, D, Hq, q.device, cur_len)
+
+    if B * Hq * Sq == 0 or Sk == 0:
+        # Nothing to launch: empty output, or every query sees no key (output 0, LSE -inf).
+        return _NoLaunch.apply(q, k, v, DV)
+
+    q, k, v = _stride1(q), _stride1(k), _stride1(v)
+    pos = kernel_positions(q_pos, k_pos, B, q.device)
+    return _FusedAttention.apply(q, k, v, pe.pa, pe.pb, pe, pos, causal, scale)

@@ -1,0 +1,29 @@
+"""posattn: positional encodings fused into FlashAttention-style Triton kernels.
+
+`kernels/` is installed as the subpackage `posattn.kernels` (never as a top-level `kernels`
+module: that name belongs to another PyPI distribution).
+"""
+from setuptools import setup
+
+setup(
+    name="posattn",
+    version="0.1.0",
+    description="Positional encodings (RoPE + scalings, ALiBi, KERPLE) fused into Triton attention",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["posattn", "posattn.kernels"],
+    package_dir={"posattn": "posattn", "posattn.kernels": "kernels"},
+    install_requires=[
+        # Not pinned: GPU users bring their own CUDA build of torch.
+        "torch>=2.4",
+        # CUDA builds of torch pin triton exactly (torch 2.11 -> triton 3.6.0), so the floor must
+        # admit 3.6. The CPU interpreter needs >=3.7 with numpy>=2.4 (.ci/run installs that).
+        "triton>=3.6; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark"],
+        "bench": ["matplotlib"],
+    },
+)
