@@ -1,0 +1,820 @@
+"""Positional-encoding specs: the small records the kernels and the reference consume.
+
+Every PE is a function of token positions. The kernel boundary is tiny:
+
+* RoPE (any scaling)  -> ``inv_freq`` (rotary_dim // 2,) float64 and one attention factor
+  (it multiplies cos and sin, so the rotated part of the logits is scaled by factor**2).
+* ALiBi               -> ``slopes`` (H,)
+* KERPLE log / power  -> ``r1`` (H,), ``r2`` (H,)
+* NoPE                -> nothing
+
+Pure torch, no Triton: the reference and the kernels share only this math.
+
+Validation is split in two, so that errors surface as early as the information allows:
+
+* constructors check what is known without the inputs (scalar factors, types, list contents);
+* :meth:`PE.check` checks what depends on the call (head count, head dim, device), and is what the
+  public ``posattn.attention`` calls before launching anything.
+
+Both raise ``TypeError`` / ``ValueError`` naming the argument (never ``assert``: ``python -O``
+strips those).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Optional, Tuple, Union
+
+import torch
+
+Number = Union[int, float]
+
+__all__ = [
+    "PE", "NoPE", "RoPE", "ALiBi", "KERPLE",
+    "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
+    "alibi_slopes", "resolve_pe",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (all raise TypeError / ValueError naming the argument)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_real(x) -> bool:
+    # bool is an int subclass; True as a "factor" is almost certainly a bug, so refuse it.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _positive_float(name: str, x, *, allow_none: bool = False, minimum_exclusive: float = 0.0):
+    """``x`` as a float, checked finite and > ``minimum_exclusive`` (or None when allowed)."""
+    if x is None and allow_none:
+        return None
+    if not _is_real(x):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x) or x <= minimum_exclusive:
+        raise ValueError(f"{name} must be a finite number > {minimum_exclusive:g}, got {x!r}")
+    return x
+
+
+def _nonneg_float(name: str, x, *, allow_none: bool = False):
+    if x is None and allow_none:
+        return None
+    if not _is_real(x):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return x
+
+
+def _positive_int(name: str, x) -> int:
+    """A positive integer; integral floats (e.g. 4096.0 from a JSON config) are accepted."""
+    if isinstance(x, bool) or not (isinstance(x, numbers.Integral) or (isinstance(x, float) and x.is_integer())):
+        raise TypeError(f"{name} must be a positive integer, got {type(x).__name__} {x!r}")
+    x = int(x)
+    if x <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {x}")
+    return x
+
+
+def _cur_len(x) -> Optional[int]:
+    """``cur_len`` (max position + 1): None, a Python int or a 0-d integer tensor -> int or None.
+
+    Any int is accepted: empty inputs give 0 (max position -1), and everything <= L0 simply means
+    "not longer than the original context" (unscaled / short factors).
+    """
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"cur_len must be an int (max position + 1), got a {x.dtype} tensor of shape "
+                            f"{tuple(x.shape)}")
+        x = int(x.item())
+    elif isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"cur_len must be an int (max position + 1) or None, got {type(x).__name__} {x!r}")
+    return int(x)
+
+
+def _same_device(actual: torch.device, expected) -> bool:
+    expected = torch.device(expected)
+    if actual.type != expected.type:
+        return False
+    # "cuda" (no index) means the current device; a tensor always carries an index.
+    if expected.index is None and actual.type == "cuda":
+        return actual.index == torch.cuda.current_device()
+    return expected.index is None or actual.index == expected.index
+
+
+def _all_true(cond: torch.Tensor) -> bool:
+    """``bool(cond.all())``; True where values cannot be read: meta tensors, and CUDA tensors while
+    a CUDA graph is being captured (a host sync is illegal then)."""
+    if cond.device.type == "meta" or (cond.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True
+    return bool(cond.all())
+
+
+def _check_head_vector(name: str, t, num_heads: int, device, *, positive: bool) -> None:
+    """A per-head parameter: a floating tensor of shape exactly (num_heads,) on ``device``, finite
+    (and > 0 when ``positive``). Nothing is broadcast: a (1,) or (B, H) tensor is refused, because
+    silently broadcasting one slope to every head hides a wrong head count."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a floating torch.Tensor of shape (num_heads,) = ({num_heads},), "
+                        f"got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32 recommended), got dtype {t.dtype}")
+    if tuple(t.shape) != (num_heads,):
+        raise ValueError(f"{name} must have shape (num_heads,) = ({num_heads},), got {tuple(t.shape)}")
+    if not _same_device(t.device, device):
+        raise ValueError(f"{name} must be on the inputs' device {torch.device(device)}, got {t.device}")
+    # One host sync per tensor per call; these are H-element vectors, and a NaN here would
+    # otherwise surface as a NaN output far from its cause. detach(): keep it out of autograd.
+    td = t.detach()
+    ok = torch.isfinite(td) & (td > 0) if positive else torch.isfinite(td)
+    if not _all_true(ok):
+        if not bool(torch.isfinite(td).all()):
+            raise ValueError(f"{name} must be finite, got {td.tolist()}")
+        raise ValueError(f"{name} must be > 0 for every head, got {td.tolist()}")
+
+
+def _check_tensor_type(name: str, t) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float32 recommended), got dtype {t.dtype}")
+
+
+def _check_dims(num_heads, head_dim) -> None:
+    _positive_int("num_heads", num_heads)
+    _positive_int("head_dim", head_dim)
+
+
+class PE:
+    """Base class of every positional-encoding spec. ``name`` selects the kernel's PE kind."""
+
+    name: str = "?"
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """Validate this spec against a call's query head count, head dim and device.
+
+        Raises ``TypeError`` / ``ValueError`` naming the offending argument. No-op by default.
+        """
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"{type(self).__name__}()"
+
+
+class NoPE(PE):
+    """No positional encoding: plain attention."""
+
+    name = "none"
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """Nothing to check."""
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE and its scalings
+#
+# Every scaling is written to give the same inverse frequencies and attention factor as Hugging
+# Face transformers' ``modeling_rope_utils`` for the same parameters (checkpoints were trained
+# with those), but in float64 (transformers computes in float32).
+# --------------------------------------------------------------------------------------------
+
+
+def _default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
+    """``base ** (-2j / d)``, j = 0 .. d/2 - 1: float64 (d/2,) on the CPU."""
+    return 1.0 / (float(base) ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+
+
+class RoPEScaling:
+    """A RoPE frequency scaling. Subclasses implement :meth:`apply`.
+
+    ``apply(inv_freq, base, rotary_dim, cur_len)`` takes the default inverse frequencies
+    (float64, (rotary_dim // 2,)) and returns ``(inv_freq', attention_factor)``.
+    ``cur_len`` is max position + 1 (only length-dependent scalings read it).
+    """
+
+    needs_cur_len = False
+
+    def check(self, rotary_dim: int) -> None:
+        """Validate what depends on the rotary dim (e.g. LongRoPE list lengths). No-op by default."""
+
+    def apply(self, inv_freq: torch.Tensor, base: float, rotary_dim: int,
+              cur_len: Optional[int]) -> Tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def _fields(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._fields().items())})"
+
+
+def _ntk_exponent(rotary_dim: int, who: str) -> float:
+    # base' = base * s ** (d / (d - 2)): the exponent is undefined for d = 2.
+    if rotary_dim <= 2:
+        raise ValueError(f"{who} needs rotary_dim > 2 (the NTK exponent is d/(d-2)), got rotary_dim={rotary_dim}")
+    return rotary_dim / (rotary_dim - 2)
+
+
+class PI(RoPEScaling):
+    """Position interpolation (transformers ``"linear"``): ``inv_freq / factor``; attention factor 1."""
+
+    def __init__(self, factor: float):
+        self.factor = _positive_float("factor", factor)
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        return inv_freq / self.factor, 1.0
+
+    def _fields(self):
+        return {"factor": self.factor}
+
+
+class NTK(RoPEScaling):
+    """Static NTK-aware scaling (bloc97): ``base' = base * factor ** (d / (d - 2))``.
+
+    Not a transformers rope type (transformers has only the dynamic variant); attention factor 1.
+    """
+
+    def __init__(self, factor: float):
+        self.factor = _positive_float("factor", factor)
+
+    def check(self, rotary_dim):
+        _ntk_exponent(rotary_dim, "NTK")
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        new_base = base * self.factor ** _ntk_exponent(rotary_dim, "NTK")
+        return _default_inv_freq(new_base, rotary_dim), 1.0
+
+    def _fields(self):
+        return {"factor": self.factor}
+
+
+class DynamicNTK(RoPEScaling):
+    """Dynamic NTK scaling (transformers ``"dynamic"``).
+
+    With ``L = max(cur_len, L0)``: ``base' = base * ((factor * L / L0) - (factor - 1)) ** (d / (d - 2))``.
+    Up to ``L0`` (and for ``cur_len=None``) the frequencies are exactly the unscaled ones.
+    Attention factor 1.
+
+    Note: transformers caches the grown frequencies and only recomputes them when the sequence
+    grows further (or drops back under L0); this function is the stateless version, equal to it
+    whenever ``cur_len`` is the longest length seen so far.
+    """
+
+    needs_cur_len = True
+
+    def __init__(self, factor: float, original_max_position: int):
+        self.factor = _positive_float("factor", factor)
+        self.original_max_position = _positive_int("original_max_position", original_max_position)
+
+    def check(self, rotary_dim):
+        _ntk_exponent(rotary_dim, "DynamicNTK")
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        exponent = _ntk_exponent(rotary_dim, "DynamicNTK")
+        cur_len = _cur_len(cur_len)
+        L0 = self.original_max_position
+        if cur_len is None or cur_len <= L0:
+            # The formula gives base' = base here; return the input exactly rather than risk a
+            # rounding difference from factor * L0 / L0.
+            return inv_freq, 1.0
+        new_base = base * ((self.factor * cur_len / L0) - (self.factor - 1)) ** exponent
+        return _default_inv_freq(new_base, rotary_dim), 1.0
+
+    def _fields(self):
+        return {"factor": self.factor, "original_max_position": self.original_max_position}
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's ``get_mscale``: ``0.1 * mscale * ln(scale) + 1``, or 1 for scale <= 1."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+class YaRN(RoPEScaling):
+    """YaRN (Peng et al. 2023; transformers ``"yarn"``).
+
+    High-frequency dims (many rotations within ``L0``) keep their frequency, low-frequency dims are
+    interpolated (``inv / factor``), with a linear ramp between the dims where a wavelength fits
+    ``beta_fast`` and ``beta_slow`` times into ``L0``.
+
+    Args:
+        factor: context extension factor (> 0).
+        original_max_position: ``L0``, the pretraining context length.
+        beta_fast, beta_slow: ramp bounds in rotations (> 0, ``beta_fast >= beta_slow``).
+        attention_factor: explicit attention factor; default derived from ``factor`` (and
+            ``mscale`` / ``mscale_all_dim``, DeepSeek style, when both are non-zero).
+        mscale, mscale_all_dim: ``>= 0``; 0 or None means "not given", as in transformers.
+        truncate: floor/ceil the ramp bounds to whole dims (transformers' default).
+    """
+
+    def __init__(self, factor: float, original_max_position: int, beta_fast: float = 32,
+                 beta_slow: float = 1, attention_factor: Optional[float] = None,
+                 mscale: Optional[float] = None, mscale_all_dim: Optional[float] = None,
+                 truncate: bool = True):
+        self.factor = _positive_float("factor", factor)
+        self.original_max_position = _positive_int("original_max_position", original_max_position)
+        self.beta_fast = _positive_float("beta_fast", beta_fast)
+        self.beta_slow = _positive_float("beta_slow", beta_slow)
+        if self.beta_fast < self.beta_slow:
+            # transformers only warns; the ramp would then run backwards (low > high).
+            raise ValueError(f"beta_fast must be >= beta_slow, got beta_fast={self.beta_fast}, "
+                             f"beta_slow={self.beta_slow}")
+        self.attention_factor = _positive_float("attention_factor", attention_factor, allow_none=True)
+        self.mscale = _nonneg_float("mscale", mscale, allow_none=True)
+        self.mscale_all_dim = _nonneg_float("mscale_all_dim", mscale_all_dim, allow_none=True)
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate must be a bool, got {type(truncate).__name__} {truncate!r}")
+        self.truncate = truncate
+
+    def get_attention_factor(self) -> float:
+        """The logit multiplier's square root (it scales cos and sin)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        # Truthiness, as transformers: mscale = 0 counts as "not given".
+        if self.mscale and self.mscale_all_dim:
+            return (_yarn_get_mscale(self.factor, self.mscale)
+                    / _yarn_get_mscale(self.factor, self.mscale_all_dim))
+        return _yarn_get_mscale(self.factor)
+
+    def correction_range(self, base: float, rotary_dim: int) -> Tuple[float, float]:
+        """``(low, high)`` ramp bounds in dim-pair index, clamped to ``[0, d - 1]``."""
+        d, L0 = rotary_dim, self.original_max_position
+
+        def corr(rotations: float) -> float:
+            # The pair index j whose wavelength 2*pi*base**(2j/d) fits `rotations` times into L0.
+            return d * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = corr(self.beta_fast), corr(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        return max(low, 0), min(high, d - 1)
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        if base == 1.0:
+            raise ValueError("YaRN needs base != 1 (its correction range divides by ln(base))")
+        low, high = self.correction_range(base, rotary_dim)
+        if low == high:
+            high += 0.001  # as transformers: avoid a zero-width ramp
+        j = torch.arange(rotary_dim // 2, dtype=torch.float64)
+        ramp = ((j - low) / (high - low)).clamp(0.0, 1.0)  # 0: keep (extrapolate), 1: interpolate
+        inv = (inv_freq / self.factor) * ramp + inv_freq * (1.0 - ramp)
+        return inv, float(self.get_attention_factor())
+
+    def _fields(self):
+        return {"factor": self.factor, "original_max_position": self.original_max_position,
+                "beta_fast": self.beta_fast, "beta_slow": self.beta_slow,
+                "attention_factor": self.attention_factor, "mscale": self.mscale,
+                "mscale_all_dim": self.mscale_all_dim, "truncate": self.truncate}
+
+
+class Llama3(RoPEScaling):
+    """Llama 3.1 scaling (transformers ``"llama3"``): three wavelength bands.
+
+    With ``λ = 2π / inv``: ``λ < L0 / high_freq_factor`` keeps ``inv``; ``λ > L0 / low_freq_factor``
+    uses ``inv / factor``; between, ``s = (L0/λ - low) / (high - low)`` blends
+    ``(1 - s) * inv / factor + s * inv``. Attention factor 1.
+    """
+
+    def __init__(self, factor: float, original_max_position: int, low_freq_factor: float = 1.0,
+                 high_freq_factor: float = 4.0):
+        self.factor = _positive_float("factor", factor)
+        self.original_max_position = _positive_int("original_max_position", original_max_position)
+        self.low_freq_factor = _positive_float("low_freq_factor", low_freq_factor)
+        self.high_freq_factor = _positive_float("high_freq_factor", high_freq_factor)
+        if self.high_freq_factor <= self.low_freq_factor:
+            # The blend divides by (high - low).
+            raise ValueError(f"high_freq_factor must be > low_freq_factor, got high_freq_factor="
+                             f"{self.high_freq_factor}, low_freq_factor={self.low_freq_factor}")
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        L0, f = self.original_max_position, self.factor
+        lo, hi = self.low_freq_factor, self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        long_wave = wavelen > L0 / lo     # low frequency: interpolate fully
+        short_wave = wavelen < L0 / hi    # high frequency: keep
+        s = (L0 / wavelen - lo) / (hi - lo)
+        blended = (1 - s) * inv_freq / f + s * inv_freq
+        inv = torch.where(long_wave, inv_freq / f, torch.where(short_wave, inv_freq, blended))
+        return inv, 1.0
+
+    def _fields(self):
+        return {"factor": self.factor, "original_max_position": self.original_max_position,
+                "low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor}
+
+
+def _factor_list(name: str, values) -> torch.Tensor:
+    """A LongRoPE rescale list -> float64 CPU tensor, each entry finite and > 0."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or not (values.is_floating_point() or values.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a 1-D list/tensor of numbers, got a {values.dtype} tensor of "
+                            f"shape {tuple(values.shape)}")
+        t = values.detach().to(device="cpu", dtype=torch.float64)
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        bad = [v for v in values if not _is_real(v)]
+        if bad:
+            raise TypeError(f"{name} must be a list of numbers, got entries {bad[:3]!r}")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    else:
+        raise TypeError(f"{name} must be a list of numbers, got {type(values).__name__}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        raise ValueError(f"{name} entries must be finite and > 0, got {t.tolist()}")
+    return t
+
+
+class LongRoPE(RoPEScaling):
+    """LongRoPE (Phi-3 style; transformers ``"longrope"``): per-dim rescale factors.
+
+    ``ext = long_factor if cur_len > L0 else short_factor`` (``cur_len=None``: short);
+    ``inv'_j = inv_j / ext_j``. Both lists must have ``rotary_dim // 2`` entries (checked when the
+    rotary dim is known: :meth:`check` / :meth:`apply`).
+
+    Attention factor: ``attention_factor`` if given, else ``sqrt(1 + ln f / ln L0)`` with
+    ``f = factor`` (1 if ``f <= 1`` or ``factor`` is None). :meth:`RoPE.from_hf_config` fills
+    ``factor`` with ``max_position_embeddings / original_max_position_embeddings`` when the config
+    has none, as transformers does.
+    """
+
+    needs_cur_len = True
+
+    def __init__(self, short_factor, long_factor, original_max_position: int,
+                 factor: Optional[float] = None, attention_factor: Optional[float] = None):
+        self.short_factor = _factor_list("short_factor", short_factor)
+        self.long_factor = _factor_list("long_factor", long_factor)
+        self.original_max_position = _positive_int("original_max_position", original_max_position)
+        self.factor = _positive_float("factor", factor, allow_none=True)
+        self.attention_factor = _positive_float("attention_factor", attention_factor, allow_none=True)
+
+    def get_attention_factor(self) -> float:
+        if self.attention_factor is not None:
+            return self.attention_factor
+        f = self.factor
+        if f is None or f <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(f) / math.log(self.original_max_position))
+
+    def check(self, rotary_dim):
+        for name, t in (("short_factor", self.short_factor), ("long_factor", self.long_factor)):
+            if t.numel() != rotary_dim // 2:
+                raise ValueError(f"LongRoPE {name} must have rotary_dim // 2 = {rotary_dim // 2} entries, "
+                                 f"got {t.numel()}")
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        self.check(rotary_dim)
+        cur_len = _cur_len(cur_len)
+        use_long = cur_len is not None and cur_len > self.original_max_position
+        ext = self.long_factor if use_long else self.short_factor
+        return inv_freq / ext, float(self.get_attention_factor())
+
+    def _fields(self):
+        def short(t):  # keep reprs (and test ids) readable: real models have 32-64 entries
+            return t.tolist() if t.numel() <= 6 else f"<{t.numel()} values>"
+        return {"short_factor": short(self.short_factor), "long_factor": short(self.long_factor),
+                "original_max_position": self.original_max_position, "factor": self.factor,
+                "attention_factor": self.attention_factor}
+
+
+def _cfg_get(config, key: str, default=None):
+    """Read ``key`` from a dict or from an attribute-style config (transformers PretrainedConfig)."""
+    if isinstance(config, Mapping):
+        value = config.get(key, default)
+    else:
+        value = getattr(config, key, default)
+    return default if value is None else value
+
+
+class RoPE(PE):
+    """Rotary position embedding.
+
+    Args:
+        base: rope_theta (finite, > 1).
+        scaling: ``None`` or a :class:`RoPEScaling` (PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE).
+        rotary_dim: number of leading head dims rotated (even, <= head_dim); ``None`` = head_dim.
+        interleaved: ``False`` = GPT-NeoX/Llama half-split pairs (j, j + d/2);
+            ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
+    """
+
+    name = "rope"
+
+    def __init__(self, base: float = 10000.0, scaling: Optional[RoPEScaling] = None,
+                 rotary_dim: Optional[int] = None, interleaved: bool = False):
+        # base <= 1 would make wavelengths shrink with the dim index (and YaRN divides by ln base).
+        self.base = _positive_float("base", base, minimum_exclusive=1.0)
+        if scaling is not None and not isinstance(scaling, RoPEScaling):
+            raise TypeError(f"scaling must be None or a RoPEScaling (PI, NTK, DynamicNTK, YaRN, Llama3, "
+                            f"LongRoPE), got {type(scaling).__name__}")
+        self.scaling = scaling
+        if rotary_dim is not None and (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral)):
+            raise TypeError(f"rotary_dim must be an int or None, got {type(rotary_dim).__name__} {rotary_dim!r}")
+        # Its value (even, <= head_dim) is checked against the head dim in resolve_rotary_dim / check.
+        self.rotary_dim = None if rotary_dim is None else int(rotary_dim)
+        self.interleaved = bool(interleaved)
+
+    @property
+    def needs_cur_len(self) -> bool:
+        return self.scaling is not None and self.scaling.needs_cur_len
+
+    def resolve_rotary_dim(self, head_dim: int) -> int:
+        d = head_dim if self.rotary_dim is None else self.rotary_dim
+        if d <= 0 or d % 2 or d > head_dim:
+            raise ValueError(f"rotary_dim must be even and in [2, head_dim={head_dim}], got {d}")
+        return d
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """rotary_dim even and <= head_dim; scaling parameters that depend on it (LongRoPE lists)."""
+        _check_dims(num_heads, head_dim)
+        d = self.resolve_rotary_dim(head_dim)
+        if self.scaling is not None:
+            self.scaling.check(d)
+
+    def frequencies(self, head_dim: int, cur_len: Optional[int] = None) -> Tuple[torch.Tensor, float]:
+        """Return ``(inv_freq float64 (rotary_dim // 2,), attention_factor)`` on the CPU.
+
+        ``cur_len`` = max position + 1; read only by DynamicNTK and LongRoPE (None: unscaled /
+        short factors).
+        """
+        d = self.resolve_rotary_dim(head_dim)
+        inv = _default_inv_freq(self.base, d)
+        if self.scaling is None:
+            return inv, 1.0
+        self.scaling.check(d)
+        inv, factor = self.scaling.apply(inv, self.base, d, cur_len)
+        return inv, float(factor)
+
+    @classmethod
+    def from_hf_config(cls, config, *, layer_type: Optional[str] = None,
+                       interleaved: Optional[bool] = None) -> "RoPE":
+        """Build the RoPE spec of a Hugging Face transformers model config.
+
+        ``config``: a ``PretrainedConfig``-like object (attributes) or a plain dict (``config.json``).
+        Reads ``rope_parameters`` (transformers >= 5) or ``rope_scaling`` (older), with ``rope_type``
+        or the legacy ``type`` key (default / linear / dynamic / yarn / llama3 / longrope);
+        ``rope_theta`` (inside the RoPE dict or at top level, default 10000); ``head_dim`` (or
+        ``hidden_size // num_attention_heads``) and ``partial_rotary_factor`` (GPT-NeoX:
+        ``rotary_pct``), giving ``rotary_dim = int(head_dim * partial_rotary_factor)``; without one,
+        a GPT-J style ``rotary_dim`` is read, else the whole head is rotated.
+
+        ``L0`` follows transformers: for dynamic it is ``max_position_embeddings``; for yarn /
+        llama3 / longrope a top-level ``original_max_position_embeddings`` (Phi-3 style) wins, then
+        the RoPE dict's, then ``max_position_embeddings``.
+
+        Args:
+            layer_type: for per-layer RoPE dicts (e.g. ``{"full_attention": {...},
+                "sliding_attention": {...}}``), which one to read.
+            interleaved: pair layout; None reads the config's ``rope_interleave``, else True only
+                for ``model_type == "gptj"`` (Llama-family models use the half-split layout).
+                Multi-head latent attention (DeepSeek-V2/V3) rotates only ``qk_rope_head_dim``: pass
+                a config whose ``head_dim`` is that (transformers' config objects already do).
+        """
+        rope = _cfg_get(config, "rope_parameters") or _cfg_get(config, "rope_scaling") or {}
+        if not isinstance(rope, Mapping):
+            raise TypeError(f"config rope_parameters / rope_scaling must be a dict, got {type(rope).__name__}")
+        nested = [k for k, v in rope.items() if isinstance(v, Mapping)]
+        if nested:
+            if layer_type is None:
+                raise ValueError(f"config has per-layer RoPE parameters {sorted(nested)}; pass layer_type=")
+            if layer_type not in rope:
+                raise ValueError(f"layer_type {layer_type!r} not in the config's RoPE parameters {sorted(nested)}")
+            rope = rope[layer_type] or {}
+        elif layer_type is not None:
+            raise ValueError(f"layer_type={layer_type!r} given but the config's RoPE parameters are not per layer")
+
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type == "su":  # Phi-3's early name for LongRoPE
+            rope_type = "longrope"
+
+        base = rope.get("rope_theta")
+        if base is None:
+            base = _cfg_get(config, "rope_theta", _cfg_get(config, "default_theta", 10000.0))
+
+        head_dim = _cfg_get(config, "head_dim")
+        if head_dim is None:
+            # GPT-2 / GPT-J config.json spell them n_embd / n_head.
+            hidden = _cfg_get(config, "hidden_size", _cfg_get(config, "n_embd"))
+            heads = _cfg_get(config, "num_attention_heads", _cfg_get(config, "n_head"))
+            if hidden is None or heads is None:
+                raise ValueError("config needs head_dim, or hidden_size and num_attention_heads")
+            head_dim = _positive_int("hidden_size", hidden) // _positive_int("num_attention_heads", heads)
+        head_dim = _positive_int("head_dim", head_dim)
+        partial = rope.get("partial_rotary_factor")
+        if partial is None:
+            partial = _cfg_get(config, "partial_rotary_factor")
+        if partial is None:
+            partial = _cfg_get(config, "rotary_pct")  # GPT-NeoX's name for it in config.json
+        if partial is not None:
+            partial = _positive_float("partial_rotary_factor", partial)
+            rotary_dim = int(head_dim * partial)
+            if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+                raise ValueError(f"partial_rotary_factor={partial} with head_dim={head_dim} gives rotary_dim="
+                                 f"{rotary_dim}; it must be even and in [2, head_dim]")
+        else:
+            # GPT-J stores the rotated width itself.
+            rotary_dim = _positive_int("rotary_dim", _cfg_get(config, "rotary_dim", head_dim))
+            if rotary_dim % 2 or rotary_dim > head_dim:
+                raise ValueError(f"config rotary_dim={rotary_dim} must be even and <= head_dim={head_dim}")
+
+        max_pos = _cfg_get(config, "max_position_embeddings")
+
+        def orig_max() -> int:
+            value = _cfg_get(config, "original_max_position_embeddings")
+            if value is None:
+                value = rope.get("original_max_position_embeddings")
+            if value is None:
+                value = max_pos
+            if value is None:
+                raise ValueError(f"rope_type {rope_type!r} needs original_max_position_embeddings or "
+                                 f"max_position_embeddings in the config")
+            return _positive_int("original_max_position_embeddings", value)
+
+        def factor_or_ratio(L0: int) -> Optional[float]:
+            # DeepSeek-V3 / Phi-3: with no explicit factor, the extension ratio is max / original.
+            f = rope.get("factor")
+            if f is None and max_pos is not None:
+                f = _positive_int("max_position_embeddings", max_pos) / L0
+            return f
+
+        scaling: Optional[RoPEScaling]
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "linear":
+            scaling = PI(rope.get("factor"))
+        elif rope_type == "dynamic":
+            # transformers' dynamic NTK measures growth against max_position_embeddings.
+            L0 = max_pos if max_pos is not None else rope.get("original_max_position_embeddings")
+            if L0 is None:
+                raise ValueError("rope_type 'dynamic' needs max_position_embeddings in the config")
+            scaling = DynamicNTK(rope.get("factor"), L0)
+        elif rope_type == "yarn":
+            L0 = orig_max()
+            f = factor_or_ratio(L0)
+            if f is None:
+                raise ValueError("rope_type 'yarn' needs factor (or max_position_embeddings) in the config")
+            truncate = rope.get("truncate")
+            scaling = YaRN(f, L0,
+                           beta_fast=rope.get("beta_fast") or 32,  # `or`: transformers treats 0 as unset
+                           beta_slow=rope.get("beta_slow") or 1,
+                           attention_factor=rope.get("attention_factor"),
+                           mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"),
+                           truncate=True if truncate is None else truncate)
+        elif rope_type == "llama3":
+            scaling = Llama3(rope.get("factor"), orig_max(),
+                             low_freq_factor=rope.get("low_freq_factor", 1.0),
+                             high_freq_factor=rope.get("high_freq_factor", 4.0))
+        elif rope_type == "longrope":
+            L0 = orig_max()
+            scaling = LongRoPE(rope.get("short_factor"), rope.get("long_factor"), L0,
+                               factor=factor_or_ratio(L0), attention_factor=rope.get("attention_factor"))
+        else:
+            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, yarn, "
+                             f"llama3, longrope")
+
+        if interleaved is None:
+            # GPT-J rotates interleaved pairs; DeepSeek-V3-style configs say so with rope_interleave.
+            interleaved = bool(_cfg_get(config, "rope_interleave", _cfg_get(config, "model_type") == "gptj"))
+        spec = cls(base=base, scaling=scaling, rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+                   interleaved=interleaved)
+        if scaling is not None:
+            scaling.check(rotary_dim)  # e.g. LongRoPE list lengths vs the config's head dim
+        return spec
+
+    def __repr__(self) -> str:
+        return (f"RoPE(base={self.base}, scaling={self.scaling!r}, rotary_dim={self.rotary_dim}, "
+                f"interleaved={self.interleaved})")
+
+
+# --------------------------------------------------------------------------------------------
+# Bias PEs
+# --------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes (float64, (num_heads,)) by the paper's rule, non-powers of two included.
+
+    For n a power of two: ``2 ** (-8 h / n)``, h = 1..n. Otherwise, with c the largest power of two
+    below n: the slopes for c, then every other slope for 2c, the first n - c of them.
+    """
+
+    def pow2(n: int):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    num_heads = _positive_int("num_heads", num_heads)
+    c = 2 ** int(math.floor(math.log2(num_heads)))
+    s = pow2(c)
+    if c != num_heads:
+        s = s + pow2(2 * c)[0::2][: num_heads - c]
+    return torch.tensor(s, dtype=torch.float64)
+
+
+class ALiBi(PE):
+    """ALiBi: bias ``-slope[h] * |q_pos - k_pos|`` added to the scaled logits.
+
+    Args:
+        slopes: ``None`` (the paper's slopes for the query head count) or a floating tensor (Hq,)
+            on the inputs' device, which may require grad (trainable ALiBi).
+    """
+
+    name = "alibi"
+
+    def __init__(self, slopes: Optional[torch.Tensor] = None):
+        if slopes is not None:
+            if not isinstance(slopes, torch.Tensor):
+                raise TypeError(f"slopes must be None or a floating torch.Tensor (num_heads,), "
+                                f"got {type(slopes).__name__}")
+            _check_tensor_type("slopes", slopes)
+        self.slopes = slopes
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """User slopes: floating, shape exactly (num_heads,), on ``device``, finite."""
+        _check_dims(num_heads, head_dim)
+        if self.slopes is not None:
+            _check_head_vector("slopes", self.slopes, num_heads, device, positive=False)
+
+    def get_slopes(self, num_heads: int, device) -> torch.Tensor:
+        """(num_heads,) slopes: the paper's in fp32 on ``device``, or the user tensor as is (autograd)."""
+        if self.slopes is None:
+            return alibi_slopes(num_heads).to(device=device, dtype=torch.float32)
+        return self.slopes
+
+    def __repr__(self) -> str:
+        if self.slopes is None:
+            return "ALiBi()"
+        return f"ALiBi(slopes=<tensor {tuple(self.slopes.shape)} {self.slopes.dtype}>)"
+
+
+_KERPLE_KINDS = ("log", "power")
+
+
+def _kerple_param(name: str, x):
+    if isinstance(x, torch.Tensor):
+        _check_tensor_type(name, x)
+        return x
+    return _positive_float(name, x)
+
+
+class KERPLE(PE):
+    """KERPLE bias (Chi et al. 2022), per query head.
+
+    kind="log":   ``-r1 * log(1 + r2 * |Δ|)``;  kind="power": ``-r1 * |Δ| ** r2``.
+    ``r1``/``r2``: a float (same for every head) or a floating tensor (Hq,) that may require grad;
+    both must be > 0 (the kernel family is conditionally positive definite only then).
+    For trainable parameters initialised and clamped like the paper's code see
+    :class:`posattn.nn.KERPLEBias`.
+    """
+
+    name = "kerple"
+
+    def __init__(self, kind: str = "log", r1: Union[Number, torch.Tensor] = 1.0,
+                 r2: Union[Number, torch.Tensor] = 1.0):
+        if kind not in _KERPLE_KINDS:
+            raise ValueError(f"kind must be one of {_KERPLE_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.r1 = _kerple_param("r1", r1)
+        self.r2 = _kerple_param("r2", r2)
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """kind valid; tensor r1 / r2: floating, shape exactly (num_heads,), on ``device``, finite, > 0."""
+        _check_dims(num_heads, head_dim)
+        if self.kind not in _KERPLE_KINDS:
+            raise ValueError(f"kind must be one of {_KERPLE_KINDS}, got {self.kind!r}")
+        for name in ("r1", "r2"):
+            x = getattr(self, name)
+            if isinstance(x, torch.Tensor):
+                _check_head_vector(name, x, num_heads, device, positive=True)
+            else:
+                _positive_float(name, x)
+
+    def get_params(self, num_heads: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(r1, r2)``, each (num_heads,): floats expanded to fp32 on ``device``; tensors as is."""
+        def as_tensor(x):
+            if isinstance(x, torch.Tensor):
+                return x
+            return torch.full((num_heads,), float(x), device=device, dtype=torch.float32)
+        return as_tensor(self.r1), as_tensor(self.r2)
+
+    def __repr__(self) -> str:
+        def show(x):
+            return f"<tensor {tuple(x.shape)} {x.dtype}>" if isinstance(x, torch.Tensor) else repr(x)
+        return f"KERPLE(kind={self.kind!r}, r1={show(self.r1)}, r2={show(self.r2)})"
+
+
+_PE_NAMES = {"none": NoPE, "rope": RoPE, "alibi": ALiBi, "kerple": KERPLE}
+
+
+def resolve_pe(pe) -> PE:
+    """``str | PE | None`` -> a PE spec instance."""
+    if pe is None:
+        return NoPE()
+    if isinstance(pe, PE):
+        return pe
+    if isinstance(pe, str):
+        try:
+            return _PE_NAMES[pe.lower()]()
+        except KeyError:
+            raise ValueError(f"pe must be one of {sorted(_PE_NAMES)} or a posattn PE spec, got {pe!r}") from None
+    raise TypeError(f"pe must be a str or a posattn PE spec (NoPE, RoPE, ALiBi, KERPLE), got {type(pe).__name__}")
