@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .attn_fwd import load_qk, load_tile, qk_dot
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_grad_terms, bias_log2, qk_columns, rope_angle_cos_sin,
+                         bias_grad_terms, bias_shape, qk_columns, rope_angle_cos_sin,
                          rope_rotate, rope_shift)
 
 
@@ -74,16 +74,32 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 @triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
-                Q, DO, LSE, DELTA, QPOS, THETA, c_tab, s_tab,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
-                Sq, q_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
+                Q, DO, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
+                stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
+                Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
+                n_iters, tiles_per_head, t_lo, t_split, t_jump,
                 colA, colB, maskA, colC, maskC, colV, maskV,
                 PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                PREC: tl.constexpr):
-    """Accumulate dK, dV (and PE-parameter gradients) of one key block over query tiles."""
-    for t in range(tile_lo, tile_hi):
+                GROUP_P2: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV (and PE-parameter gradients) of one key block.
+
+    One flat loop over (query head of the GQA group, query tile): iteration i is head
+    h0 + i // tiles_per_head and tile j = i % tiles_per_head, mapped to t_lo + j, jumping to
+    t_jump + (j - t_split) once j >= t_split (so one loop covers two disjoint tile ranges).
+    A flat loop instead of a loop over heads around a loop over tiles keeps the software
+    pipeline to one level and the register budget to one set of accumulators.
+    g1, g2: (GROUP_P2,) per-head PE-parameter gradient sums.
+    """
+    for i in range(0, n_iters):
+        g = i // tiles_per_head
+        j = i % tiles_per_head
+        t = tl.where(j < t_split, t_lo + j, t_jump + j - t_split)
+        h = h0 + g
+        Qh = Q + h * stride_qh
+        DOh = DO + h * stride_doh
+        row0 = lse_row0 + h * Sq
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Sq
         if EXPLICIT_POS:
@@ -98,17 +114,19 @@ def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
             else:
                 cos, sin = rope_shift(c_tab, s_tab, q_start + t * BLOCK_M, THETA, rope_factor,
                                       ROT_HALF, BLOCK_A)
-        qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, cos, sin, colA, colB, maskA,
+        qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, colA, colB, maskA,
                              colC, maskC, PE, HAS_PASS, MASKED)
-        do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
-        lse = tl.load(LSE + offs_m, mask=m_mask, other=float("inf"))
-        delta = tl.load(DELTA + offs_m, mask=m_mask, other=0.0)
+        do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
+        lse = tl.load(LSE + row0 + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
         # A query that saw no key has LSE -inf; +inf makes its P exactly 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        pa, pb = load_pe_params(PE, PA, PB, h)
 
         sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
         if PE != PE_NONE and PE != PE_ROPE:
-            sT += bias_log2(PE, kpos, qpos, pa * LOG2E, pb)
+            fT = bias_shape(PE, kpos, qpos, pb)
+            sT -= (pa * LOG2E) * fT
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
@@ -120,9 +138,10 @@ def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         if NEED_PE_GRAD:
-            t1, t2 = bias_grad_terms(PE, dsT, kpos, qpos, pa, pb)
-            g1 += t1
-            g2 += t2
+            t1, t2 = bias_grad_terms(PE, dsT, fT, kpos, qpos, pa, pb)
+            is_g = tl.arange(0, GROUP_P2) == g
+            g1 += tl.where(is_g, t1, 0.0)
+            g2 += tl.where(is_g, t2, 0.0)
         ds16 = dsT.to(qa.dtype)
         dka = tl.dot(ds16, qa, dka, input_precision=PREC)
         if PE == PE_ROPE:
@@ -147,13 +166,14 @@ def attn_bwd_dkdv_kernel(
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
+    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr, GROUP_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hkv
     hk = bhk % Hkv
+    h0 = hk * GROUP  # first query head of this KV head's group
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
     DK_OUT += b * stride_dkb + hk * stride_dkh
@@ -187,7 +207,8 @@ def attn_bwd_dkdv_kernel(
                          colC, maskC, PE, HAS_PASS, True)
     v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, True)
 
-    # Query tiles: [lo, u0) masked, [u0, u1) unmasked, [u1, m_tiles) masked.
+    # Query tiles: [lo, u0) straddle the diagonal (masked), [u0, u1) need no mask,
+    # [u1, m_tiles) is the partial last tile (masked).
     m_tiles = tl.cdiv(Sq, BLOCK_M)
     lo = 0
     u0 = 0
@@ -204,53 +225,47 @@ def attn_bwd_dkdv_kernel(
     lo = tl.minimum(lo, m_tiles)
     u0 = tl.minimum(tl.maximum(u0, lo), m_tiles)
     u1 = tl.maximum(u0, Sq // BLOCK_M)
+    n_masked = (u0 - lo) + (m_tiles - u1)
 
     dka = tl.zeros([BLOCK_N, BLOCK_A], tl.float32)
     dkb = tl.zeros([BLOCK_N, BLOCK_A], tl.float32)
     dkc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        pa, pb = load_pe_params(PE, PA, PB, h)
-        Qh = Q + b * stride_qb + h * stride_qh
-        DOh = DO + b * stride_dob + h * stride_doh
-        LSEh = LSE + (b * Hq + h) * Sq
-        DELTAh = DELTA + (b * Hq + h) * Sq
-        g1 = 0.0
-        g2 = 0.0
-        dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
-            dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
-            Qh, DOh, LSEh, DELTAh, QPOS, THETA, c_tab, s_tab,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
-            Sq, q_start, rope_factor, scale_log2, pa, pb, lo, u0,
-            colA, colB, maskA, colC, maskC, colV, maskV,
-            PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-            PREC)
-        dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
-            dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
-            Qh, DOh, LSEh, DELTAh, QPOS, THETA, c_tab, s_tab,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
-            Sq, q_start, rope_factor, scale_log2, pa, pb, u0, u1,
-            colA, colB, maskA, colC, maskC, colV, maskV,
-            PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-            PREC)
-        dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
-            dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
-            Qh, DOh, LSEh, DELTAh, QPOS, THETA, c_tab, s_tab,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_qpm,
-            Sq, q_start, rope_factor, scale_log2, pa, pb, u1, m_tiles,
-            colA, colB, maskA, colC, maskC, colV, maskV,
-            PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-            PREC)
-        if NEED_PE_GRAD:
-            slot = (pid_n * B + b) * Hq + h
-            tl.store(GPA + slot, g1)
-            tl.store(GPB + slot, g2)
+    g1 = tl.zeros([GROUP_P2], tl.float32)
+    g2 = tl.zeros([GROUP_P2], tl.float32)
+    lse_row0 = b * Hq * Sq
+    Qb = Q + b * stride_qb
+    DOb = DO + b * stride_dob
+    dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
+        dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
+        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
+        Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
+        GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
+        colA, colB, maskA, colC, maskC, colV, maskV,
+        PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
+        GROUP_P2, PREC)
+    dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
+        dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
+        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
+        Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
+        GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
+        colA, colB, maskA, colC, maskC, colV, maskV,
+        PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
+        GROUP_P2, PREC)
+    if NEED_PE_GRAD:
+        gs = tl.arange(0, GROUP_P2)
+        slot = (pid_n * B + b) * Hq + h0 + gs
+        tl.store(GPA + slot, g1, mask=gs < GROUP)
+        tl.store(GPB + slot, g2, mask=gs < GROUP)
 
     dka *= scale
     dkb *= scale
     dkc *= scale
     if PE == PE_ROPE:
+        # recomputed rather than kept live through the loop: registers are the scarce resource
+        c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         dka, dkb = rope_rotate(dka, dkb, c_k, -s_k)
     store_groups(DK_OUT, offs_n, n_mask, stride_dkn, stride_dkd, dka, dkb, dkc, colA, colB, maskA,
                  colC, maskC, PE, HAS_PASS)
@@ -289,7 +304,7 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
         if PE != PE_NONE and PE != PE_ROPE:
-            s += bias_log2(PE, qpos, kpos, pa * LOG2E, pb)
+            s -= (pa * LOG2E) * bias_shape(PE, qpos, kpos, pb)
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:
@@ -399,6 +414,7 @@ def attn_bwd_dq_kernel(
     dqb *= scale
     dqc *= scale
     if PE == PE_ROPE:
+        c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         dqa, dqb = rope_rotate(dqa, dqb, c_q, -s_q)
     store_groups(DQ, offs_m, m_mask, stride_dqm, stride_dqd, dqa, dqb, dqc, colA, colB, maskA,
                  colC, maskC, PE, HAS_PASS)

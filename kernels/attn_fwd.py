@@ -12,7 +12,7 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
 import triton
 import triton.language as tl
 
-from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE, bias_log2,
+from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE, bias_shape,
                          qk_columns, rope_angle_cos_sin, rope_rotate, rope_shift)
 
 
@@ -92,7 +92,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
         if PE != PE_NONE and PE != PE_ROPE:
-            s += bias_log2(PE, qpos, kpos, pa2, pb)
+            s -= pa2 * bias_shape(PE, qpos, kpos, pb)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:

@@ -47,11 +47,11 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
         if head_dim > 128 or wide:
             return TileConfig(64, 32, 4, 2)
         if arch >= 90:
-            return TileConfig(128, 64, 8 if big else 4, 3)
+            return TileConfig(128, 64, 8, 3)
         return TileConfig(128, 64 if not big else 32, 4 if not big else 8, 3 if not big else 2)
     # backward kernels
     if head_dim > 128 or wide:
         return TileConfig(32, 32, 4, 1)
     if kernel == "bwd_dkdv":
-        return TileConfig(32, 64, 8 if big else 4, 2)
+        return TileConfig(32, 64, 8, 2)
     return TileConfig(64, 32, 8 if big else 4, 2)

@@ -154,7 +154,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         *pstrides, B, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
         float(pe.factor),
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
-        NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        NEED_PE_GRAD=need_pe_grad, GROUP_P2=triton.next_power_of_2(Hq // Hkv), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

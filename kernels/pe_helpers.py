@@ -9,8 +9,8 @@ PE costs nothing. Conventions:
   attention factor. Which head-dim columns form a pair (half-split or interleaved) is decided by
   the column index vectors (:func:`qk_columns`); the dot product over all dims does not care
   about the order of the dims, so both layouts share one code path.
-* Angles: ``pos * inv_freq`` is formed in float64 and reduced mod 2*pi before cos/sin in
-  float32, so positions of 1e6 and beyond keep their precision (an fp32 product is off by
+* Angles: ``pos * inv_freq`` is formed in float64 and reduced mod pi/2 before cos/sin in
+  float32 (:func:`sincos_reduced`), so positions of 1e6 and beyond keep their precision (an fp32 product is off by
   ~0.03 rad there). For contiguous positions the loop tiles use angle addition: a per-program
   table cos/sin(j * theta), j < BLOCK, combined with cos/sin(p0 * theta) of the tile start
   (HALF values per tile), so cos/sin are evaluated per tile, not per element.
@@ -27,8 +27,8 @@ PE_KERPLE_POWER = tl.constexpr(4)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-TWO_PI = tl.constexpr(6.283185307179586)
-INV_TWO_PI = tl.constexpr(0.15915494309189535)
+HALF_PI = tl.constexpr(1.5707963267948966)
+TWO_OVER_PI = tl.constexpr(0.6366197723675814)
 
 
 @triton.jit
@@ -50,18 +50,40 @@ def qk_columns(PE: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_HALF: tl.constex
 
 
 @triton.jit
+def sincos_reduced(ang):
+    """(cos, sin) of float64 angles, as float32, by exact range reduction + polynomials.
+
+    ang is reduced in float64 to r in [-pi/4, pi/4] plus a quadrant, then cos/sin(r) are
+    Taylor polynomials in float32 (truncation error < 3e-9, below fp32 rounding). Pure FMA
+    arithmetic: no libdevice sinf/cosf, whose slow path for large arguments needs local
+    memory (a stack frame in every kernel that calls it), and identical in the interpreter.
+    """
+    k = tl.floor(ang * TWO_OVER_PI + 0.5)
+    r = (ang - k * HALF_PI).to(tl.float32)
+    quadrant = k.to(tl.int64) & 3
+    r2 = r * r
+    sin_r = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320
+                                                                     + r2 * (-1.0 / 3628800)))))
+    # rotate by quadrant * pi/2: (c, s) -> (-s, c) per quarter turn
+    c = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r,
+                                                 tl.where(quadrant == 2, -cos_r, sin_r)))
+    s = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r,
+                                                 tl.where(quadrant == 2, -sin_r, -cos_r)))
+    return c, s
+
+
+@triton.jit
 def rope_angle_cos_sin(pos, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
     """cos/sin of pos * theta for every (row, frequency): (BLOCK, BLOCK_A) float32, x factor.
 
     pos: (BLOCK,) integer positions. THETA: pointer to float64 inv_freq (ROT_HALF,).
-    Angle formed in float64 and reduced mod 2*pi (exact at large positions).
+    The angle is formed in float64 (exact at large positions).
     """
     j = tl.arange(0, BLOCK_A)
     theta = tl.load(THETA + j, mask=j < ROT_HALF, other=0.0)
-    ang = pos.to(tl.float64)[:, None] * theta[None, :]
-    turns = (ang * INV_TWO_PI).to(tl.int64).to(tl.float64)
-    ang = (ang - turns * TWO_PI).to(tl.float32)
-    return tl.cos(ang) * factor, tl.sin(ang) * factor
+    c, s = sincos_reduced(pos.to(tl.float64)[:, None] * theta[None, :])
+    return c * factor, s * factor
 
 
 @triton.jit
@@ -73,11 +95,9 @@ def rope_shift(c_tab, s_tab, p0, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A:
     """
     j = tl.arange(0, BLOCK_A)
     theta = tl.load(THETA + j, mask=j < ROT_HALF, other=0.0)
-    ang = p0.to(tl.float64) * theta
-    turns = (ang * INV_TWO_PI).to(tl.int64).to(tl.float64)
-    ang = (ang - turns * TWO_PI).to(tl.float32)
-    c0 = (tl.cos(ang) * factor)[None, :]
-    s0 = (tl.sin(ang) * factor)[None, :]
+    c0, s0 = sincos_reduced(p0.to(tl.float64) * theta)
+    c0 = (c0 * factor)[None, :]
+    s0 = (s0 * factor)[None, :]
     return c0 * c_tab - s0 * s_tab, s0 * c_tab + c0 * s_tab
 
 
@@ -88,39 +108,37 @@ def rope_rotate(x1, x2, c, s):
 
 
 @triton.jit
-def bias_log2(PE: tl.constexpr, qpos, kpos, a2, b):
-    """Bias * log2(e) for a tile: (BLOCK_M, BLOCK_N) float32.
+def bias_shape(PE: tl.constexpr, qpos, kpos, b):
+    """The bias without its leading parameter: bias = -a * f, f (BLOCK_M, BLOCK_N) float32.
 
-    qpos (BLOCK_M,), kpos (BLOCK_N,): integer positions. ``a2`` = slope * log2(e) (ALiBi) or
-    r1 * log2(e) (KERPLE); ``b`` = r2 (KERPLE).
+    ALiBi: f = |d| (a = slope). KERPLE log: f = log(1 + r2 |d|); power: f = |d|^r2, 0 at
+    d = 0 (a = r1). qpos (BLOCK_M,), kpos (BLOCK_N,) integer positions; b = r2. Kept separate
+    from the parameter so the backward reuses f for both the scores and d(bias)/d(a).
     """
     dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
     if PE == PE_ALIBI:
-        return -a2 * dist
+        return dist
     elif PE == PE_KERPLE_LOG:
-        return -a2 * tl.log(1.0 + b * dist)
-    else:  # PE_KERPLE_POWER: |d|^r2, and 0 at d = 0
-        return tl.where(dist > 0, -a2 * tl.exp2(b * tl.log2(tl.maximum(dist, 1.0))), 0.0)
+        return tl.log(1.0 + b * dist)
+    else:  # PE_KERPLE_POWER
+        return tl.where(dist > 0, tl.exp2(b * tl.log2(tl.maximum(dist, 1.0))), 0.0)
 
 
 @triton.jit
-def bias_grad_terms(PE: tl.constexpr, ds, qpos, kpos, a, b):
+def bias_grad_terms(PE: tl.constexpr, ds, f, qpos, kpos, a, b):
     """Per-tile sums of dS * d(bias)/d(param) for the PE's one or two parameters.
 
-    ds: (BLOCK_M, BLOCK_N) gradient of the (natural-unit) scaled logits, already zero where
-    masked. a = slope or r1 and b = r2, in natural units. Returns two scalars (second 0 for ALiBi).
+    ds: (BLOCK_M, BLOCK_N) gradient of the natural-unit scaled logits, zero where masked;
+    f: :func:`bias_shape` of the tile. a = slope or r1, b = r2. Returns two scalars:
+    d/da = -f for every bias PE; d/dr2 = -r1 |d| / (1 + r2 |d|) (log) or -r1 |d|^r2 ln|d|
+    (power, 0 at d = 0); 0 for ALiBi.
     """
-    dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
+    g1 = tl.sum(tl.sum(-ds * f, 1), 0)
     if PE == PE_ALIBI:
-        return tl.sum(tl.sum(-ds * dist, 1), 0), 0.0
-    elif PE == PE_KERPLE_LOG:
-        one_p = 1.0 + b * dist
-        g1 = -ds * tl.log(one_p)
-        g2 = -ds * (a * dist / one_p)
-        return tl.sum(tl.sum(g1, 1), 0), tl.sum(tl.sum(g2, 1), 0)
-    else:  # PE_KERPLE_POWER: d/dr1 = -d^r2, d/dr2 = -r1 d^r2 ln d (both 0 at d = 0)
-        logd = tl.log(tl.maximum(dist, 1.0))
-        powd = tl.where(dist > 0, tl.exp(b * logd), 0.0)
-        g1 = -ds * powd
-        g2 = -ds * (a * powd * logd)
-        return tl.sum(tl.sum(g1, 1), 0), tl.sum(tl.sum(g2, 1), 0)
+        return g1, 0.0
+    dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
+    if PE == PE_KERPLE_LOG:
+        g2 = -ds * (a * dist / (1.0 + b * dist))
+    else:
+        g2 = -ds * (a * f * tl.log(tl.maximum(dist, 1.0)))
+    return g1, tl.sum(tl.sum(g2, 1), 0)

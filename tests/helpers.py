@@ -1,0 +1,85 @@
+"""Shared test utilities: random inputs and flash-attention's error rule.
+
+The rule: a kernel's max error against the float64 reference must be at most ``factor`` (2 for
+outputs, 3 for gradients) times the max error of the same naive math done in the input dtype,
+plus a small rounding floor proportional to the values' magnitude.
+"""
+import torch
+
+import posattn
+from posattn import reference
+from posattn.pe import resolve_pe
+from posattn.positions import parse_positions
+
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
+
+
+def assert_rule(name, got, ref64, naive, factor, dtype, floor_eps=4.0):
+    """max|got - ref64| <= factor * max|naive - ref64| + floor_eps * eps(dtype) * max(1, max|ref64|).
+
+    Non-finite entries (LSE -inf of a query that sees no key) must match exactly.
+    """
+    got, naive = got.double(), naive.double()
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite pattern differs from the reference"
+    if not finite.any():
+        return
+    err = (got - ref64)[finite].abs().max().item()
+    err_naive = (naive - ref64)[finite].abs().max().item()
+    scale = max(1.0, ref64[finite].abs().max().item())
+    tol = factor * err_naive + floor_eps * EPS[dtype] * scale
+    assert err <= tol, f"{name}: kernel error {err:.3e} > {factor} x naive {err_naive:.3e} + floor (tol {tol:.3e})"
+
+
+def run_attention(q, k, v, pe, backend, dout, **kw):
+    """Forward + backward through posattn.attention; returns (out, lse, grads dict)."""
+    leaves = {"q": q, "k": k, "v": v}
+    leaves.update(pe_leaves(pe))
+    out, lse = posattn.attention(q, k, v, pe, return_lse=True, backend=backend, **kw)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True)
+    return out, lse, dict(zip(leaves, grads))
+
+
+def pe_leaves(pe):
+    """The PE's trainable tensors by name (slopes, r1, r2) that require grad."""
+    spec = resolve_pe(pe)
+    out = {}
+    for name in ("slopes", "r1", "r2"):
+        t = getattr(spec, name, None)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            out[name] = t
+    return out
+
+
+def with_params(pe, cast):
+    """A copy of a PE spec whose tensors are cast (fresh leaves that require grad if the original did)."""
+    spec = resolve_pe(pe)
+    if isinstance(spec, posattn.ALiBi) and isinstance(spec.slopes, torch.Tensor):
+        return posattn.ALiBi(cast(spec.slopes))
+    if isinstance(spec, posattn.KERPLE):
+        r1 = cast(spec.r1) if isinstance(spec.r1, torch.Tensor) else spec.r1
+        r2 = cast(spec.r2) if isinstance(spec.r2, torch.Tensor) else spec.r2
+        return posattn.KERPLE(spec.kind, r1, r2)
+    return spec
+
+
+def leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad)
+
+
+def naive_attention(q, k, v, pe, dtype, *, causal=False, scale=None, q_positions=None,
+                    k_positions=None, layout="bhsd"):
+    """The reference math done in ``dtype`` (the yardstick of the error rule). Returns (out, lse)."""
+    spec = resolve_pe(pe)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    qpos = parse_positions(q_positions, "q_positions", B, Sq, Sk - Sq, q.device)
+    kpos = parse_positions(k_positions, "k_positions", B, Sk, 0, q.device)
+    out, lse = reference.attention_bhsd(q, k, v, spec, causal=causal,
+                                        scale=scale if scale is not None else D ** -0.5,
+                                        q_pos=qpos, k_pos=kpos, compute_dtype=dtype)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return out, lse

@@ -1,0 +1,121 @@
+"""Fused Triton kernels vs the float64 reference, by flash-attention's error rule.
+
+On CPU the kernels run in the Triton interpreter (fp16 / fp32; the interpreter's bf16 tl.dot
+is wrong); with CUDA the same cases run compiled, plus bf16 and larger shapes.
+Shapes are small and odd so tiles are partial and both the masked and unmasked loops run.
+"""
+import math
+
+import pytest
+import torch
+
+import posattn
+from conftest import DEVICE, HAS_CUDA
+from helpers import assert_rule, leaf, naive_attention, run_attention, with_params
+
+
+def _pes():
+    """PE name -> factory of a spec for head dim D (fresh trainable leaves on every call)."""
+    g = torch.Generator().manual_seed(7)
+    H = 4  # query heads of every shape below
+
+    def param(lo, hi):
+        return (lo + (hi - lo) * torch.rand(H, generator=g)).to(DEVICE).requires_grad_()
+
+    return {
+        "none": lambda D: "none",
+        "rope": lambda D: "rope",
+        # partial rotary, GPT-J pairs: rotate 3/4 of the head dim (rounded to even)
+        "rope_interleaved_partial": lambda D: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8),
+                                                           interleaved=True),
+        "rope_yarn_partial": lambda D: posattn.RoPE(base=500000.0, scaling=posattn.YaRN(4.0, 32),
+                                                    rotary_dim=2 * max(1, D // 4)),
+        "alibi": lambda D: "alibi",
+        "alibi_trainable": lambda D: posattn.ALiBi(param(0.05, 0.5)),
+        "kerple_log": lambda D: posattn.KERPLE("log", param(0.2, 2.0), param(0.05, 1.0)),
+        "kerple_power": lambda D: posattn.KERPLE("power", param(0.2, 1.0), param(0.3, 1.5)),
+    }
+
+
+# (B, Hq, Hkv, Sq, Sk, D, layout, positions)
+SHAPES = {
+    "square17_d16": (1, 4, 4, 17, 17, 16, "bhsd", None),
+    "gqa_sq<sk_d40_bshd": (2, 4, 2, 65, 130, 40, "bshd", None),
+    "mqa_sq>sk_d80": (1, 4, 1, 70, 33, 80, "bhsd", None),
+    "explicit_pos_d64": (2, 4, 2, 33, 47, 64, "bhsd", "explicit"),
+    "decode_d128_bshd": (1, 4, 4, 1, 70, 128, "bshd", None),
+    "offset_pos_d32": (1, 4, 2, 40, 40, 32, "bhsd", "offset"),
+}
+if HAS_CUDA:
+    SHAPES["large_d128"] = (2, 8, 2, 1000, 1100, 128, "bhsd", None)
+    SHAPES["large_d64_bshd"] = (1, 8, 8, 700, 700, 64, "bshd", None)
+
+DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def _positions(kind, B, Sq, Sk):
+    if kind == "explicit":
+        g = torch.Generator().manual_seed(3)
+        # increasing with random gaps, per batch row; q positions interleave with the keys
+        kp = torch.cumsum(torch.randint(1, 4, (B, Sk), generator=g), 1)
+        qp = torch.cumsum(torch.randint(1, 6, (B, Sq), generator=g), 1) + 5
+        return dict(q_positions=qp.to(DEVICE), k_positions=kp.to(DEVICE))
+    if kind == "offset":
+        return dict(q_positions=1000, k_positions=990)
+    return {}
+
+
+def check_case(pe, shape, causal, dtype, seed=0):
+    B, Hq, Hkv, Sq, Sk, D, layout, pos_kind = shape
+    pe = pe(D)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(DEVICE)
+
+    if layout == "bhsd":
+        q, k, v = rnd(B, Hq, Sq, D), rnd(B, Hkv, Sk, D), rnd(B, Hkv, Sk, D)
+    else:
+        q, k, v = rnd(B, Sq, Hq, D), rnd(B, Sk, Hkv, D), rnd(B, Sk, Hkv, D)
+    dout = rnd(*q.shape[:-1], D)
+    kw = dict(causal=causal, layout=layout, **_positions(pos_kind, B, Sq, Sk))
+
+    q_, k_, v_ = (leaf(t, dtype).requires_grad_() for t in (q, k, v))
+    out, lse, grads = run_attention(q_, k_, v_, with_params(pe, leaf), "triton", dout.to(dtype), **kw)
+
+    q64, k64, v64 = (leaf(t, torch.float64).requires_grad_() for t in (q_, k_, v_))
+    pe64 = with_params(pe, lambda t: leaf(t, torch.float64))
+    out64, lse64, grads64 = run_attention(q64, k64, v64, pe64, "reference", dout.to(dtype).double(), **kw)
+
+    qn, kn, vn = (leaf(t).requires_grad_() for t in (q_, k_, v_))
+    pen = with_params(pe, leaf)
+    outn, lsen = naive_attention(qn, kn, vn, pen, dtype, **kw)
+    from helpers import pe_leaves
+    leaves_n = {"q": qn, "k": kn, "v": vn, **pe_leaves(pen)}
+    gn = torch.autograd.grad(outn, list(leaves_n.values()), dout.to(dtype), allow_unused=True)
+    grads_n = dict(zip(leaves_n, gn))
+
+    assert out.shape == q.shape[:-1] + (D,) and out.dtype == dtype
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    assert_rule("out", out, out64, outn, 2, dtype)
+    assert_rule("lse", lse, lse64, lsen, 2, dtype)
+    assert set(grads) == set(grads64)
+    for name in grads64:
+        assert grads[name] is not None and grads[name].shape == grads64[name].shape, name
+        assert grads[name].dtype == (dtype if name in "qkv" else torch.float32), name
+        assert_rule(f"d{name}", grads[name], grads64[name], grads_n[name], 3, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pe", list(_pes()), ids=str)
+def test_kernel_matches_reference(pe, causal, shape, dtype):
+    check_case(_pes()[pe], SHAPES[shape], causal, dtype)
+
+
+@pytest.mark.parametrize("pe", ["none", "rope", "kerple_log"], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernel_fp32(pe, causal):
+    """fp32 inputs: true fp32 dots (no TF32), judged against fp32 naive math."""
+    check_case(_pes()[pe], SHAPES["gqa_sq<sk_d40_bshd"], causal, torch.float32)
