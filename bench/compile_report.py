@@ -51,13 +51,16 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 
 
-def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, cfg=None):
-    """Compile one shipped config (or ``cfg``, a TileConfig to try) for sm_90; returns a row."""
+def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False, cfg=None):
+    """Compile one shipped config (or ``cfg``, a TileConfig to try) for sm_90; returns a row.
+
+    explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
+    """
     fn = KERNELS[kernel]
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
     cfg = cfg or tile_config(kernel, width, causal, torch.bfloat16, ARCH)
-    constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=False,
+    constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC="tf32")
     if kernel == "bwd_dkdv":
         constexprs["NEED_PE_GRAD"] = pe not in ("none", "rope")
@@ -94,7 +97,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, cfg=None):
         m = re.search(rf"\b{key}:(\d+)", res)
         return int(m.group(1)) if m else None
 
-    return dict(kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
+    return dict(kernel=kernel, pe=pe, head_dim=head_dim, causal=causal, explicit=explicit,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, registers=field("REG"), stack=field("STACK"),
                 local=field("LOCAL"), shared=ck.metadata.shared,
@@ -102,12 +105,16 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, cfg=None):
 
 
 def shipped_configs(quick: bool = False):
-    """(kernel, pe, head_dim, causal) to check. quick: the heaviest PE of each family only."""
+    """(kernel, pe, head_dim, causal, explicit) to check: every PE causal with contiguous
+    positions, plus non-causal without PE and RoPE with explicit positions (its per-element
+    cos/sin path). quick: none / rope / kerple_power (the heaviest bias) only."""
     pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
     for kernel in KERNELS:
         for head_dim in (64, 128):
             for pe in pes:
-                yield kernel, pe, head_dim, True
+                yield kernel, pe, head_dim, True, False
+            yield kernel, "none", head_dim, False, False
+            yield kernel, "rope", head_dim, True, True
 
 
 def main(argv=None):
@@ -116,11 +123,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="none/rope/kerple_power only")
     args = ap.parse_args(argv)
     rows = []
-    for kernel, pe, hd, causal in shipped_configs(args.quick):
-        rows.append(compile_one(kernel, pe, hd, causal))
+    for kernel, pe, hd, causal, explicit in shipped_configs(args.quick):
+        rows.append(compile_one(kernel, pe, hd, causal, explicit))
         if not args.json:
             r = rows[-1]
             print(f"{r['kernel']:9s} {r['pe']:13s} D={r['head_dim']:<4d} causal={int(r['causal'])} "
+                  f"pos={'explicit' if r['explicit'] else 'contig  '} "
                   f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "
                   f"regs {r['registers']:>3} stack {r['stack']} local {r['local']} "
                   f"smem {r['shared']:>6} wgmma {'yes' if r['wgmma'] else 'NO'}  ({r['compile_s']}s)",

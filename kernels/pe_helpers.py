@@ -138,7 +138,7 @@ def bias_grad_terms(PE: tl.constexpr, ds, f, qpos, kpos, a, b):
         return g1, 0.0
     dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
     if PE == PE_KERPLE_LOG:
-        g2 = -ds * (a * dist / (1.0 + b * dist))
+        g2 = -ds * (a * dist * tl.exp(-f))  # 1 / (1 + r2 d) = exp(-f): no division
     else:
         g2 = -ds * (a * f * tl.log(tl.maximum(dist, 1.0)))
     return g1, tl.sum(tl.sum(g2, 1), 0)
