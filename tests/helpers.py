@@ -10,12 +10,11 @@ import posattn
 from posattn import reference
 from posattn.pe import resolve_pe
 from posattn.positions import parse_positions
+from posattn.testing import error_tolerance
 
-EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
-
-
-def assert_rule(name, got, ref64, naive, factor, dtype, floor_eps=4.0):
-    """max|got - ref64| <= factor * max|naive - ref64| + floor_eps * eps(dtype) * max(1, max|ref64|).
+def assert_rule(name, got, ref64, naive, factor, dtype):
+    """max|got - ref64| <= factor * max|naive - ref64| + eps(dtype) * max(1, max|ref64|)
+    (posattn.testing.error_tolerance).
 
     Non-finite entries (LSE -inf of a query that sees no key) must match exactly.
     """
@@ -26,8 +25,7 @@ def assert_rule(name, got, ref64, naive, factor, dtype, floor_eps=4.0):
         return
     err = (got - ref64)[finite].abs().max().item()
     err_naive = (naive - ref64)[finite].abs().max().item()
-    scale = max(1.0, ref64[finite].abs().max().item())
-    tol = factor * err_naive + floor_eps * EPS[dtype] * scale
+    tol = error_tolerance(err_naive, ref64, dtype, factor)
     assert err <= tol, f"{name}: kernel error {err:.3e} > {factor} x naive {err_naive:.3e} + floor (tol {tol:.3e})"
 
 

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, on a machine with CUDA torch + triton and no network:
+#
+#     bash bench/gpu_check.sh OUTDIR
+#
+#   1. setup  install posattn (pip --no-deps --no-build-isolation --no-index, editable), versions
+#   2. tests  the whole test suite, compiled (TRITON_INTERPRET unset, so bf16 runs too)
+#   3. main   python -m posattn (checks every PE compiled, then its short timing table)
+#   4. bench  python -m bench --quick (D=128, S=8k and 2k, every PE and peer)
+#
+# Every step runs under `timeout`; its log is kept when it fails or times out, and the next step
+# still runs. OUTDIR gets setup.log tests.log main.log bench.log bench.md bench.json
+# bench_d128.png summary.txt (8 files); the summary is printed last. Exit status 1 if any step
+# failed. Budget (seconds, override by environment): TESTS_TIMEOUT=180 MAIN_TIMEOUT=60
+# BENCH_TIMEOUT=200 with BENCH_MINUTES=2.5 (the bench stops starting new shapes after that and
+# writes what it has). Worst case ~7.7 min; typically less. TEST_WORKERS=8 (pytest-xdist, if
+# installed; 0 = serial), PYTEST_ARGS (extra pytest arguments), PYTHON (default python3),
+# SKIP="tests main" (steps to leave out, e.g. to rerun only the bench).
+set -u
+
+OUTDIR=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+PY=${PYTHON:-python3}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
+MAIN_TIMEOUT=${MAIN_TIMEOUT:-60}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+BENCH_MINUTES=${BENCH_MINUTES:-2.5}
+TEST_WORKERS=${TEST_WORKERS:-8}
+PYTEST_ARGS=${PYTEST_ARGS:-}
+SKIP=${SKIP:-}
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 MPLBACKEND=Agg
+unset TRITON_INTERPRET
+
+SUMMARY="$OUTDIR/summary.txt"
+T0=$(date +%s)
+FAILED=0
+RUNDIR=$REPO  # where the python commands run (see setup)
+: >"$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S CMD... : run CMD in $RUNDIR under timeout, output to OUTDIR/NAME.log.
+step() {
+    local name=$1 limit=$2 rc t
+    shift 2
+    case " $SKIP " in *" $name "*) note "$(printf '%-6s skipped (SKIP)' "$name")"; return 0 ;; esac
+    t=$(date +%s)
+    echo "== $name (limit ${limit}s, at +$((t - T0))s): $*"
+    (cd "$RUNDIR" && timeout -k 15 "$limit" "$@") >"$OUTDIR/$name.log" 2>&1
+    rc=$?
+    tail -n 4 "$OUTDIR/$name.log" | awk '{print "   | " $0}'
+    local verdict="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMED OUT"; elif [ "$rc" -ne 0 ]; then verdict="FAILED"; fi
+    [ "$verdict" = ok ] || FAILED=1
+    note "$(printf '%-6s %-9s rc=%-3s %4ss' "$name" "$verdict" "$rc" "$(($(date +%s) - t))")"
+    return $rc
+}
+
+setup() {
+    nvidia-smi || echo "nvidia-smi failed"
+    "$PY" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version(), "| GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+import triton; print("triton", triton.__version__)
+EOF
+    # Editable, so that `python -m bench` / pytest run from the repo root import this tree with its
+    # posattn.kernels mapping. If that fails, install a copy and run from a scratch directory.
+    if "$PY" -m pip install --no-deps --no-build-isolation --no-index -e "$REPO"; then
+        echo "RUNDIR=$REPO"
+    else
+        echo "editable install failed; installing a copy" >&2
+        "$PY" -m pip install --no-deps --no-build-isolation --no-index "$REPO" || return 1
+        echo "RUNDIR=copy"
+    fi
+}
+
+note "gpu_check $(date -u +%FT%TZ) repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+export -f setup
+export PY REPO
+step setup 120 bash -c setup
+if grep -q '^RUNDIR=copy' "$OUTDIR/setup.log"; then
+    RUNDIR=$(mktemp -d)  # out of the source tree, so the installed posattn wins; bench via a link
+    ln -s "$REPO/bench" "$RUNDIR/bench"
+fi
+(cd "$RUNDIR" && "$PY" -c "import posattn, posattn.kernels, posattn._triton; print('import ok:', posattn.__file__)") \
+    >>"$OUTDIR/setup.log" 2>&1 || note "setup  WARNING: posattn (with posattn.kernels) does not import; see setup.log"
+
+XDIST=()
+if [ "$TEST_WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "$TEST_WORKERS"); fi
+# shellcheck disable=SC2086
+step tests "$TESTS_TIMEOUT" "$PY" -m pytest "$REPO/tests" -q -rfEs --durations=10 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} $PYTEST_ARGS
+step main "$MAIN_TIMEOUT" "$PY" -m posattn
+step bench "$BENCH_TIMEOUT" "$PY" -m bench --quick --max-minutes "$BENCH_MINUTES" --out "$OUTDIR"
+
+{
+    echo
+    if [ -f "$OUTDIR/tests.log" ]; then
+        line=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUTDIR/tests.log" | tail -n 1)
+        echo "tests: ${line:-no pytest summary line (timed out or crashed; see tests.log)}"
+        grep -E '^(FAILED|ERROR) ' "$OUTDIR/tests.log" | head -n 15 | sed 's/^/  /'
+    fi
+    if [ -f "$OUTDIR/main.log" ]; then
+        line=$(grep -E 'checks passed' "$OUTDIR/main.log" | tail -n 1)
+        echo "main:  ${line:-no result line (see main.log)}"
+        grep -E 'FAIL' "$OUTDIR/main.log" | head -n 10 | sed 's/^/  /'
+    fi
+    if [ -f "$OUTDIR/bench.md" ]; then
+        echo "bench: $(grep -E '^## Targets' "$OUTDIR/bench.md" | sed 's/^## //')"
+        awk '/^## Targets/{on=1; next} /^## Results/{on=0} on && /^\|/' "$OUTDIR/bench.md"
+    else
+        echo "bench: no bench.md written (see bench.log)"
+    fi
+    echo "total $(($(date +%s) - T0)) s; logs and results in $OUTDIR"
+} >>"$SUMMARY"
+echo
+echo "================ summary ================"
+cat "$SUMMARY"
+exit $FAILED

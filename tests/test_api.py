@@ -1,0 +1,98 @@
+"""posattn.attention's argument validation: every error a user can cause is a TypeError or
+ValueError that names the argument (and its shape where one is involved)."""
+import pytest
+import torch
+
+import posattn
+
+
+def _qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=16, dtype=torch.float32):
+    return (torch.randn(B, Hq, Sq, D, dtype=dtype), torch.randn(B, Hkv, Sk, D, dtype=dtype),
+            torch.randn(B, Hkv, Sk, D, dtype=dtype))
+
+
+def _call(*args, **kw):
+    kw.setdefault("backend", "reference")
+    return posattn.attention(*args, **kw)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda q, k, v: (q[0], k, v), ValueError, r"q must be 4-D .*got shape \(4, 5, 16\)"),
+    (lambda q, k, v: (q, k[None], v), ValueError, r"k must be 4-D"),
+    (lambda q, k, v: (q, k, v.int()), TypeError, r"v must be float16.*got torch.int32"),
+    (lambda q, k, v: (q.to(torch.complex64), k, v), TypeError, r"q must be float16"),
+    (lambda q, k, v: (q, k.double(), v), TypeError, r"k.dtype=torch.float64 differs from q.dtype"),
+    (lambda q, k, v: (q[:1], k, v), ValueError, r"batch sizes differ: q 1, k 2"),
+    (lambda q, k, v: (q, k[..., :8], v), ValueError, r"head dim of k \(8\) differs from q \(16\)"),
+    (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, r"v \(heads, length\) \(2, 3\) must match k's \(2, 7\)"),
+    (lambda q, k, v: (q[:, :3], k, v), ValueError, r"Hq=3 must be a positive multiple of Hkv=2"),
+    (lambda q, k, v: (q.numpy(), k, v), TypeError, r"q must be a torch.Tensor"),
+], ids=["q_ndim", "k_ndim", "v_int", "q_complex", "dtype_mismatch", "batch", "head_dim",
+        "v_length", "gqa_ratio", "not_tensor"])
+def test_tensor_errors(mutate, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(*mutate(*_qkv()))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(pe="sinusoidal"), ValueError, r"pe must be one of"),
+    (dict(pe=3), TypeError, r"pe must be a str"),
+    (dict(layout="sbhd"), ValueError, r"layout must be one of"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of"),
+    (dict(causal=1), TypeError, r"causal must be a bool"),
+    (dict(scale=float("nan")), ValueError, r"scale must be a finite float"),
+    (dict(q_positions=torch.arange(4)), ValueError, r"q_positions must have shape \(5,\) or \(2, 5\), got \(4,\)"),
+    (dict(k_positions=torch.zeros(3, 7, dtype=torch.long)), ValueError, r"k_positions must have shape \(7,\) or \(2, 7\)"),
+    (dict(q_positions=torch.arange(5.0)), TypeError, r"q_positions must be an integer tensor.*float32"),
+    (dict(k_positions=1.5), TypeError, r"k_positions must be None, an int or an integer tensor"),
+    (dict(q_positions=True), TypeError, r"q_positions .* got a bool"),
+    (dict(k_positions=2 ** 40), ValueError, r"k_positions=.* does not fit in int32"),
+    (dict(pe=posattn.RoPE(rotary_dim=7)), ValueError, r"rotary_dim"),
+    (dict(pe=posattn.RoPE(rotary_dim=32)), ValueError, r"rotary_dim"),
+    (dict(pe=posattn.ALiBi(torch.ones(3))), ValueError, r"slopes.*\(4,\).*\(3,\)"),
+    (dict(pe=posattn.KERPLE("log", torch.ones(4), torch.ones(2))), ValueError, r"r2.*\(4,\)"),
+    (dict(pe=posattn.RoPE(scaling=posattn.LongRoPE([1.0] * 3, [2.0] * 3, 16))), ValueError,
+     r"short_factor.*8"),
+], ids=["pe_name", "pe_type", "layout", "backend", "causal", "scale", "qpos_shape", "kpos_batch",
+        "qpos_dtype", "kpos_type", "qpos_bool", "kpos_range", "rotary_odd", "rotary_big",
+        "slopes_shape", "r2_shape", "longrope_len"])
+def test_argument_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(*_qkv(), **kw)
+
+
+@pytest.mark.parametrize("bad", [lambda: posattn.PI(0.0), lambda: posattn.NTK(-2.0),
+                                 lambda: posattn.YaRN(float("inf"), 4096),
+                                 lambda: posattn.DynamicNTK(2.0, 0),
+                                 lambda: posattn.KERPLE("cubic"),
+                                 lambda: posattn.KERPLE("log", -1.0, 1.0)])
+def test_invalid_pe_parameters(bad):
+    with pytest.raises((TypeError, ValueError)):
+        bad()
+
+
+def test_triton_backend_never_falls_back(monkeypatch):
+    """backend='triton' raises on inputs it cannot run instead of running the reference."""
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
+        posattn.attention(q, k, v, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        posattn.attention(*_qkv(), backend="triton")
+
+
+def test_auto_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv()
+    out = posattn.attention(q, k, v, "alibi", backend="auto")
+    torch.testing.assert_close(out, posattn.attention(q, k, v, "alibi", backend="reference"))
+
+
+def test_return_shapes_and_layouts():
+    q, k, v = _qkv()
+    out, lse = _call(q, k, v, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 4, 5) and lse.dtype == torch.float32
+    v2 = torch.randn(2, 2, 7, 24)
+    assert _call(q, k, v2).shape == (2, 4, 5, 24)  # Dv != D
+    out_bshd = _call(*(t.transpose(1, 2) for t in (q, k, v)), layout="bshd")
+    assert out_bshd.shape == (2, 5, 4, 16)
