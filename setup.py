@@ -23,7 +23,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark"],
+        # transformers: the RoPE-scaling parity tests compare against its own rope utilities
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers>=4.57"],
         "bench": ["matplotlib"],
     },
 )
