@@ -59,12 +59,11 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
     fn = KERNELS[kernel]
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
-    cfg = cfg or tile_config(kernel, width, causal, torch.bfloat16, ARCH)
+    cfg = cfg or tile_config(kernel, width, causal, torch.bfloat16, ARCH, launch._family(kpe))
     constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC="tf32")
     if kernel == "bwd_dkdv":
         constexprs["NEED_PE_GRAD"] = pe not in ("none", "rope")
-        constexprs["GROUP_P2"] = 4
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -101,7 +100,8 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, registers=field("REG"), stack=field("STACK"),
                 local=field("LOCAL"), shared=ck.metadata.shared,
-                wgmma="wgmma.mma_async" in ptx, compile_s=round(seconds, 1))
+                wgmma="wgmma.mma_async" in ptx, compile_s=round(seconds, 1),
+                triton=triton.__version__)
 
 
 def shipped_configs(quick: bool = False):
@@ -123,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="none/rope/kerple_power only")
     args = ap.parse_args(argv)
     rows = []
+    if not args.json:
+        print(f"sm_{ARCH} compile report, triton {triton.__version__}, bf16", flush=True)
     for kernel, pe, hd, causal, explicit in shipped_configs(args.quick):
         rows.append(compile_one(kernel, pe, hd, causal, explicit))
         if not args.json:

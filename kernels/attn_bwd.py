@@ -73,7 +73,7 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 
 @triton.jit
-def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
                 Q, DO, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -82,7 +82,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
                 PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                GROUP_P2: tl.constexpr, PREC: tl.constexpr):
+                PREC: tl.constexpr):
     """Accumulate dK, dV (and PE-parameter gradients) of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
@@ -90,8 +90,11 @@ def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
     t_jump + (j - t_split) once j >= t_split (so one loop covers two disjoint tile ranges).
     A flat loop instead of a loop over heads around a loop over tiles keeps the software
     pipeline to one level and the register budget to one set of accumulators.
-    g1, g2: (GROUP_P2,) per-head PE-parameter gradient sums.
+    PE-parameter gradients: per-key sums accumulate over one head's tiles and are reduced and
+    stored (GPA/GPB + head) after its last tile, so no tile pays for a cross-warp reduction.
     """
+    g1 = tl.zeros(kpos.shape, tl.float32)  # (BLOCK_N,)
+    g2 = tl.zeros(kpos.shape, tl.float32)
     for i in range(0, n_iters):
         g = i // tiles_per_head
         j = i % tiles_per_head
@@ -125,8 +128,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
 
         sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
         if PE != PE_NONE and PE != PE_ROPE:
-            fT = bias_shape(PE, kpos, qpos, pb)
-            sT -= (pa * LOG2E) * fT
+            sT -= (pa * LOG2E) * bias_shape(PE, kpos, qpos, pb)
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
@@ -138,17 +140,22 @@ def _dkdv_tiles(dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         if NEED_PE_GRAD:
-            t1, t2 = bias_grad_terms(PE, dsT, fT, kpos, qpos, pa, pb)
-            is_g = tl.arange(0, GROUP_P2) == g
-            g1 += tl.where(is_g, t1, 0.0)
-            g2 += tl.where(is_g, t2, 0.0)
+            # f recomputed rather than kept live across the three dots (register pressure)
+            t1, t2 = bias_grad_terms(PE, dsT, bias_shape(PE, kpos, qpos, pb), kpos, qpos, pa, pb)
+            g1 += t1
+            g2 += t2
+            if j == tiles_per_head - 1:  # last tile of head h
+                tl.store(GPA + h, tl.sum(g1, 0))
+                tl.store(GPB + h, tl.sum(g2, 0))
+                g1 = tl.zeros_like(g1)
+                g2 = tl.zeros_like(g2)
         ds16 = dsT.to(qa.dtype)
         dka = tl.dot(ds16, qa, dka, input_precision=PREC)
         if PE == PE_ROPE:
             dkb = tl.dot(ds16, qb, dkb, input_precision=PREC)
             if HAS_PASS:
                 dkc = tl.dot(ds16, qc, dkc, input_precision=PREC)
-    return dka, dkb, dkc, dv, g1, g2
+    return dka, dkb, dkc, dv
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def attn_bwd_dkdv_kernel(
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr, GROUP_P2: tl.constexpr,
+    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -231,34 +238,30 @@ def attn_bwd_dkdv_kernel(
     dkb = tl.zeros([BLOCK_N, BLOCK_A], tl.float32)
     dkc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    g1 = tl.zeros([GROUP_P2], tl.float32)
-    g2 = tl.zeros([GROUP_P2], tl.float32)
     lse_row0 = b * Hq * Sq
+    # PE-parameter gradient partials: (2 phases, key blocks, B, Hq), zero-initialised
+    gslot = (pid_n * B + b) * Hq
+    gslot2 = gslot + tl.num_programs(0) * B * Hq
     Qb = Q + b * stride_qb
     DOb = DO + b * stride_dob
-    dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
-        dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+    dka, dkb, dkc, dv = _dkdv_tiles(
+        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot, GPB + gslot,
         Qb, DOb, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
         PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-        GROUP_P2, PREC)
-    dka, dkb, dkc, dv, g1, g2 = _dkdv_tiles(
-        dka, dkb, dkc, dv, g1, g2, ka, kb, kc, v, kpos, n_mask,
+        PREC)
+    dka, dkb, dkc, dv = _dkdv_tiles(
+        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot2, GPB + gslot2,
         Qb, DOb, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
         PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-        GROUP_P2, PREC)
-    if NEED_PE_GRAD:
-        gs = tl.arange(0, GROUP_P2)
-        slot = (pid_n * B + b) * Hq + h0 + gs
-        tl.store(GPA + slot, g1, mask=gs < GROUP)
-        tl.store(GPB + slot, g2, mask=gs < GROUP)
+        PREC)
 
     dka *= scale
     dkb *= scale

@@ -12,8 +12,10 @@ Why these numbers (Hopper, checked statically by tests/test_compile_sm90.py for 
 wgmma; re-measure with ``python -m bench`` on a GPU before changing them):
   * forward: BLOCK_M=128 rows per program with 8 warps feeds wgmma's 64-row granularity
     twice; BLOCK_N=64 keeps S/P and the RoPE cos/sin table in registers without spilling.
-  * dK/dV: the program holds K, V and the dK, dV accumulators for BLOCK_N keys; dQ holds Q,
-    dO and dQ for BLOCK_M queries. 64 x 64 tiles with 4 warps (8 for head dims > 64) fit.
+  * dK/dV: the program holds K, V and the dK, dV accumulators for 64 keys over 32-query
+    tiles, 8 warps; at D=128 the bias PEs (whose backward also keeps the bias and its
+    parameter-gradient terms live) need 16-query tiles to stay clear of spills on both
+    triton 3.6 (CUDA torch 2.11) and the newest triton. dQ: 64 queries x 32-key tiles.
   * interpreter: 32 x 32 tiles, so that tests with S in {17, 65, 130} cross tile boundaries
     and exercise both the masked and the unmasked loops.
 """
@@ -35,8 +37,12 @@ KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
 def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
-                arch: Optional[int]) -> TileConfig:
-    """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width."""
+                arch: Optional[int], pe: str = "none") -> TileConfig:
+    """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
+
+    pe: "none", "rope" or "bias" (ALiBi / KERPLE) -- the family, because a bias PE's backward
+    keeps its bias terms live next to dK/dV and needs a smaller query tile at D=128.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if arch is None:  # Triton interpreter on CPU
@@ -53,5 +59,5 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     if head_dim > 128 or wide:
         return TileConfig(32, 32, 4, 1)
     if kernel == "bwd_dkdv":
-        return TileConfig(32, 64, 8, 2)
+        return TileConfig(16 if big and pe == "bias" else 32, 64, 8, 2)
     return TileConfig(64, 32, 8 if big else 4, 2)

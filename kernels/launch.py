@@ -87,6 +87,10 @@ def _pos_args(pos: KernelPositions, dummy: torch.Tensor):
     return dummy, dummy, (0, 0, 0, 0)
 
 
+def _family(pe: KernelPE) -> str:
+    return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias")
+
+
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 dots (no TF32): fp32 users ask for accuracy, not speed.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -102,7 +106,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
         out = q.new_empty((B, Hq, Sq, DV))
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
-    cfg = tile_config("fwd", width, causal, q.dtype, _arch(q))
+    cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe))
     qp, kp, pstrides = _pos_args(pos, q)
     grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)
     attn_fwd_kernel[grid](
@@ -141,11 +145,12 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
         DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
-    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch)
+    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
     n_blocks = triton.cdiv(Sk, cfg.BLOCK_N)
     if need_pe_grad:
-        gpa = torch.empty((n_blocks, B, Hq), device=q.device, dtype=torch.float32)
-        gpb = torch.empty_like(gpa)
+        # per (loop phase, key block, batch, head); a head with no tile in a phase stays 0
+        gpa = torch.zeros((2, n_blocks, B, Hq), device=q.device, dtype=torch.float32)
+        gpb = torch.zeros_like(gpa)
     else:
         gpa = gpb = delta  # never written
     attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
@@ -154,11 +159,11 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         *pstrides, B, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
         float(pe.factor),
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
-        NEED_PE_GRAD=need_pe_grad, GROUP_P2=triton.next_power_of_2(Hq // Hkv), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch)
+    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe))
     attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
         q, k, v, do, lse, delta, dq, qp, kp, theta, pa, pb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
@@ -167,5 +172,5 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    pe_grads = (gpa.sum(dim=(0, 1)), gpb.sum(dim=(0, 1))) if need_pe_grad else (None, None)
+    pe_grads = (gpa.sum(dim=(0, 1, 2)), gpb.sum(dim=(0, 1, 2))) if need_pe_grad else (None, None)
     return dq, dk, dv, pe_grads

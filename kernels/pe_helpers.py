@@ -65,11 +65,12 @@ def sincos_reduced(ang):
     sin_r = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
     cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320
                                                                      + r2 * (-1.0 / 3628800)))))
-    # rotate by quadrant * pi/2: (c, s) -> (-s, c) per quarter turn
-    c = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r,
-                                                 tl.where(quadrant == 2, -cos_r, sin_r)))
-    s = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r,
-                                                 tl.where(quadrant == 2, -sin_r, -cos_r)))
+    # rotate by quadrant * pi/2: q=0 (c, s), 1 (-s, c), 2 (-c, -s), 3 (s, -c)
+    swap = (quadrant & 1) != 0
+    c = tl.where(swap, sin_r, cos_r)
+    s = tl.where(swap, cos_r, sin_r)
+    c = tl.where(((quadrant + 1) & 2) != 0, -c, c)
+    s = tl.where((quadrant & 2) != 0, -s, s)
     return c, s
 
 
@@ -126,19 +127,22 @@ def bias_shape(PE: tl.constexpr, qpos, kpos, b):
 
 @triton.jit
 def bias_grad_terms(PE: tl.constexpr, ds, f, qpos, kpos, a, b):
-    """Per-tile sums of dS * d(bias)/d(param) for the PE's one or two parameters.
+    """Row sums of dS * d(bias)/d(param) for the PE's one or two parameters.
 
     ds: (BLOCK_M, BLOCK_N) gradient of the natural-unit scaled logits, zero where masked;
-    f: :func:`bias_shape` of the tile. a = slope or r1, b = r2. Returns two scalars:
+    f: :func:`bias_shape` of the tile. a = slope or r1, b = r2. Returns two (BLOCK_M,)
+    vectors summed over axis 1 only: the caller accumulates them across tiles and reduces the
+    last axis once, so no tile pays for a cross-warp reduction. Terms:
     d/da = -f for every bias PE; d/dr2 = -r1 |d| / (1 + r2 |d|) (log) or -r1 |d|^r2 ln|d|
     (power, 0 at d = 0); 0 for ALiBi.
     """
-    g1 = tl.sum(tl.sum(-ds * f, 1), 0)
+    # Constant factors (-1, r1) are applied to the row sums, not per element.
+    g1 = -tl.sum(ds * f, 1)
     if PE == PE_ALIBI:
-        return g1, 0.0
+        return g1, g1 * 0.0
     dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
     if PE == PE_KERPLE_LOG:
-        g2 = -ds * (a * dist * tl.exp(-f))  # 1 / (1 + r2 d) = exp(-f): no division
+        g2 = tl.sum(ds * dist * tl.exp(-f), 1)  # 1 / (1 + r2 d) = exp(-f): no division
     else:
-        g2 = -ds * (a * f * tl.log(tl.maximum(dist, 1.0)))
-    return g1, tl.sum(tl.sum(g2, 1), 0)
+        g2 = tl.sum(ds * f * tl.log(tl.maximum(dist, 1.0)), 1)
+    return g1, -a * g2
