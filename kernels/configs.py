@@ -16,6 +16,8 @@ wgmma; re-measure with ``python -m bench`` on a GPU before changing them):
     tiles, 8 warps; at D=128 the bias PEs (whose backward also keeps the bias and its
     parameter-gradient terms live) need 16-query tiles to stay clear of spills on both
     triton 3.6 (CUDA torch 2.11) and the newest triton. dQ: 64 queries x 32-key tiles.
+  * D=256 (not a target): forward 64 x 32 with 8 warps is spill-free; the backward keeps wgmma
+    but spills (dK + dV alone are 128 registers per thread at 64 keys).
   * interpreter: 32 x 32 tiles, so that tests with S in {17, 65, 130} cross tile boundaries
     and exercise both the masked and the unmasked loops.
 """
@@ -48,16 +50,22 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     if arch is None:  # Triton interpreter on CPU
         return TileConfig(32, 32, 4, 1)
     big = head_dim > 64
+    huge = head_dim > 128
     wide = dtype == torch.float32  # fp32 tiles take twice the registers / shared memory
     if kernel == "fwd":
-        if head_dim > 128 or wide:
+        if wide:
             return TileConfig(64, 32, 4, 2)
+        if huge:
+            return TileConfig(64, 32, 8, 2)
         if arch >= 90:
             return TileConfig(128, 64, 8, 3)
         return TileConfig(128, 64 if not big else 32, 4 if not big else 8, 3 if not big else 2)
     # backward kernels
-    if head_dim > 128 or wide:
+    if wide:
         return TileConfig(32, 32, 4, 1)
     if kernel == "bwd_dkdv":
-        return TileConfig(16 if big and pe == "bias" else 32, 64, 8, 2)
+        # D=256 keeps dK + dV (64 x 256 fp32 each) live: it spills some; 64 keys keep wgmma.
+        return TileConfig(16 if huge or (big and pe == "bias") else 32, 64, 8, 2)
+    if huge:
+        return TileConfig(64, 16, 8, 2)
     return TileConfig(64, 32, 8 if big else 4, 2)

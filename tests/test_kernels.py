@@ -46,6 +46,7 @@ SHAPES = {
     "decode_d128_bshd": (1, 4, 4, 1, 70, 128, "bshd", None),
     "offset_pos_d32": (1, 4, 2, 40, 40, 32, "bhsd", "offset"),
 }
+SHAPES_D256 = {"d256": (1, 4, 2, 20, 37, 256, "bhsd", None)}
 if HAS_CUDA:
     SHAPES["large_d128"] = (2, 8, 2, 1000, 1100, 128, "bhsd", None)
     SHAPES["large_d64_bshd"] = (1, 8, 8, 700, 700, 64, "bshd", None)
@@ -114,8 +115,37 @@ def test_kernel_matches_reference(pe, causal, shape, dtype):
     check_case(_pes()[pe], SHAPES[shape], causal, dtype)
 
 
+@pytest.mark.parametrize("pe", ["none", "rope_yarn_partial", "kerple_power"], ids=str)
+def test_kernel_head_dim_256(pe):
+    check_case(_pes()[pe], SHAPES_D256["d256"], True, torch.float16)
+
+
 @pytest.mark.parametrize("pe", ["none", "rope", "kerple_log"], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_kernel_fp32(pe, causal):
     """fp32 inputs: true fp32 dots (no TF32), judged against fp32 naive math."""
     check_case(_pes()[pe], SHAPES["gqa_sq<sk_d40_bshd"], causal, torch.float32)
+
+
+@pytest.mark.parametrize("pe", ["none", "rope", "alibi_trainable"], ids=str)
+def test_value_head_dim_differs(pe):
+    """Dv != D (e.g. MLA-style 48-dim values against 32-dim keys): V tiles and the output are
+    sized by Dv independently of the q.k dot groups."""
+    torch.manual_seed(1)
+    B, Hq, Hkv, Sq, Sk, D, Dv = 1, 4, 2, 37, 41, 32, 48
+    spec = _pes()[pe](D)
+    q = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, Dv, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    dout = torch.randn(B, Hq, Sq, Dv, device=DEVICE, dtype=torch.float16)
+    out, lse, grads = run_attention(q, k, v, with_params(spec, leaf), "triton", dout, causal=True)
+    q64, k64, v64 = (leaf(t, torch.float64).requires_grad_() for t in (q, k, v))
+    out64, _, grads64 = run_attention(q64, k64, v64, with_params(spec, lambda t: leaf(t, torch.float64)),
+                                      "reference", dout.double(), causal=True)
+    qn, kn, vn = (leaf(t).requires_grad_() for t in (q, k, v))
+    outn, _ = naive_attention(qn, kn, vn, spec, torch.float16, causal=True)
+    gq, gk, gv = torch.autograd.grad(outn, (qn, kn, vn), dout)
+    assert out.shape == (B, Hq, Sq, Dv)
+    assert_rule("out", out, out64, outn, 2, torch.float16)
+    for name, gn in zip("qkv", (gq, gk, gv)):
+        assert_rule(f"d{name}", grads[name], grads64[name], gn, 3, torch.float16)
