@@ -106,8 +106,8 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
 
 def shipped_configs(quick: bool = False):
     """(kernel, pe, head_dim, causal, explicit) to check: every PE causal with contiguous
-    positions, plus non-causal without PE and RoPE with explicit positions (its per-element
-    cos/sin path). quick: none / rope / kerple_power (the heaviest bias) only."""
+    positions, plus non-causal without PE, and RoPE and KERPLE-power with explicit positions
+    (per-element cos/sin; int64 position differences). quick: none / rope / kerple_power (the heaviest bias) only."""
     pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
     for kernel in KERNELS:
         for head_dim in (64, 128):
@@ -115,6 +115,7 @@ def shipped_configs(quick: bool = False):
                 yield kernel, pe, head_dim, True, False
             yield kernel, "none", head_dim, False, False
             yield kernel, "rope", head_dim, True, True
+            yield kernel, "kerple_power", head_dim, True, True
 
 
 def main(argv=None):

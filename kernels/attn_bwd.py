@@ -106,7 +106,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Sq
         if EXPLICIT_POS:
-            qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0)
+            qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
         else:
             qpos = q_start + offs_m
         cos = c_tab
@@ -199,7 +199,7 @@ def attn_bwd_dkdv_kernel(
     maskV = colV < DV
 
     if EXPLICIT_POS:
-        kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0)
+        kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
     else:
         kpos = k_start + offs_n
     c_k = 0.0
@@ -290,7 +290,7 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
         if EXPLICIT_POS:
-            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0)
+            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
         else:
             kpos = k_start + offs_n
         cos = c_tab
@@ -364,7 +364,7 @@ def attn_bwd_dq_kernel(
     maskV = colV < DV
 
     if EXPLICIT_POS:
-        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0)
+        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
     else:
         qpos = q_start + offs_m
     pa, pb = load_pe_params(PE, PA, PB, h)

@@ -75,7 +75,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
         if EXPLICIT_POS:
-            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0)
+            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
         else:
             kpos = k_start + offs_n
         cos = c_tab
@@ -150,7 +150,7 @@ def attn_fwd_kernel(
     maskV = colV < DV
 
     if EXPLICIT_POS:
-        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0)
+        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
     else:
         qpos = q_start + offs_m
 
@@ -204,8 +204,8 @@ def attn_fwd_kernel(
                                PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
                                BLOCK_N, PREC)
 
-    # Rows that saw no key: output 0 and LSE -inf.
-    seen = l_i > 0
+    # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
+    seen = l_i != 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_om + colV[None, :] * stride_od

@@ -49,14 +49,17 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
 
 
 def kernel_positions(q_pos: Positions, k_pos: Positions, batch: int, device) -> KernelPositions:
-    """Both contiguous -> two ints; otherwise both become explicit int32 tensors (O(S))."""
+    """Both contiguous -> two ints; otherwise both become explicit tensors (O(S)).
+
+    Explicit tensors keep their integer dtype: the kernels widen loaded positions to int64
+    before differencing, so any int64 position is exact (no range check, no device sync)."""
     if q_pos.is_contiguous and k_pos.is_contiguous:
         return KernelPositions(q_start=q_pos.start, k_start=k_pos.start)
 
     def explicit(p: Positions):
         if p.is_contiguous:
-            return torch.arange(p.length, device=device, dtype=torch.int32)[None] + p.start
-        return p.tensor.to(torch.int32)
+            return torch.arange(p.length, device=device, dtype=torch.int64)[None] + p.start
+        return p.tensor
 
     return KernelPositions(qpos=explicit(q_pos), kpos=explicit(k_pos))
 

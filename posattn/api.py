@@ -65,7 +65,7 @@ def attention(
         q_positions, k_positions: ``None`` (keys at 0..Sk-1, queries at Sk-Sq..Sk-1: queries
             aligned to the end of the keys, as a KV cache needs), an ``int`` (position of the
             first token, then contiguous) or an integer tensor (S,) or (B, S) of explicit
-            positions. Values must fit in int32.
+            positions (any int64 value; an int start must satisfy |start| < 2**30).
         layout: ``"bhsd"`` or ``"bshd"``; the output has the input's layout (strides are used,
             nothing is copied).
         return_lse: also return the log-sum-exp of the scaled, biased logits, (B, Hq, Sq)
@@ -92,7 +92,7 @@ def attention(
         raise ValueError(f"head dim of k ({Dk}) differs from q ({D}); q {tuple(q.shape)}, k {tuple(k.shape)} (bhsd)")
     if tuple(v.shape[1:3]) != (Hkv, Sk):
         raise ValueError(f"v (heads, length) {tuple(v.shape[1:3])} must match k's {(Hkv, Sk)} (bhsd view)")
-    if Hkv == 0 or Hq % Hkv:
+    if Hq == 0 or Hkv == 0 or Hq % Hkv:
         raise ValueError(f"Hq={Hq} must be a positive multiple of Hkv={Hkv} (GQA/MQA)")
     if D == 0 or v.shape[3] == 0:
         raise ValueError(f"head dims must be positive, got D={D}, Dv={v.shape[3]}")

@@ -46,8 +46,9 @@ class Positions:
 def parse_positions(arg, name: str, batch: int, length: int, default_start: int, device) -> Positions:
     """Validate a ``q_positions`` / ``k_positions`` argument.
 
-    None -> contiguous from ``default_start``; int -> contiguous from it; integer tensor (S,) or
-    (B, S) -> explicit. Values must fit in int32 (the kernels form differences in int32).
+    None -> contiguous from ``default_start``; int -> contiguous from it (|start| < 2**30: the
+    kernels form contiguous positions in int32); integer tensor (S,) or (B, S) -> explicit, any
+    int64 value (the kernels widen explicit positions to int64).
     """
     if arg is None:
         arg = default_start

@@ -1,0 +1,247 @@
+"""Test harness shared by test_robustness.py and test_hypothesis.py.
+
+One case = base tensors (float32, CPU) + ``build(leaves) -> (q, k, v)``, so that views, expanded
+tensors and one tensor used twice are rebuilt identically for the kernel, the float64 reference
+and the naive in-dtype math; ``check`` compares them by flash-attention's rule (helpers.assert_rule),
+forward and backward, and verifies that the kernel run modified none of its inputs.
+
+Where flash-attention's algorithm itself rounds differently from the naive math, the rule's
+tolerance gets an explicit float32-eps-sized slack (never an fp16-sized one), computed from the
+float64 reference: the LSE formed in the exp2 domain, P recomputed from an fp32 LSE, Delta =
+rowsum(O * dO) cancelling against dP on one-hot rows, and PE-parameter gradients that are
+reductions over B * Sq * Sk terms (FlashSlack). Hypothesis found each of these breaking the bare
+rule in float32 (e.g. Sq = Sk = 1: the true dK is 0, the naive gets exactly 0, the kernel ~1 eps).
+"""
+import torch
+
+import posattn
+from posattn.pe import resolve_pe
+from posattn.positions import parse_positions
+from posattn.testing import error_tolerance
+from conftest import DEVICE
+from helpers import leaf, naive_attention, pe_leaves, with_params
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=gen(seed)) * scale
+
+
+def _param(H, lo, hi, seed):
+    return (lo + (hi - lo) * torch.rand(H, generator=gen(seed))).to(DEVICE).requires_grad_()
+
+
+# PE name -> factory(num_query_heads, head_dim) of a spec (fresh trainable leaves every call)
+PES = {
+    "none": lambda H, D: "none",
+    "rope": lambda H, D: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8), interleaved=True),
+    "alibi": lambda H, D: posattn.ALiBi(_param(H, 0.05, 0.5, 1)),
+    "kerple_log": lambda H, D: posattn.KERPLE("log", _param(H, 0.2, 2.0, 2), _param(H, 0.05, 1.0, 3)),
+    "kerple_power": lambda H, D: posattn.KERPLE("power", _param(H, 0.2, 1.0, 4), _param(H, 0.3, 1.5, 5)),
+}
+
+
+def plain(L):
+    return L["q"], L["k"], L["v"]
+
+
+def snapshot(*objs):
+    out = []
+    for o in objs:
+        if isinstance(o, torch.Tensor):
+            out.append((o, o.detach().clone()))
+        elif isinstance(o, dict):
+            out += snapshot(*o.values())
+        elif isinstance(o, (list, tuple)):
+            out += snapshot(*o)
+        elif isinstance(o, posattn.PE):
+            out += snapshot(*[getattr(o, n) for n in ("slopes", "r1", "r2") if hasattr(o, n)])
+    return out
+
+
+def assert_unmodified(snap):
+    for t, before in snap:
+        assert t.shape == before.shape and t.dtype == before.dtype
+        torch.testing.assert_close(t.detach(), before, rtol=0, atol=0, equal_nan=True,
+                                   msg="an input was modified in place")
+
+
+def fwd_bwd(leaves, build, pe, backend, make_dout, compute_dtype=None, **kw):
+    """out, lse and the gradients of every leaf and trainable PE tensor (by name)."""
+    q, k, v = build(leaves)
+    if backend == "naive":
+        out, lse = naive_attention(q, k, v, pe, compute_dtype, **kw)
+    else:
+        out, lse = posattn.attention(q, k, v, pe, return_lse=True, backend=backend, **kw)
+    targets = {**leaves, **pe_leaves(pe)}
+    dout = make_dout(out)
+    grads = torch.autograd.grad(out, list(targets.values()), dout, allow_unused=True)
+    return out.detach(), lse.detach(), dict(zip(targets, grads)), dout
+
+
+def dout_maker(seed, dtype, arrange=None):
+    """dout with the same values in every run (rounded to the kernel dtype), then ``arrange``d
+    (a deterministic re-layout, e.g. a transposed or expanded view)."""
+    def make(out):
+        d = rand(*out.shape, seed=seed).to(dtype).to(device=out.device, dtype=out.dtype)
+        return arrange(d) if arrange is not None else d
+    return make
+
+
+def run_kernel(base, build, pe, dtype, *, seed=123, arrange=None, **kw):
+    """Kernel forward + backward; also checks that no input was modified in place."""
+    leaves = {n: t.to(DEVICE).to(dtype).requires_grad_() for n, t in base.items()}
+    pe_k = with_params(pe, leaf)
+    snap = snapshot(leaves, pe_k, kw)
+    make = dout_maker(seed, dtype, arrange)
+    out, lse, grads, dout = fwd_bwd(leaves, build, pe_k, "triton", make, **kw)
+    snap += snapshot(dout)
+    assert_unmodified(snap)
+    return out, lse, grads
+
+
+def check(base, build, pe, dtype, *, seed=123, arrange=None, **kw):
+    """Kernel vs the float64 reference by the error rule, forward and backward.
+
+    Returns dict(kernel=(out, lse, grads), ref=(...), naive=(...)) for further checks."""
+    out, lse, grads = run_kernel(base, build, pe, dtype, seed=seed, arrange=arrange, **kw)
+    make = dout_maker(seed, dtype, arrange)
+    L64 = {n: t.to(DEVICE).to(dtype).double().requires_grad_() for n, t in base.items()}
+    pe64 = with_params(pe, lambda t: leaf(t, torch.float64))
+    out64, lse64, g64, dout64 = fwd_bwd(L64, build, pe64, "reference", make, **kw)
+    Ln = {n: t.to(DEVICE).to(dtype).requires_grad_() for n, t in base.items()}
+    outn, lsen, gn, _ = fwd_bwd(Ln, build, with_params(pe, leaf), "naive", make, dtype, **kw)
+
+    assert out.dtype == dtype and out.shape == out64.shape
+    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
+    assert set(grads) == set(g64)
+    qkv64 = build({n: t.detach() for n, t in L64.items()})
+    slack = FlashSlack(qkv64, out64, lse64, dout64, pe64, **kw)
+    assert_rule_with_slack("out", out, out64, outn, dtype, slack.out, factor=2)
+    assert_rule_with_slack("lse", lse, lse64, lsen, dtype, slack.lse, factor=2)
+    for name in g64:
+        if g64[name] is None:  # e.g. a leaf that no output depends on
+            assert grads[name] is None or not grads[name].any(), name
+            continue
+        assert grads[name] is not None and grads[name].shape == g64[name].shape, name
+        assert torch.isfinite(grads[name]).all() == torch.isfinite(g64[name]).all(), name
+        if name in base:
+            # the roles (q, k, v) this leaf plays, and how many times each element is used there
+            uses = [(r, t.numel() / L64[name].numel()) for r, t in zip("qkv", qkv64)
+                    if _same_storage(t, L64[name])]
+            assert uses, f"cannot tell which of q, k, v {name} is"
+            extra = sum(getattr(slack, r) * max(1.0, n) for r, n in uses)
+        else:
+            extra = slack.pe(name)
+        assert_rule_with_slack(f"d{name}", grads[name], g64[name], gn[name], dtype, extra)
+    return dict(kernel=(out, lse, grads), ref=(out64, lse64, g64), naive=(outn, lsen, gn))
+
+
+def qkv(B, Hq, Hkv, Sq, Sk, D, Dv=None, seed=0, scale=1.0):
+    return {"q": rand(B, Hq, Sq, D, seed=seed, scale=scale),
+            "k": rand(B, Hkv, Sk, D, seed=seed + 1, scale=scale),
+            "v": rand(B, Hkv, Sk, Dv or D, seed=seed + 2, scale=scale)}
+
+
+def _same_storage(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class FlashSlack:
+    """Float64 quantities of the reference that set the scale of flash-attention's own rounding
+    (beyond the naive math's), all in float32 eps. With L_i the largest |logit| of query row i
+    (scaled, biased, natural units; at least |LSE_i| and 1):
+
+    * out, lse: the kernels work in the exp2 domain, s2 = s * log2(e), and form the LSE as
+      (m2 + log2 l) * ln 2, so P carries a relative error ~ eps * L_i (the naive subtracts the max
+      in natural units): out_i is off by ~ eps * L_i * sum_j P_ij |v_j - out_i|, lse_i by ~ eps * L_i.
+    * q, k, v: the backward recomputes P = exp(s - LSE) from the fp32 LSE (relative error
+      ~ eps * L_i) and forms Delta = rowsum(O * dO) from the rounded output, so dS = P (dP - Delta)
+      carries an error ~ eps * (|dO| |V| + |O| |dO|) that the naive math (which keeps P, and gets
+      dS = 0 exactly on one-hot rows, e.g. Sk = 1) does not have.
+    * pe(name): per head, the sum over (b, i, j) of (eps |dS| + that dS error) * |d bias / d param|:
+      a PE-parameter gradient is a reduction over B * Sq * Sk terms that often cancel, so its
+      rounding error scales with this sum, not with the (small) result.
+    """
+
+    def __init__(self, qkv64, out64, lse64, dout64, pe, *, causal=False, scale=None, q_positions=None,
+                 k_positions=None, layout="bhsd"):
+        eps = torch.finfo(torch.float32).eps
+        self.spec = with_params(resolve_pe(pe), lambda t: t.detach().double())
+        q, k, v = (t.detach() for t in qkv64)
+        out, dout = out64.detach(), dout64.detach().double()
+        if layout == "bshd":
+            q, k, v, out, dout = (t.transpose(1, 2) for t in (q, k, v, out, dout))
+        B, Hq, Sq, D = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        g = Hq // Hkv
+        scale = D ** -0.5 if scale is None else scale
+        self.qp = parse_positions(q_positions, "q_positions", B, Sq, Sk - Sq, q.device).as_tensor(B, Sq, q.device)
+        self.kp = parse_positions(k_positions, "k_positions", B, Sk, 0, q.device).as_tensor(B, Sk, q.device)
+        eye = torch.eye(Sk, dtype=torch.float64, device=q.device).expand(B, Hkv, Sk, Sk)
+        with torch.no_grad():  # P (the softmax rows) is the output for V = identity
+            P = posattn.attention(q, k, eye, self.spec, causal=causal, scale=scale,
+                                  q_positions=q_positions, k_positions=k_positions, backend="reference")
+        lse = lse64.detach().double()[..., None]  # (B, Hq, Sq, 1)
+        logits = torch.where(P > 0, torch.log(P) + lse, torch.zeros_like(P))  # s = log P + LSE
+        L = torch.maximum(logits.abs().amax(-1, keepdim=True) if Sk else torch.zeros_like(lse),
+                          torch.where(torch.isfinite(lse), lse.abs(), torch.zeros_like(lse))).clamp(min=1.0)
+        V = v.repeat_interleave(g, 1)
+        spread = (P[..., None] * (V[:, :, None] - out[:, :, :, None]).abs()).sum(-2)  # (B, Hq, Sq, Dv)
+        self.out = 2 * eps * L * spread.amax(-1, keepdim=True)
+        self.lse = 3 * eps * L[..., 0]
+        if layout == "bshd":
+            self.out = self.out.transpose(1, 2)
+
+        dP = dout @ V.transpose(-1, -2)
+        delta = (out * dout).sum(-1, keepdim=True)
+        self.dS = (P * (dP - delta)).abs()
+        W = 4 * eps * L * (dP - delta).abs() + eps * (dout.abs() @ V.abs().transpose(-1, -2)
+                                                      + (out.abs() * dout.abs()).sum(-1, keepdim=True))
+        self.PW = P * W
+
+        def mx(t):
+            return t.abs().max().item() if t.numel() else 0.0
+
+        rot = 2.0  # a rotated (RoPE) element: at most sqrt(2) x attention factor x the largest input
+        self.q = abs(scale) * rot * mx(k) * mx(self.PW.sum(-1))
+        self.k = abs(scale) * rot * mx(q) * mx(self.PW.sum(-2)) * g
+        self.v = mx((4 * eps * L * P).transpose(-1, -2) @ dout.abs()) * g
+
+    def pe(self, name):
+        spec = self.spec
+        dS = torch.finfo(torch.float32).eps * self.dS + self.PW
+        dist = (self.qp[:, :, None] - self.kp[:, None, :]).abs().double()[:, None]  # (B, 1, Sq, Sk)
+
+        def per_head(f):
+            return (dS * f).sum(dim=(0, 2, 3))
+
+        if isinstance(spec, posattn.ALiBi):
+            return per_head(dist)
+        r1, r2 = (t[:, None, None] if isinstance(t, torch.Tensor) else t for t in (spec.r1, spec.r2))
+        if spec.kind == "log":
+            return per_head(torch.log1p(r2 * dist) if name == "r1" else abs(r1) * dist / (1 + r2 * dist))
+        powd = torch.where(dist > 0, dist ** r2, torch.zeros_like(dist))
+        if name == "r1":
+            return per_head(powd)
+        logd = torch.log(torch.where(dist > 0, dist, torch.ones_like(dist)))
+        return per_head(abs(r1) * powd * logd)
+
+
+def assert_rule_with_slack(name, got, ref64, naive, dtype, slack, factor=3):
+    """helpers.assert_rule (factor 3 for gradients) with ``slack`` (a number, or a tensor
+    broadcastable to ``got``) added to the tolerance (see FlashSlack)."""
+    got, naive = got.double(), naive.double()
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite pattern differs from the reference"
+    if not finite.any():
+        return
+    tol = error_tolerance((naive - ref64)[finite].abs().max().item(), ref64, dtype, factor)
+    tol = tol + torch.as_tensor(slack, dtype=torch.float64, device=got.device).expand_as(got)[finite]
+    err = (got - ref64)[finite].abs()
+    worst = (err - tol).argmax()
+    assert (err <= tol).all(), (f"{name}: kernel error {err[worst].item():.3e} > tol {tol[worst].item():.3e} "
+                                f"(rule + flash-attention rounding slack)")
