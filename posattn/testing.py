@@ -12,6 +12,7 @@ FLOOR_EPS = 1.0
 
 def error_tolerance(naive_err: float, ref: torch.Tensor, dtype: torch.dtype, mult: float) -> float:
     """The largest kernel error the rule allows (see module docstring)."""
+    ref = ref.detach()
     finite = ref[torch.isfinite(ref)]
     scale = max(1.0, float(finite.abs().max()) if finite.numel() else 0.0)
     return mult * naive_err + FLOOR_EPS * torch.finfo(dtype).eps * scale
