@@ -18,7 +18,7 @@ import triton.language as tl
 from .attn_fwd import load_qk, load_tile, qk_dot
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
                          bias_grad_terms, bias_shape, qk_columns, rope_angle_cos_sin,
-                         rope_rotate, rope_shift)
+                         rope_rotate, rope_tile_start)
 
 
 @triton.jit
@@ -111,14 +111,16 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
             qpos = q_start + offs_m
         cos = c_tab
         sin = s_tab
+        c0 = 0.0
+        s0 = 0.0
         if PE == PE_ROPE:
             if EXPLICIT_POS:
                 cos, sin = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
             else:
-                cos, sin = rope_shift(c_tab, s_tab, q_start + t * BLOCK_M, THETA, rope_factor,
-                                      ROT_HALF, BLOCK_A)
-        qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, colA, colB, maskA,
-                             colC, maskC, PE, HAS_PASS, MASKED)
+                c0, s0 = rope_tile_start(q_start + t * BLOCK_M, THETA, rope_factor, ROT_HALF,
+                                         BLOCK_A)
+        qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
+                             maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
         lse = tl.load(LSE + row0 + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
@@ -210,8 +212,8 @@ def attn_bwd_dkdv_kernel(
         c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_M), THETA, 1.0, ROT_HALF, BLOCK_A)
-    ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, c_k, s_k, colA, colB, maskA,
-                         colC, maskC, PE, HAS_PASS, True)
+    ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, c_k, s_k, 0.0, 0.0, colA, colB,
+                         maskA, colC, maskC, PE, HAS_PASS, True, False)
     v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, True)
 
     # Query tiles: [lo, u0) straddle the diagonal (masked), [u0, u1) need no mask,
@@ -295,14 +297,16 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
             kpos = k_start + offs_n
         cos = c_tab
         sin = s_tab
+        c0 = 0.0
+        s0 = 0.0
         if PE == PE_ROPE:
             if EXPLICIT_POS:
                 cos, sin = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
             else:
-                cos, sin = rope_shift(c_tab, s_tab, k_start + t * BLOCK_N, THETA, rope_factor,
-                                      ROT_HALF, BLOCK_A)
-        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, colA, colB, maskA,
-                             colC, maskC, PE, HAS_PASS, MASKED)
+                c0, s0 = rope_tile_start(k_start + t * BLOCK_N, THETA, rope_factor, ROT_HALF,
+                                         BLOCK_A)
+        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
+                             maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
@@ -376,8 +380,8 @@ def attn_bwd_dq_kernel(
         c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
-    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, colA, colB, maskA,
-                         colC, maskC, PE, HAS_PASS, True)
+    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
+                         maskA, colC, maskC, PE, HAS_PASS, True, False)
     do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, True)
     lse = tl.load(LSE + bh * Sq + offs_m, mask=m_mask, other=float("inf"))
     delta = tl.load(DELTA + bh * Sq + offs_m, mask=m_mask, other=0.0)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE, bias_shape,
-                         qk_columns, rope_angle_cos_sin, rope_rotate, rope_shift)
+                         qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start)
 
 
 @triton.jit
@@ -27,10 +27,13 @@ def load_tile(ptr, rows, row_mask, cols, col_mask, stride_row, stride_col, MASKE
 
 
 @triton.jit
-def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, colA, colB, maskA,
-            colC, maskC, PE: tl.constexpr, HAS_PASS: tl.constexpr, MASKED: tl.constexpr):
+def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, c0, s0, colA, colB, maskA,
+            colC, maskC, PE: tl.constexpr, HAS_PASS: tl.constexpr, MASKED: tl.constexpr,
+            SHIFT: tl.constexpr):
     """Load Q or K as its dot groups, rotated for RoPE, in the input dtype.
 
+    RoPE rotates by (cos, sin) (BLOCK, BLOCK_A) and then, when SHIFT, by the tile-start
+    rotation (c0, s0) (BLOCK_A,) (see pe_helpers.rope_tile_start).
     Returns (a, b, c): a = group A (all columns for non-RoPE PEs), b = the rotated partners,
     c = RoPE pass-through columns (partial rotary). Unused groups are returned as ``a``.
     """
@@ -38,6 +41,8 @@ def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, colA, colB, m
     if PE == PE_ROPE:
         b = load_tile(ptr, rows, row_mask, colB, maskA, stride_row, stride_col, MASKED)
         ra, rb = rope_rotate(a.to(tl.float32), b.to(tl.float32), cos, sin)
+        if SHIFT:
+            ra, rb = rope_rotate(ra, rb, c0[None, :], s0[None, :])
         if HAS_PASS:
             c = load_tile(ptr, rows, row_mask, colC, maskC, stride_row, stride_col, MASKED)
         else:
@@ -80,14 +85,16 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
             kpos = k_start + offs_n
         cos = c_tab
         sin = s_tab
+        c0 = 0.0
+        s0 = 0.0
         if PE == PE_ROPE:
             if EXPLICIT_POS:
                 cos, sin = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
             else:
-                cos, sin = rope_shift(c_tab, s_tab, k_start + t * BLOCK_N, THETA, rope_factor,
-                                      ROT_HALF, BLOCK_A)
-        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, colA, colB, maskA,
-                             colC, maskC, PE, HAS_PASS, MASKED)
+                c0, s0 = rope_tile_start(k_start + t * BLOCK_N, THETA, rope_factor, ROT_HALF,
+                                         BLOCK_A)
+        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
+                             maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
@@ -172,8 +179,8 @@ def attn_fwd_kernel(
         c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
-    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, colA, colB, maskA,
-                         colC, maskC, PE, HAS_PASS, True)
+    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
+                         maskA, colC, maskC, PE, HAS_PASS, True, False)
 
     # Key tiles this block must visit: [0, n_full) need no mask, [n_full, n_tiles) do.
     n_tiles = tl.cdiv(Sk, BLOCK_N)

@@ -11,9 +11,9 @@ PE costs nothing. Conventions:
   about the order of the dims, so both layouts share one code path.
 * Angles: ``pos * inv_freq`` is formed in float64 and reduced mod pi/2 before cos/sin in
   float32 (:func:`sincos_reduced`), so positions of 1e6 and beyond keep their precision (an fp32 product is off by
-  ~0.03 rad there). For contiguous positions the loop tiles use angle addition: a per-program
-  table cos/sin(j * theta), j < BLOCK, combined with cos/sin(p0 * theta) of the tile start
-  (HALF values per tile), so cos/sin are evaluated per tile, not per element.
+  ~0.03 rad there). For contiguous positions the loop tiles rotate in two steps: by a
+  per-program table cos/sin(j * theta), j < BLOCK, then by cos/sin(p0 * theta) of the tile
+  start (HALF values per tile), so cos/sin are evaluated per tile, not per element.
 """
 import triton
 import triton.language as tl
@@ -88,18 +88,20 @@ def rope_angle_cos_sin(pos, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A: tl.c
 
 
 @triton.jit
-def rope_shift(c_tab, s_tab, p0, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
-    """Angle addition: cos/sin((p0 + j) * theta) from the table cos/sin(j * theta).
+def rope_tile_start(p0, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """cos/sin(p0 * theta) x factor for a tile starting at position p0: two (BLOCK_A,) vectors.
 
-    c_tab, s_tab: (BLOCK, BLOCK_A) from :func:`rope_angle_cos_sin` with pos = 0..BLOCK-1 and
-    factor 1. p0: tile start position (scalar). Costs BLOCK_A cos/sin per tile.
+    With contiguous positions a tile's rotation is R((p0 + j) theta) = R(p0 theta) R(j theta):
+    the per-offset part R(j theta) is a loop-invariant table (see :func:`rope_angle_cos_sin`
+    with pos = 0..BLOCK-1), the per-tile part is these BLOCK_A values. Rotating in two steps
+    keeps the 2-D table loop-invariant, so the compiler converts its register layout to the
+    tile's once, outside the loop, instead of moving a fresh 2-D cos/sin tile through shared
+    memory every iteration. Costs BLOCK_A cos/sin per tile.
     """
     j = tl.arange(0, BLOCK_A)
     theta = tl.load(THETA + j, mask=j < ROT_HALF, other=0.0)
     c0, s0 = sincos_reduced(p0.to(tl.float64) * theta)
-    c0 = (c0 * factor)[None, :]
-    s0 = (s0 * factor)[None, :]
-    return c0 * c_tab - s0 * s_tab, s0 * c_tab + c0 * s_tab
+    return c0 * factor, s0 * factor
 
 
 @triton.jit
