@@ -12,8 +12,8 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
 import triton
 import triton.language as tl
 
-from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE, bias_shape,
-                         qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start)
+from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
+                         bias_shape, qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .pe import ALiBi, KERPLE, NoPE, PE, RoPE
+from .pe import ALiBi, KERPLE, PE, RoPE
 from .positions import Positions
 
 

@@ -4,14 +4,13 @@ On CPU the kernels run in the Triton interpreter (fp16 / fp32; the interpreter's
 is wrong); with CUDA the same cases run compiled, plus bf16 and larger shapes.
 Shapes are small and odd so tiles are partial and both the masked and unmasked loops run.
 """
-import math
 
 import pytest
 import torch
 
 import posattn
 from conftest import DEVICE, HAS_CUDA
-from helpers import assert_rule, leaf, naive_attention, run_attention, with_params
+from helpers import assert_rule, leaf, naive_attention, pe_leaves, run_attention, with_params
 
 
 def _pes():
@@ -91,7 +90,6 @@ def check_case(pe, shape, causal, dtype, seed=0):
     qn, kn, vn = (leaf(t).requires_grad_() for t in (q_, k_, v_))
     pen = with_params(pe, leaf)
     outn, lsen = naive_attention(qn, kn, vn, pen, dtype, **kw)
-    from helpers import pe_leaves
     leaves_n = {"q": qn, "k": kn, "v": vn, **pe_leaves(pen)}
     gn = torch.autograd.grad(outn, list(leaves_n.values()), dout.to(dtype), allow_unused=True)
     grads_n = dict(zip(leaves_n, gn))
