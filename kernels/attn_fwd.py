@@ -135,6 +135,8 @@ def attn_fwd_kernel(
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1).to(tl.int64)  # int64: offsets below may exceed 2**31
     b = bh // Hq
     h = bh % Hq
