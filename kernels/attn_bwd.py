@@ -15,10 +15,10 @@ dS = P * (dP - Delta), dQ = scale * dS @ K, dK = scale * dS^T @ Q, dV = P^T @ dO
 import triton
 import triton.language as tl
 
-from .attn_fwd import load_qk, load_tile, qk_dot
+from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
                          bias_grad_terms, bias_shape, qk_columns, rope_angle_cos_sin,
-                         rope_rotate, rope_tile_start)
+                         rope_rotate)
 
 
 @triton.jit
@@ -109,16 +109,8 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
             qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
         else:
             qpos = q_start + offs_m
-        cos = c_tab
-        sin = s_tab
-        c0 = 0.0
-        s0 = 0.0
-        if PE == PE_ROPE:
-            if EXPLICIT_POS:
-                cos, sin = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-            else:
-                c0, s0 = rope_tile_start(q_start + t * BLOCK_M, THETA, rope_factor, ROT_HALF,
-                                         BLOCK_A)
+        cos, sin, c0, s0 = tile_rope(qpos, q_start + t * BLOCK_M, c_tab, s_tab, THETA, rope_factor,
+                                     PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
@@ -295,16 +287,8 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
             kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
         else:
             kpos = k_start + offs_n
-        cos = c_tab
-        sin = s_tab
-        c0 = 0.0
-        s0 = 0.0
-        if PE == PE_ROPE:
-            if EXPLICIT_POS:
-                cos, sin = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-            else:
-                c0, s0 = rope_tile_start(k_start + t * BLOCK_N, THETA, rope_factor, ROT_HALF,
-                                         BLOCK_A)
+        cos, sin, c0, s0 = tile_rope(kpos, k_start + t * BLOCK_N, c_tab, s_tab, THETA, rope_factor,
+                                     PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
@@ -390,17 +374,7 @@ def attn_bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
     # Key tiles, as in the forward: [0, n_full) unmasked, [n_full, n_tiles) masked.
-    n_tiles = tl.cdiv(Sk, BLOCK_N)
-    n_full = Sk // BLOCK_N
-    if CAUSAL:
-        if EXPLICIT_POS:
-            n_full = 0
-        else:
-            off = q_start - k_start
-            last_visible = tl.minimum(off + pid_m * BLOCK_M + BLOCK_M, Sk)
-            n_tiles = tl.cdiv(tl.maximum(last_visible, 0), BLOCK_N)
-            n_full = tl.minimum(tl.maximum(off + pid_m * BLOCK_M + 1, 0) // BLOCK_N, n_full)
-    n_full = tl.minimum(n_full, n_tiles)
+    n_full, n_tiles = key_tiles(pid_m, Sk, q_start, k_start, CAUSAL, EXPLICIT_POS, BLOCK_M, BLOCK_N)
 
     dqa = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)

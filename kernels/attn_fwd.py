@@ -65,6 +65,46 @@ def qk_dot(qa, qb, qc, ka, kb, kc, PE: tl.constexpr, HAS_PASS: tl.constexpr,
 
 
 @triton.jit
+def key_tiles(pid_m, Sk, q_start, k_start, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles query block pid_m visits: [0, n_full) need no mask, [n_full, n_tiles) do.
+
+    Causal with contiguous positions skips the tiles past the diagonal and leaves unmasked the
+    tiles every query of the block sees; explicit positions can skip nothing (order unknown).
+    Returns (n_full, n_tiles).
+    """
+    n_tiles = tl.cdiv(Sk, BLOCK_N)
+    n_full = Sk // BLOCK_N
+    if CAUSAL:
+        if EXPLICIT_POS:
+            n_full = 0
+        else:
+            off = q_start - k_start  # key j visible to query i iff j <= i + off
+            last_visible = tl.minimum(off + pid_m * BLOCK_M + BLOCK_M, Sk)
+            n_tiles = tl.cdiv(tl.maximum(last_visible, 0), BLOCK_N)
+            n_full = tl.minimum(tl.maximum(off + pid_m * BLOCK_M + 1, 0) // BLOCK_N, n_full)
+    return tl.minimum(n_full, n_tiles), n_tiles
+
+
+@triton.jit
+def tile_rope(pos, p0, c_tab, s_tab, THETA, rope_factor, PE: tl.constexpr,
+              EXPLICIT_POS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """RoPE rotation of a loop tile starting at position p0, as load_qk takes it:
+    (cos, sin, c0, s0). Explicit positions: per-element cos/sin (no tile-start step);
+    contiguous: the per-offset table plus the tile-start vectors."""
+    cos = c_tab
+    sin = s_tab
+    c0 = 0.0
+    s0 = 0.0
+    if PE == PE_ROPE:
+        if EXPLICIT_POS:
+            cos, sin = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        else:
+            c0, s0 = rope_tile_start(p0, THETA, rope_factor, ROT_HALF, BLOCK_A)
+    return cos, sin, c0, s0
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                Sk, k_start, rope_factor, scale_log2, pa2, pb, tile_lo, tile_hi,
@@ -83,16 +123,8 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
             kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
         else:
             kpos = k_start + offs_n
-        cos = c_tab
-        sin = s_tab
-        c0 = 0.0
-        s0 = 0.0
-        if PE == PE_ROPE:
-            if EXPLICIT_POS:
-                cos, sin = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-            else:
-                c0, s0 = rope_tile_start(k_start + t * BLOCK_N, THETA, rope_factor, ROT_HALF,
-                                         BLOCK_A)
+        cos, sin, c0, s0 = tile_rope(kpos, k_start + t * BLOCK_N, c_tab, s_tab, THETA, rope_factor,
+                                     PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
@@ -184,18 +216,7 @@ def attn_fwd_kernel(
     qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, PE, HAS_PASS, True, False)
 
-    # Key tiles this block must visit: [0, n_full) need no mask, [n_full, n_tiles) do.
-    n_tiles = tl.cdiv(Sk, BLOCK_N)
-    n_full = Sk // BLOCK_N
-    if CAUSAL:
-        if EXPLICIT_POS:
-            n_full = 0
-        else:
-            off = q_start - k_start  # key j visible to query i iff j <= i + off
-            last_visible = tl.minimum(off + pid_m * BLOCK_M + BLOCK_M, Sk)
-            n_tiles = tl.cdiv(tl.maximum(last_visible, 0), BLOCK_N)
-            n_full = tl.minimum(tl.maximum(off + pid_m * BLOCK_M + 1, 0) // BLOCK_N, n_full)
-    n_full = tl.minimum(n_full, n_tiles)
+    n_full, n_tiles = key_tiles(pid_m, Sk, q_start, k_start, CAUSAL, EXPLICIT_POS, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -27,6 +27,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from posattn._env import interpreter_on  # imports no triton
+
 
 def select_device() -> tuple:
     """(device, interpreted). Without CUDA, switch Triton to its interpreter (TRITON_INTERPRET=1).
@@ -34,7 +36,7 @@ def select_device() -> tuple:
     Must run before anything imports triton: posattn imports it only on the first Triton call.
     A user who sets TRITON_INTERPRET=1 on a GPU machine gets the interpreter on the CPU.
     """
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreted = interpreter_on()
     if not interpreted and not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
         interpreted = True

@@ -5,10 +5,11 @@ Importing this module imports Triton; posattn.api imports it lazily, on first us
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import torch
 
+from ._env import interpreter_on
 from .pe import ALiBi, KERPLE, NoPE, PE, RoPE
 from .positions import Positions
 from .kernels import launch
@@ -24,7 +25,7 @@ def _check_runnable(q: torch.Tensor) -> None:
                         "(use backend='reference' for float64)")
     if q.device.type == "cuda":
         return
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if q.device.type == "cpu" and interpreter_on():
         return
     raise ValueError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
                      f"before triton is imported; q is on {q.device}")
@@ -69,6 +70,12 @@ def _stride1(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _detached(pe: KernelPE, pa, pb) -> KernelPE:
+    """The record with the autograd inputs pa/pb swapped in, detached (kernels take raw data)."""
+    return dataclasses.replace(pe, pa=pa.detach() if pa is not None else None,
+                               pb=pb.detach() if pb is not None else None)
+
+
 class _NoLaunch(torch.autograd.Function):
     """Sk == 0 or an empty batch: output 0, LSE -inf, zero gradients; no kernel launch."""
 
@@ -89,10 +96,7 @@ class _NoLaunch(torch.autograd.Function):
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pa, pb, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
-        pe_run = KernelPE(pe.kind, pe.theta, pe.factor, pe.rot_dim, pe.interleaved,
-                          pa.detach() if pa is not None else None,
-                          pb.detach() if pb is not None else None)
-        out, lse = launch.attn_fwd(q, k, v, pe_run, pos, causal, scale)
+        out, lse = launch.attn_fwd(q, k, v, _detached(pe, pa, pb), pos, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, pa, pb)
         ctx.pe, ctx.pos, ctx.causal, ctx.scale = pe, pos, causal, scale
         ctx.mark_non_differentiable(lse)
@@ -103,10 +107,8 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v, out, lse, pa, pb = ctx.saved_tensors
         pe = ctx.pe
         need_pe_grad = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        pe_run = KernelPE(pe.kind, pe.theta, pe.factor, pe.rot_dim, pe.interleaved,
-                          pa.detach() if pa is not None else None,
-                          pb.detach() if pb is not None else None)
-        dq, dk, dv, (gpa, gpb) = launch.attn_bwd(_stride1(dout), q, k, v, out, lse, pe_run, ctx.pos,
+        dq, dk, dv, (gpa, gpb) = launch.attn_bwd(_stride1(dout), q, k, v, out, lse,
+                                                 _detached(pe, pa, pb), ctx.pos,
                                                  ctx.causal, ctx.scale, need_pe_grad)
         dpa = gpa.to(pa.dtype) if need_pe_grad and ctx.needs_input_grad[3] else None
         dpb = gpb.to(pb.dtype) if need_pe_grad and ctx.needs_input_grad[4] else None

@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
 
 from . import reference
+from ._env import interpreter_on
 from .pe import PE, resolve_pe
 from .positions import parse_positions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "triton", "reference")
 _LAYOUTS = ("bhsd", "bshd")
-
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _check_tensors(q, k, v, layout):
@@ -110,7 +106,7 @@ def attention(
     kpos = parse_positions(k_positions, "k_positions", B, Sk, 0, q.device)
 
     if backend == "auto":
-        use_triton = q.is_cuda or (q.device.type == "cpu" and _interpreter_on())
+        use_triton = q.is_cuda or (q.device.type == "cpu" and interpreter_on())
         backend = "triton" if use_triton and q.dtype != torch.float64 else "reference"
 
     if backend == "reference":
