@@ -1,13 +1,18 @@
-"""Static Hopper report: compile every shipped kernel config for sm_90 on this (CPU) machine.
+"""Static GPU report: compile every shipped kernel config for sm_90 and sm_80 on this (CPU) machine.
 
-    python -m bench.compile_report            # table
-    python -m bench.compile_report --json     # rows as JSON (used by tests/test_compile_sm90.py)
+    python -m bench.compile_report              # table, both archs
+    python -m bench.compile_report --arch 90    # Hopper only
+    python -m bench.compile_report --json       # rows as JSON (used by tests/test_compile_static.py)
 
 For each (kernel, PE, head dim, causal) it compiles the kernel with the tile config that
-``posattn.kernels.configs.tile_config`` ships for arch 90 and reports registers per thread,
-spills (cuobjdump's STACK / LOCAL), shared memory, and whether the PTX uses wgmma (Hopper's
-asynchronous tensor-core MMA). Needs no GPU: triton.compile with GPUTarget("cuda", 90, 32)
-and the cuobjdump that ships inside triton's nvidia backend.
+``posattn.kernels.configs.tile_config`` ships for that arch and reports registers per thread,
+spills (cuobjdump's STACK / LOCAL), shared memory, and which tensor-core instruction the PTX
+uses: ``wgmma.mma_async`` (Hopper's asynchronous MMA) on sm_90, ``mma.sync`` on sm_80.
+A config passes when it spills nothing, uses the arch's tensor-core instruction and fits the
+arch's shared memory (``SMEM_LIMIT``; the Ampere configs must also fit sm_86/sm_89, which
+have 99 KiB per block, because ``tile_config`` gives them the same tiles as sm_80).
+Needs no GPU: triton.compile with GPUTarget("cuda", arch, 32) and the cuobjdump that ships
+inside triton's nvidia backend.
 
 Must run with TRITON_INTERPRET unset (it compiles real kernels); the test runs it in a
 subprocess for that reason.
@@ -34,13 +39,16 @@ from posattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel  #
 from posattn.kernels.attn_fwd import attn_fwd_kernel  # noqa: E402
 from posattn.kernels.configs import tile_config  # noqa: E402
 
-ARCH = 90
+ARCHS = (90, 80)
+MMA = {90: "wgmma.mma_async", 80: "mma.sync"}  # the tensor-core instruction each arch must use
+SMEM_LIMIT = {90: 227 * 1024, 80: 99 * 1024}  # bytes per block; 80 stands for sm_80/86/89
 KERNELS = {"fwd": attn_fwd_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel, "bwd_dq": attn_bwd_dq_kernel}
 PES = {"none": launch.PE_NONE, "rope": launch.PE_ROPE, "alibi": launch.PE_ALIBI,
        "kerple_log": launch.PE_KERPLE_LOG, "kerple_power": launch.PE_KERPLE_POWER}
 # Pointer arguments and their element types (bf16 inputs); everything else is an int or float.
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16",
-            "DQ": "*bf16", "DK_OUT": "*bf16", "DV_OUT": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
+# "io" is the input dtype (q, k, v and everything of their shape).
+POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
+            "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "DELTA": "*fp32",
             "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "PA": "*fp32", "PB": "*fp32",
             "GPA": "*fp32", "GPB": "*fp32"}
 FLOATS = {"scale", "scale_log2", "rope_factor"}
@@ -51,17 +59,23 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
 
 
-def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False, cfg=None):
-    """Compile one shipped config (or ``cfg``, a TileConfig to try) for sm_90; returns a row.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
+                   cfg=None, arch: int = 90, dtype: str = "bf16"):
+    """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
 
     explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
+    dtype: the input dtype, a key of DTYPES. Returns (compiled kernel, TileConfig, seconds).
     """
     fn = KERNELS[kernel]
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
-    cfg = cfg or tile_config(kernel, width, causal, torch.bfloat16, ARCH, launch._family(kpe))
+    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe))
     constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
-                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC="tf32")
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                      PREC=launch._prec(DTYPES[dtype]))
     if kernel == "bwd_dkdv":
         constexprs["NEED_PE_GRAD"] = pe not in ("none", "rope")
     signature, attrs = {}, {}
@@ -72,7 +86,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
             signature[name] = "constexpr"  # the head dim is contiguous: launches specialise it to 1
             constexprs[name] = 1
         elif name in POINTERS:
-            signature[name] = POINTERS[name]
+            signature[name] = "*" + dtype if POINTERS[name] == "io" else POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOATS:
             signature[name] = "fp32"
@@ -82,9 +96,15 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     t0 = time.time()
-    ck = triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    seconds = time.time() - t0
+    return ck, cfg, time.time() - t0
+
+
+def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
+                cfg=None, arch: int = 90, dtype: str = "bf16"):
+    """Compile one config (see compile_kernel) and return its report row."""
+    ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
@@ -96,21 +116,25 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
         m = re.search(rf"\b{key}:(\d+)", res)
         return int(m.group(1)) if m else None
 
-    return dict(kernel=kernel, pe=pe, head_dim=head_dim, causal=causal, explicit=explicit,
-                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, registers=field("REG"), stack=field("STACK"),
-                local=field("LOCAL"), shared=ck.metadata.shared,
-                wgmma="wgmma.mma_async" in ptx, compile_s=round(seconds, 1),
-                triton=triton.__version__)
+    row = dict(arch=arch, dtype=dtype, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
+               explicit=explicit, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
+               stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
+               mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__)
+    # fp32 inputs take IEEE fp32 dots (launch._prec): CUDA-core FMAs, no tensor-core instruction
+    row["ok"] = ((row["mma"] or dtype == "fp32") and row["stack"] == 0 and row["local"] == 0
+                 and row["shared"] <= SMEM_LIMIT[arch])
+    return row
 
 
-def shipped_configs(quick: bool = False):
+def shipped_configs(quick: bool = False, head_dims=(64, 128)):
     """(kernel, pe, head_dim, causal, explicit) to check: every PE causal with contiguous
     positions, plus non-causal without PE, and RoPE and KERPLE-power with explicit positions
-    (per-element cos/sin; int64 position differences). quick: none / rope / kerple_power (the heaviest bias) only."""
+    (per-element cos/sin; int64 position differences). quick: none / rope / kerple_power (the
+    heaviest bias) only."""
     pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
     for kernel in KERNELS:
-        for head_dim in (64, 128):
+        for head_dim in head_dims:
             for pe in pes:
                 yield kernel, pe, head_dim, True, False
             yield kernel, "none", head_dim, False, False
@@ -118,27 +142,49 @@ def shipped_configs(quick: bool = False):
             yield kernel, "kerple_power", head_dim, True, True
 
 
+def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf16", echo=None):
+    """Compile every shipped config for ``arch``; returns the rows. echo: called with each row."""
+    rows = []
+    for kernel, pe, hd, causal, explicit in shipped_configs(quick, head_dims):
+        rows.append(compile_one(kernel, pe, hd, causal, explicit, arch=arch, dtype=dtype))
+        if echo:
+            echo(rows[-1])
+    return rows
+
+
+def _print_row(r):
+    print(f"sm_{r['arch']} {r['kernel']:9s} {r['pe']:13s} D={r['head_dim']:<4d} "
+          f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
+          f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "
+          f"regs {r['registers']:>3} stack {r['stack']} local {r['local']} smem {r['shared']:>6} "
+          f"{'fp32 FMA dots' if r['dtype'] == 'fp32' else MMA[r['arch']].split('.')[0]} "
+          f"{'' if r['dtype'] == 'fp32' else 'yes' if r['mma'] else 'NO'}  "
+          f"{'ok' if r['ok'] else 'FAIL'}  ({r['compile_s']}s)", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print rows as JSON")
     ap.add_argument("--quick", action="store_true", help="none/rope/kerple_power only")
+    ap.add_argument("--arch", type=int, choices=ARCHS, action="append",
+                    help="compile for this arch only (repeatable; default: all of %(choices)s)")
+    ap.add_argument("--head-dim", type=int, action="append", dest="head_dims",
+                    help="head dims to check (repeatable; default 64 and 128)")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     args = ap.parse_args(argv)
     rows = []
-    if not args.json:
-        print(f"sm_{ARCH} compile report, triton {triton.__version__}, bf16", flush=True)
-    for kernel, pe, hd, causal, explicit in shipped_configs(args.quick):
-        rows.append(compile_one(kernel, pe, hd, causal, explicit))
+    for arch in args.arch or ARCHS:
         if not args.json:
-            r = rows[-1]
-            print(f"{r['kernel']:9s} {r['pe']:13s} D={r['head_dim']:<4d} causal={int(r['causal'])} "
-                  f"pos={'explicit' if r['explicit'] else 'contig  '} "
-                  f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "
-                  f"regs {r['registers']:>3} stack {r['stack']} local {r['local']} "
-                  f"smem {r['shared']:>6} wgmma {'yes' if r['wgmma'] else 'NO'}  ({r['compile_s']}s)",
-                  flush=True)
+            print(f"sm_{arch} compile report, triton {triton.__version__}, {args.dtype}, "
+                  f"shared memory limit {SMEM_LIMIT[arch] // 1024} KiB", flush=True)
+        rows += report(arch, args.quick, tuple(args.head_dims or (64, 128)), args.dtype,
+                       None if args.json else _print_row)
     if args.json:
         print(json.dumps(rows))
-    bad = [r for r in rows if r["stack"] or r["local"] or not r["wgmma"]]
+    bad = [r for r in rows if not r["ok"]]
+    if bad and not args.json:
+        print(f"{len(bad)} of {len(rows)} configs FAIL (spill, no tensor-core MMA, or too much "
+              "shared memory)")
     return 1 if bad else 0
 
 

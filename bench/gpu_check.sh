@@ -96,7 +96,7 @@ if [ "$TEST_WORKERS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(
 # run cut short still says what passed and what failed.
 TEST_FILES=()
 for f in test_kernels.py test_robustness.py test_large_offsets.py test_main_cmd.py test_api.py \
-         test_reference.py test_pe.py test_extrapolate.py test_compile_sm90.py; do
+         test_reference.py test_pe.py test_extrapolate.py test_compile_static.py; do
     [ -f "$REPO/tests/$f" ] && TEST_FILES+=("$REPO/tests/$f")
 done
 for f in "$REPO"/tests/test_*.py; do  # anything not listed above (hypothesis last of all)

@@ -1,23 +1,40 @@
 """Tile configurations: one plain function you can read and override.
 
-``tile_config(kernel, head_dim, causal, dtype, arch)`` -> TileConfig. ``arch`` is the CUDA
-compute capability as an int (80 = A100, 90 = H100/H200) or None for the CPU interpreter.
-Nothing here queries CUDA: the launcher passes the arch of the tensor's device.
+``tile_config(kernel, head_dim, causal, dtype, arch, pe)`` -> TileConfig. ``arch`` is the CUDA
+compute capability as an int (80 = A100, 86/89 = RTX 30xx/40xx, 90 = H100/H200) or None for
+the CPU interpreter. Nothing here queries CUDA: the launcher passes the arch of the tensor's
+device.
 
 ``head_dim`` is the padded width of one dot group (for RoPE that is half the rotary dim
-rounded up to a power of two; see ``posattn._triton``), plus the padded V width — the
+rounded up to a power of two; see ``posattn._triton``), plus the padded V width -- the
 launcher passes the larger padded width, which is what drives register use.
 
-Why these numbers (Hopper, checked statically by tests/test_compile_sm90.py for spills and
-wgmma; re-measure with ``python -m bench`` on a GPU before changing them):
-  * forward: BLOCK_M=128 rows per program with 8 warps feeds wgmma's 64-row granularity
-    twice; BLOCK_N=64 keeps S/P and the RoPE cos/sin table in registers without spilling.
+Two tables, by shared memory per block, which is what decides how many K/V stages fit:
+  * HOPPER (sm_90, and the datacenter Blackwells sm_100/103, 227 KiB): checked statically for
+    sm_90 by tests/test_compile_static.py -- wgmma, no spills, fits;
+  * AMPERE (sm_80, 86, 87, 89, the consumer Blackwells sm_120/121; 99 KiB on all but sm_80/87):
+    checked for sm_80 -- mma.sync, no spills, <= 99 KiB so the same tiles run on sm_86/89.
+Neither table is tuned for speed yet; re-measure with ``python -m bench`` on a GPU before
+changing them, and re-run ``python -m bench.compile_report`` after.
+
+Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins, and on 3.9):
+  * forward: BLOCK_M=128 rows per program feeds wgmma's 64-row granularity twice (8 warps);
+    BLOCK_N=64 keeps S/P and the RoPE cos/sin table in registers without spilling.
   * dK/dV: the program holds K, V and the dK, dV accumulators for 64 keys over 32-query
-    tiles, 8 warps; at D=128 the bias PEs (whose backward also keeps the bias and its
-    parameter-gradient terms live) need 16-query tiles to stay clear of spills on both
-    triton 3.6 (CUDA torch 2.11) and the newest triton. dQ: 64 queries x 32-key tiles.
-  * D=256 (not a target): forward 64 x 32 with 8 warps is spill-free; the backward keeps wgmma
-    but spills (dK + dV alone are 128 registers per thread at 64 keys).
+    tiles, 8 warps. Hopper at D=128: the bias PEs (whose backward keeps the bias and its
+    parameter-gradient terms live) need 16-query tiles. dQ: 64 queries x 32-key tiles.
+  * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
+    dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
+    explicit positions are the tightest) takes 32 keys per forward tile at D=64 and 16 at
+    D=128, 16-query dK/dV tiles at D=64 and 32 x 32 at D=128, 16-key dQ tiles. The bias PEs'
+    dK/dV take 1 stage at D=64 and 32 x 32 tiles at D=128.
+  * D=256 (not a target): forward 64 x 32 with 8 warps; backward 16 x 64 (dK/dV) and
+    64 x 16 (dQ). dK + dV alone are 128 fp32 registers per thread at 64 keys, so on Hopper the
+    dK/dV kernel spills (smaller key tiles lose wgmma and still spill), and RoPE at D=256
+    spills on both archs, whatever the tile: its rotation tables grow with D, not the tile.
+  * fp32 inputs run IEEE fp32 dots on the FMA units (no TF32; fp32 users ask for accuracy):
+    small tiles, found spill-free by the same static check for most kernels (not a CI gate:
+    ``python -m bench.compile_report --dtype fp32`` shows the rest).
   * interpreter: 32 x 32 tiles, so that tests with S in {17, 65, 130} cross tile boundaries
     and exercise both the masked and the unmasked loops.
 """
@@ -36,36 +53,82 @@ class TileConfig:
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+FAMILIES = ("none", "rope", "bias")
+
+# Archs with ~227 KiB of shared memory per block; every other arch >= 80 gets the Ampere table.
+HOPPER_CLASS = (90, 100, 103)
+MIN_ARCH = 80  # mma.sync with bf16 and >= 99 KiB of shared memory (posattn._env checks it)
 
 
 def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 arch: Optional[int], pe: str = "none") -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
-    pe: "none", "rope" or "bias" (ALiBi / KERPLE) -- the family, because a bias PE's backward
-    keeps its bias terms live next to dK/dV and needs a smaller query tile at D=128.
+    pe: the PE family in FAMILIES -- "none", "rope" or "bias" (ALiBi / KERPLE): RoPE keeps
+    rotation tables and a bias PE keeps its bias terms live, so they may need smaller tiles.
+    causal is accepted for tuning per mask; no shipped config depends on it yet.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if pe not in FAMILIES:
+        raise ValueError(f"pe must be one of {FAMILIES}, got {pe!r}")
     if arch is None:  # Triton interpreter on CPU
         return TileConfig(32, 32, 4, 1)
+    if dtype == torch.float32:
+        return _fp32(kernel, pe, head_dim > 64)
+    if head_dim > 128:
+        return _d256(kernel, pe, arch in HOPPER_CLASS)
     big = head_dim > 64
-    huge = head_dim > 128
-    wide = dtype == torch.float32  # fp32 tiles take twice the registers / shared memory
+    if arch in HOPPER_CLASS:
+        return _hopper(kernel, pe, big)
+    return _ampere(kernel, pe, big)
+
+
+def _hopper(kernel: str, pe: str, big: bool) -> TileConfig:
     if kernel == "fwd":
-        if wide:
-            return TileConfig(64, 32, 4, 2)
-        if huge:
-            return TileConfig(64, 32, 8, 2)
-        if arch >= 90:
-            return TileConfig(128, 64, 8, 3)
-        return TileConfig(128, 64 if not big else 32, 4 if not big else 8, 3 if not big else 2)
-    # backward kernels
-    if wide:
-        return TileConfig(32, 32, 4, 1)
+        return TileConfig(128, 64, 8, 3)
     if kernel == "bwd_dkdv":
-        # D=256 keeps dK + dV (64 x 256 fp32 each) live: it spills some; 64 keys keep wgmma.
-        return TileConfig(16 if huge or (big and pe == "bias") else 32, 64, 8, 2)
-    if huge:
-        return TileConfig(64, 16, 8, 2)
-    return TileConfig(64, 32, 8 if big else 4, 2)
+        return TileConfig(16 if big and pe == "bias" else 32, 64, 8, 2)
+    return TileConfig(64, 32, 8 if big else 4, 2)  # bwd_dq
+
+
+def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
+    # mma.sync keeps both operands in registers, and triton 3.6 allocates a few more than 3.9:
+    # RoPE (explicit positions the tightest) and the bias PEs' backward take smaller tiles.
+    if kernel == "fwd":
+        if big:
+            return TileConfig(128, 16 if pe == "rope" else 32, 8, 2)
+        if pe == "rope":
+            return TileConfig(128, 32, 8, 3)
+        return TileConfig(128, 64, 4 if pe == "none" else 8, 3)
+    if kernel == "bwd_dkdv":
+        if pe == "rope":
+            return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 64, 8, 2)
+        if pe == "bias":
+            return TileConfig(32, 32, 4, 2) if big else TileConfig(32, 64, 8, 1)
+        return TileConfig(32, 64, 8, 2)
+    # bwd_dq
+    return TileConfig(64, 16 if pe == "rope" else 32, 8 if big else 4, 2)
+
+
+def _fp32(kernel: str, pe: str, big: bool) -> TileConfig:
+    # IEEE fp32 dots run on the FMA units with both operands in registers, on every arch:
+    # small tiles, 8 warps where that spills less.
+    if kernel == "fwd":
+        return TileConfig(32, 16, 8, 1) if big else TileConfig(64, 32, 8, 2)
+    if kernel == "bwd_dkdv":
+        if big:
+            return TileConfig(16, 16, 4, 1) if pe == "rope" else TileConfig(16, 32, 8, 1)
+        return TileConfig(32, 32, 8, 1)
+    if big:  # bwd_dq
+        return TileConfig(16, 16, 8, 1) if pe == "rope" else TileConfig(32, 16, 4 if pe == "none" else 8, 1)
+    return TileConfig(32, 32, 8 if pe == "rope" else 4, 1)
+
+
+def _d256(kernel: str, pe: str, hopper: bool) -> TileConfig:
+    if kernel == "fwd":
+        return TileConfig(64, 32, 8, 2)
+    if kernel == "bwd_dkdv":
+        # Ampere's bias backward is spill-free on 32-key tiles; Hopper keeps 64 for wgmma.
+        return TileConfig(16, 32 if pe == "bias" and not hopper else 64, 8, 2)
+    return TileConfig(64, 16, 8, 2)

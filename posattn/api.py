@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from . import reference
-from ._env import interpreter_on
+from ._env import MIN_CUDA_ARCH, cuda_arch, interpreter_on
 from .pe import PE, resolve_pe
 from .positions import parse_positions
 
@@ -67,8 +67,9 @@ def attention(
         return_lse: also return the log-sum-exp of the scaled, biased logits, (B, Hq, Sq)
             float32, natural log.
         backend: ``"triton"`` (Triton or an error, never a silent fallback), ``"reference"``
-            (naive PyTorch), ``"auto"`` (CUDA tensors -> Triton; CPU tensors -> Triton when
-            TRITON_INTERPRET=1, else the reference).
+            (naive PyTorch), ``"auto"`` (CUDA tensors on an Ampere or newer GPU -> Triton,
+            on older GPUs -> the reference; CPU tensors -> Triton when TRITON_INTERPRET=1,
+            else the reference).
 
     Returns:
         out with q's shape and dtype (Dv as last dim), or ``(out, lse)``.
@@ -106,7 +107,8 @@ def attention(
     kpos = parse_positions(k_positions, "k_positions", B, Sk, 0, q.device)
 
     if backend == "auto":
-        use_triton = q.is_cuda or (q.device.type == "cpu" and interpreter_on())
+        use_triton = ((q.is_cuda and cuda_arch(q.device) >= MIN_CUDA_ARCH)
+                      or (q.device.type == "cpu" and interpreter_on()))
         backend = "triton" if use_triton and q.dtype != torch.float64 else "reference"
 
     if backend == "reference":

@@ -81,6 +81,19 @@ def test_triton_backend_never_falls_back(monkeypatch):
         posattn.attention(*_qkv(), backend="triton")
 
 
+def test_pre_ampere_gpu_is_refused():
+    """The compiled kernels need sm_80+ (bf16 mma.sync, >= 99 KiB shared memory): an older GPU
+    gets a ValueError naming it, not a Triton out-of-resources error at launch."""
+    from posattn import _env
+    from posattn.kernels import configs
+
+    assert _env.MIN_CUDA_ARCH == configs.MIN_ARCH
+    with pytest.raises(ValueError, match=r"needs an Ampere \(sm_80\) or newer GPU; q is on Tesla T4 \(sm_75\)"):
+        _env.check_cuda_arch(75, "Tesla T4")
+    for arch in (80, 86, 89, 90, 100, 120):
+        _env.check_cuda_arch(arch, "ok")
+
+
 def test_auto_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _qkv()

@@ -1,0 +1,101 @@
+"""Static cost of each PE: the instruction mix of the kernels' hot loop in SASS, next to pe="none".
+
+    python -m bench.sass_loop                 # sm_90, D=128, every kernel, causal and not
+    python -m bench.sass_loop --arch 80 --head-dim 64 --json
+
+On a GPU the question "is every PE within 5 % of pe='none'?" is answered by ``python -m bench``.
+Without one, this is the proxy: at D=128 the forward's 8 warps issue about as many instructions
+per key tile as the tensor cores need cycles for its two MMAs, so a PE's extra per-element
+instructions (and extra MUFU ops, the quarter-rate unit exp2 already loads) show up as time
+unless the scheduler hides them. The report counts, per loop iteration of one warp:
+
+  instr   every SASS instruction in the loop body (the first loop: the unmasked key / query tiles)
+  mma     HGMMA (sm_90) or HMMA (sm_80): tensor-core instructions
+  mufu    MUFU: ex2 / lg2 / rcp on the special-function unit
+  fp64    DFMA / DMUL / DADD (RoPE's tile-start angle)
+  smem    LDS / STS / LDSM / STSM
+  vs none instr / instr of pe="none" for the same kernel and mask
+
+The loop is found as the first backward branch whose body holds tensor-core instructions.
+Compiles with bench.compile_report's shipped configs; needs no GPU.
+"""
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+
+from bench.compile_report import KERNELS, PES, _cuobjdump, compile_kernel
+
+CLASSES = {"HGMMA": "mma", "HMMA": "mma", "MUFU": "mufu", "DFMA": "fp64", "DMUL": "fp64",
+           "DADD": "fp64", "LDS": "smem", "STS": "smem", "LDSM": "smem", "STSM": "smem"}
+
+
+def sass_of(ck) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        return subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def opcode(text: str) -> str:
+    """'@!P2 HGMMA.64x64x16.F32.BF16 R24, ...' -> 'HGMMA'."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def hot_loop(sass: str):
+    """Opcodes of the first loop body (backward branch) that contains tensor-core MMAs."""
+    ins = [(int(m.group(1), 16), m.group(2).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            body = [opcode(t) for a, t in ins if lo <= a <= addr]
+            if any(op in ("HGMMA", "HMMA") for op in body):
+                return body
+    return []
+
+
+def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int):
+    ck, cfg, _ = compile_kernel(kernel, pe, head_dim, causal, arch=arch)
+    body = hot_loop(sass_of(ck))
+    cls = collections.Counter(CLASSES.get(op, "other") for op in body)
+    return dict(arch=arch, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
+                tile=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", num_warps=cfg.num_warps, instr=len(body),
+                mma=cls["mma"], mufu=cls["mufu"], fp64=cls["fp64"], smem=cls["smem"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, choices=(80, 90))
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = []
+    if not args.json:
+        print(f"hot-loop instructions per iteration per warp, sm_{args.arch}, D={args.head_dim}, bf16")
+        print(f"{'kernel':9s} {'causal':6s} {'pe':13s} {'tile':7s} {'instr':>5s} {'mma':>4s} "
+              f"{'mufu':>4s} {'fp64':>4s} {'smem':>4s} {'vs none':>7s}")
+    for kernel in KERNELS:
+        for causal in (False, True):
+            base = None
+            for pe in PES:
+                r = loop_row(kernel, pe, args.head_dim, causal, args.arch)
+                base = base or r["instr"]
+                r["vs_none"] = round(r["instr"] / base, 2) if base else None
+                rows.append(r)
+                if not args.json:
+                    print(f"{kernel:9s} {int(causal):<6d} {pe:13s} {r['tile']:7s} {r['instr']:5d} "
+                          f"{r['mma']:4d} {r['mufu']:4d} {r['fp64']:4d} {r['smem']:4d} "
+                          f"{r['vs_none']:7.2f}", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
