@@ -5,6 +5,16 @@
 
 Importing posattn never queries CUDA and never imports Triton; the kernels load on first use.
 """
+import os as _os
+
+# setup.py installs ../kernels as posattn.kernels. A source checkout used without installing
+# (python -m posattn from the repository root, or a machine where pip cannot build) has no
+# posattn/kernels: there the repository root joins this package's search path, so that
+# `posattn.kernels` resolves to ../kernels all the same.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if (not _os.path.isdir(_os.path.join(_here, "kernels"))
+        and _os.path.isfile(_os.path.join(_os.path.dirname(_here), "kernels", "attn_fwd.py"))):
+    __path__.append(_os.path.dirname(_here))
 from .api import attention
 from .pe import (
     PE, NoPE, RoPE, ALiBi, KERPLE,

@@ -341,3 +341,20 @@ def test_main_cmd_one_pe_in_interpreter():
     assert "2 of 2 checks passed" in res.stdout
     if not torch.cuda.is_available():
         assert "Triton interpreter" in res.stdout
+
+
+def test_source_checkout_finds_kernels_without_install(tmp_path):
+    """setup.py maps kernels/ to posattn.kernels on install. A checkout that is not installed
+    (pip cannot build there, or a newcomer runs python -m posattn from the root) must still
+    import posattn.kernels from ../kernels: gpu_check.sh relies on it as its last resort."""
+    import shutil
+
+    for d in ("posattn", "kernels"):
+        shutil.copytree(ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import posattn, posattn.kernels.configs as c; print(posattn.__file__); print(c.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pkg, cfg = proc.stdout.split()
+    assert pkg == str(tmp_path / "posattn" / "__init__.py")
+    assert cfg == str(tmp_path / "kernels" / "configs.py")
