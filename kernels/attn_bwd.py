@@ -18,7 +18,7 @@ import triton.language as tl
 from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
                          bias_grad_terms, bias_shape, qk_columns, rope_angle_cos_sin,
-                         rope_rotate)
+                         rope_rotate, tile_dist)
 
 
 @triton.jit
@@ -105,11 +105,12 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
         row0 = lse_row0 + h * Sq
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Sq
+        q0 = q_start + t * BLOCK_M  # position of the tile's first query (contiguous positions)
         if EXPLICIT_POS:
             qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
         else:
-            qpos = q_start + offs_m
-        cos, sin, c0, s0 = tile_rope(qpos, q_start + t * BLOCK_M, c_tab, s_tab, THETA, rope_factor,
+            qpos = q0 + tl.arange(0, BLOCK_M)
+        cos, sin, c0, s0 = tile_rope(qpos, q0, c_tab, s_tab, THETA, rope_factor,
                                      PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
@@ -122,7 +123,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
 
         sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
         if PE != PE_NONE and PE != PE_ROPE:
-            sT -= (pa * LOG2E) * bias_shape(PE, kpos, qpos, pb)
+            sT -= (pa * LOG2E) * bias_shape(PE, tile_dist(kpos, qpos, q0, EXPLICIT_POS), pb)
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
@@ -134,8 +135,9 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         if NEED_PE_GRAD:
-            # f recomputed rather than kept live across the three dots (register pressure)
-            t1, t2 = bias_grad_terms(PE, dsT, bias_shape(PE, kpos, qpos, pb), kpos, qpos, pa, pb)
+            # |d| and f recomputed rather than kept live across the three dots (registers)
+            dist = tile_dist(kpos, qpos, q0, EXPLICIT_POS)
+            t1, t2 = bias_grad_terms(PE, dsT, bias_shape(PE, dist, pb), dist, pa, pb)
             g1 += t1
             g2 += t2
             if j == tiles_per_head - 1:  # last tile of head h
@@ -295,7 +297,8 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
         if PE != PE_NONE and PE != PE_ROPE:
-            s -= (pa * LOG2E) * bias_shape(PE, qpos, kpos, pb)
+            s -= (pa * LOG2E) * bias_shape(PE, tile_dist(qpos, kpos, k_start + t * BLOCK_N,
+                                                         EXPLICIT_POS), pb)
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_shape, qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start)
+                         bias_shape, qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start,
+                         tile_dist)
 
 
 @triton.jit
@@ -131,7 +132,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
         if PE != PE_NONE and PE != PE_ROPE:
-            s -= pa2 * bias_shape(PE, qpos, kpos, pb)
+            s -= pa2 * bias_shape(PE, tile_dist(qpos, kpos, k_start + t * BLOCK_N, EXPLICIT_POS), pb)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:

@@ -111,14 +111,32 @@ def rope_rotate(x1, x2, c, s):
 
 
 @triton.jit
-def bias_shape(PE: tl.constexpr, qpos, kpos, b):
-    """The bias without its leading parameter: bias = -a * f, f (BLOCK_M, BLOCK_N) float32.
+def tile_dist(row_pos, col_pos, col0, EXPLICIT_POS: tl.constexpr):
+    """|row position - column position| of a tile, (BLOCK_R, BLOCK_C) float32.
 
-    ALiBi: f = |d| (a = slope). KERPLE log: f = log(1 + r2 |d|); power: f = |d|^r2, 0 at
-    d = 0 (a = r1). qpos (BLOCK_M,), kpos (BLOCK_N,) integer positions; b = r2. Kept separate
-    from the parameter so the backward reuses f for both the scores and d(bias)/d(a).
+    row_pos (BLOCK_R,), col_pos (BLOCK_C,) integer positions; col0 = col_pos[0] for contiguous
+    positions. Explicit positions: an int64 difference (any position), then float. Contiguous:
+    rel = float(row_pos - col0) per row and per tile, then one FADD per element against the
+    float column offsets (the abs folds into its consumer) -- instead of an integer subtract,
+    abs and convert per element. Bitwise the same distance below 2**24, within an fp32
+    rounding of it above.
     """
-    dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
+    if EXPLICIT_POS:
+        return tl.abs(row_pos[:, None] - col_pos[None, :]).to(tl.float32)
+    else:
+        rel = (row_pos - col0).to(tl.float32)
+        cols = tl.arange(0, col_pos.shape[0]).to(tl.float32)
+        return tl.abs(rel[:, None] - cols[None, :])
+
+
+@triton.jit
+def bias_shape(PE: tl.constexpr, dist, b):
+    """The bias without its leading parameter: bias = -a * f, f (BLOCK_R, BLOCK_C) float32.
+
+    dist: :func:`tile_dist`, b = r2. ALiBi: f = |d| (a = slope). KERPLE log: f = log(1 + r2 |d|);
+    power: f = |d|^r2, 0 at d = 0 (a = r1). Kept separate from the parameter so the backward
+    reuses f for both the scores and d(bias)/d(a).
+    """
     if PE == PE_ALIBI:
         return dist
     elif PE == PE_KERPLE_LOG:
@@ -128,13 +146,13 @@ def bias_shape(PE: tl.constexpr, qpos, kpos, b):
 
 
 @triton.jit
-def bias_grad_terms(PE: tl.constexpr, ds, f, qpos, kpos, a, b):
+def bias_grad_terms(PE: tl.constexpr, ds, f, dist, a, b):
     """Row sums of dS * d(bias)/d(param) for the PE's one or two parameters.
 
-    ds: (BLOCK_M, BLOCK_N) gradient of the natural-unit scaled logits, zero where masked;
-    f: :func:`bias_shape` of the tile. a = slope or r1, b = r2. Returns two (BLOCK_M,)
-    vectors summed over axis 1 only: the caller accumulates them across tiles and reduces the
-    last axis once, so no tile pays for a cross-warp reduction. Terms:
+    ds: (BLOCK_R, BLOCK_C) gradient of the natural-unit scaled logits, zero where masked;
+    f: :func:`bias_shape` of the tile, dist: its :func:`tile_dist`. a = slope or r1, b = r2.
+    Returns two (BLOCK_R,) vectors summed over axis 1 only: the caller accumulates them across
+    tiles and reduces the last axis once, so no tile pays for a cross-warp reduction. Terms:
     d/da = -f for every bias PE; d/dr2 = -r1 |d| / (1 + r2 |d|) (log) or -r1 |d|^r2 ln|d|
     (power, 0 at d = 0); 0 for ALiBi.
     """
@@ -142,7 +160,6 @@ def bias_grad_terms(PE: tl.constexpr, ds, f, qpos, kpos, a, b):
     g1 = -tl.sum(ds * f, 1)
     if PE == PE_ALIBI:
         return g1, g1 * 0.0
-    dist = tl.abs(qpos[:, None] - kpos[None, :]).to(tl.float32)
     if PE == PE_KERPLE_LOG:
         g2 = tl.sum(ds * dist * tl.exp(-f), 1)  # 1 / (1 + r2 d) = exp(-f): no division
     else:
