@@ -37,3 +37,30 @@ def test_shipped_configs_compile_clean(arch, mma, smem_kib):
     assert not bad, f"sm_{arch} configs that spill, miss {mma} or overflow {smem_kib} KiB:\n" + \
         "\n".join(map(str, bad))
     assert all(r["ok"] for r in rows)
+
+
+
+SASS_SNIPPET = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   FMUL R3, R2, R2 ;
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0060*/                   MUFU.EX2 R5, R3 ;
+        /*0070*/              @!P1 BRA 0x40 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_sass_loop_finds_the_mma_loop():
+    """bench.sass_loop's parser: the hot loop is the first backward branch whose body holds a
+    tensor-core MMA (the loop at 0x10 has none and is skipped); predicates and modifiers are
+    stripped from opcodes."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench.sass_loop import hot_loop, opcode
+
+    assert opcode("@!P1 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24") == "HGMMA"
+    assert hot_loop(SASS_SNIPPET) == ["FMUL", "HGMMA", "MUFU", "BRA"]
+    assert hot_loop(SASS_SNIPPET.replace("HGMMA.64x64x16.F32.BF16", "FADD")) == []
