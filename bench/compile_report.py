@@ -49,8 +49,8 @@ PES = {"none": launch.PE_NONE, "rope": launch.PE_ROPE, "alibi": launch.PE_ALIBI,
 # "io" is the input dtype (q, k, v and everything of their shape).
 POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
             "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "DELTA": "*fp32",
-            "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "PA": "*fp32", "PB": "*fp32",
-            "GPA": "*fp32", "GPB": "*fp32"}
+            "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
+            "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32"}
 FLOATS = {"scale", "scale_log2", "rope_factor"}
 
 

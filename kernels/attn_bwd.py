@@ -74,7 +74,7 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 @triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
-                Q, DO, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
+                Q, DO, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
                 n_iters, tiles_per_head, t_lo, t_split, t_jump,
@@ -110,7 +110,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
             qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
         else:
             qpos = q0 + tl.arange(0, BLOCK_M)
-        cos, sin, c0, s0 = tile_rope(qpos, q0, c_tab, s_tab, THETA, rope_factor,
+        cos, sin, c0, s0 = tile_rope(qpos, t * BLOCK_M, c_tab, s_tab, THETA, ROPE_TILES, rope_factor,
                                      PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
@@ -156,7 +156,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, PA, PB, GPA, GPB,
+    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, GPA, GPB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -242,7 +242,7 @@ def attn_bwd_dkdv_kernel(
     DOb = DO + b * stride_dob
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot, GPB + gslot,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
@@ -251,7 +251,7 @@ def attn_bwd_dkdv_kernel(
         PREC)
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot2, GPB + gslot2,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, PA, PB, c_tab, s_tab,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
@@ -274,7 +274,7 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-              K, V, KPOS, THETA, c_tab, s_tab,
+              K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
               Sk, k_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
               colA, colB, maskA, colC, maskC, colV, maskV,
@@ -289,7 +289,7 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
             kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
         else:
             kpos = k_start + offs_n
-        cos, sin, c0, s0 = tile_rope(kpos, k_start + t * BLOCK_N, c_tab, s_tab, THETA, rope_factor,
+        cos, sin, c0, s0 = tile_rope(kpos, t * BLOCK_N, c_tab, s_tab, THETA, ROPE_TILES, rope_factor,
                                      PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
@@ -317,7 +317,7 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, PA, PB,
+    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -383,14 +383,14 @@ def attn_bwd_dq_kernel(
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-                              K, V, KPOS, THETA, c_tab, s_tab,
+                              K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, 0, n_full,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
                               BLOCK_N, PREC)
     dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-                              K, V, KPOS, THETA, c_tab, s_tab,
+                              K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, n_full, n_tiles,
                               colA, colB, maskA, colC, maskC, colV, maskV,

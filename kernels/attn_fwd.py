@@ -8,6 +8,8 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     Q (B, Hq, Sq, D)   K (B, Hkv, Sk, D)   V (B, Hkv, Sk, DV)   O (B, Hq, Sq, DV)
     LSE (B, Hq, Sq) float32, natural log   QPOS (B|1, Sq), KPOS (B|1, Sk) int (explicit only)
     THETA (ROT_HALF,) float64 inv_freq (RoPE)   PA, PB (Hq,) PE parameters (bias PEs)
+    ROPE_TILES (cdiv(Sk, TILE_STEP), 2, BLOCK_A) float32: cos/sin of the key tile starts
+    (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
 """
 import triton
 import triton.language as tl
@@ -88,11 +90,11 @@ def key_tiles(pid_m, Sk, q_start, k_start, CAUSAL: tl.constexpr, EXPLICIT_POS: t
 
 
 @triton.jit
-def tile_rope(pos, p0, c_tab, s_tab, THETA, rope_factor, PE: tl.constexpr,
+def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, PE: tl.constexpr,
               EXPLICIT_POS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
-    """RoPE rotation of a loop tile starting at position p0, as load_qk takes it:
-    (cos, sin, c0, s0). Explicit positions: per-element cos/sin (no tile-start step);
-    contiguous: the per-offset table plus the tile-start vectors."""
+    """RoPE rotation of a loop tile ``offset`` positions after its sequence's start, as load_qk
+    takes it: (cos, sin, c0, s0). Explicit positions: per-element cos/sin (no tile-start
+    step); contiguous: the per-offset table plus the tile-start row of ROPE_TILES."""
     cos = c_tab
     sin = s_tab
     c0 = 0.0
@@ -101,12 +103,12 @@ def tile_rope(pos, p0, c_tab, s_tab, THETA, rope_factor, PE: tl.constexpr,
         if EXPLICIT_POS:
             cos, sin = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         else:
-            c0, s0 = rope_tile_start(p0, THETA, rope_factor, ROT_HALF, BLOCK_A)
+            c0, s0 = rope_tile_start(ROPE_TILES, offset, BLOCK_A)
     return cos, sin, c0, s0
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
+def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                Sk, k_start, rope_factor, scale_log2, pa2, pb, tile_lo, tile_hi,
                colA, colB, maskA, colC, maskC, colV, maskV,
@@ -124,8 +126,8 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
             kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
         else:
             kpos = k_start + offs_n
-        cos, sin, c0, s0 = tile_rope(kpos, k_start + t * BLOCK_N, c_tab, s_tab, THETA, rope_factor,
-                                     PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
+        cos, sin, c0, s0 = tile_rope(kpos, t * BLOCK_N, c_tab, s_tab, THETA, ROPE_TILES,
+                                     rope_factor, PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
         ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
@@ -154,7 +156,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, THETA, PA, PB,
+    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -222,13 +224,15 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
+                               c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
                                BLOCK_N, PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, c_tab, s_tab,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
+                               c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
                                colA, colB, maskA, colC, maskC, colV, maskV,

@@ -26,8 +26,9 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
     explicit positions are the tightest) takes 32 keys per forward tile at D=64 and 16 at
-    D=128, 16-query dK/dV tiles at D=64 and 32 x 32 at D=128, 16-key dQ tiles. The bias PEs'
-    dK/dV take 1 stage at D=64 and 32 x 32 tiles at D=128.
+    D=128, 16-query dK/dV tiles at D=64 and 32 x 32 at D=128, dQ tiles of 64 x 16 at D=64 and
+    32 x 32 at D=128. The bias PEs' dK/dV take 1 stage at D=64 and 32 x 32 tiles at D=128, their
+    dQ 8 warps.
   * D=256 (not a target): forward 64 x 32 with 8 warps; backward 16 x 64 (dK/dV) and
     64 x 16 (dQ). dK + dV alone are 128 fp32 registers per thread at 64 keys, so on Hopper the
     dK/dV kernel spills (smaller key tiles lose wgmma and still spill), and RoPE at D=256
@@ -108,7 +109,9 @@ def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
             return TileConfig(32, 32, 4, 2) if big else TileConfig(32, 64, 8, 1)
         return TileConfig(32, 64, 8, 2)
     # bwd_dq
-    return TileConfig(64, 16 if pe == "rope" else 32, 8 if big else 4, 2)
+    if pe == "rope":
+        return TileConfig(32, 32, 8, 2) if big else TileConfig(64, 16, 4, 2)
+    return TileConfig(64, 32, 8 if big or pe == "bias" else 4, 2)
 
 
 def _fp32(kernel: str, pe: str, big: bool) -> TileConfig:

@@ -12,6 +12,7 @@ import triton
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_fwd_kernel
 from .configs import tile_config
+from .pe_helpers import TILE_STEP, rope_tile_table_kernel
 
 # PE kinds, the values of the kernels' PE constexpr (see pe_helpers.py)
 PE_NONE, PE_ROPE, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER = 0, 1, 2, 3, 4
@@ -87,6 +88,23 @@ def _pos_args(pos: KernelPositions, dummy: torch.Tensor):
     return dummy, dummy, (0, 0, 0, 0)
 
 
+def _rope_tiles(pe: KernelPE, pos: KernelPositions, start: int, S: int, meta: dict,
+                dummy: torch.Tensor) -> torch.Tensor:
+    """Tile-start cos/sin table (cdiv(S, TILE_STEP), 2, BLOCK_A) float32 for RoPE with
+    contiguous positions starting at ``start`` (see pe_helpers.rope_tile_table_kernel);
+    ``dummy`` (never read) otherwise."""
+    if pe.kind != PE_ROPE or pos.explicit or S == 0:
+        return dummy
+    step = TILE_STEP.value
+    n_rows = triton.cdiv(S, step)
+    out = torch.empty((n_rows, 2, meta["BLOCK_A"]), device=dummy.device, dtype=torch.float32)
+    block_r = 32 if meta["BLOCK_A"] <= 64 else 16
+    rope_tile_table_kernel[(triton.cdiv(n_rows, block_r),)](
+        out, pe.theta, start, float(pe.factor), n_rows,
+        ROT_HALF=meta["ROT_HALF"], BLOCK_A=meta["BLOCK_A"], BLOCK_R=block_r)
+    return out
+
+
 def _family(pe: KernelPE) -> str:
     return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias")
 
@@ -108,10 +126,11 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     meta, width = _layout_meta(pe, D, DV)
     cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe))
     qp, kp, pstrides = _pos_args(pos, q)
+    k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)
     attn_fwd_kernel[grid](
         q, k, v, out, lse, qp, kp,
-        pe.theta if pe.theta is not None else q, pe.pa if pe.pa is not None else q,
+        pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
         pe.pb if pe.pb is not None else q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
@@ -153,8 +172,9 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         gpb = torch.zeros_like(gpa)
     else:
         gpa = gpb = delta  # never written
+    q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, pa, pb, gpa, gpb,
+        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, gpa, gpb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *pstrides, B, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
         float(pe.factor),
@@ -164,8 +184,9 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     )
 
     cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe))
+    k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)
     attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
-        q, k, v, do, lse, delta, dq, qp, kp, theta, pa, pb,
+        q, k, v, do, lse, delta, dq, qp, kp, theta, k_tiles, pa, pb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor),
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
