@@ -50,7 +50,8 @@ PES = {"none": launch.PE_NONE, "rope": launch.PE_ROPE, "alibi": launch.PE_ALIBI,
 POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
             "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "DELTA": "*fp32",
             "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
-            "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32"}
+            "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
+            "BIAS_G": "*fp32"}
 FLOATS = {"scale", "scale_log2", "rope_factor"}
 
 
@@ -73,9 +74,12 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
     cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe))
+    # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
+    # at the sequence lengths that matter; explicit positions evaluate f in the tile.
+    table = pe.startswith("kerple") and not explicit
     constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      PREC=launch._prec(DTYPES[dtype]))
+                      PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table)
     if kernel == "bwd_dkdv":
         constexprs["NEED_PE_GRAD"] = pe not in ("none", "rope")
     signature, attrs = {}, {}

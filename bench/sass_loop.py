@@ -14,7 +14,9 @@ unless the scheduler hides them. The report counts, per loop iteration of one wa
   mufu    MUFU: ex2 / lg2 / rcp on the special-function unit
   fp64    DFMA / DMUL / DADD (RoPE's tile-start angle)
   smem    LDS / STS / LDSM / STSM
-  vs none instr / instr of pe="none" for the same kernel and mask
+  per 1k  instr x warps x 1024 / (BLOCK_M x BLOCK_N): warp instructions per 1024 scores, the
+          comparable number when a PE ships with a different tile than pe="none"
+  vs none per 1k / per 1k of pe="none" for the same kernel and mask
 
 The loop is found as the first backward branch whose body holds tensor-core instructions.
 Compiles with bench.compile_report's shipped configs; needs no GPU.
@@ -68,9 +70,11 @@ def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int):
     ck, cfg, _ = compile_kernel(kernel, pe, head_dim, causal, arch=arch)
     body = hot_loop(sass_of(ck))
     cls = collections.Counter(CLASSES.get(op, "other") for op in body)
+    per_k = len(body) * cfg.num_warps * 1024 / (cfg.BLOCK_M * cfg.BLOCK_N)
     return dict(arch=arch, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
                 tile=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", num_warps=cfg.num_warps, instr=len(body),
-                mma=cls["mma"], mufu=cls["mufu"], fp64=cls["fp64"], smem=cls["smem"])
+                mma=cls["mma"], mufu=cls["mufu"], fp64=cls["fp64"], smem=cls["smem"],
+                per_kscore=round(per_k))
 
 
 def main(argv=None):
@@ -85,19 +89,20 @@ def main(argv=None):
 
         print(f"hot-loop instructions per iteration per warp, sm_{args.arch}, D={args.head_dim}, "
               f"bf16, triton {triton.__version__}")
-        print(f"{'kernel':9s} {'causal':6s} {'pe':13s} {'tile':7s} {'instr':>5s} {'mma':>4s} "
-              f"{'mufu':>4s} {'fp64':>4s} {'smem':>4s} {'vs none':>7s}")
+        print(f"{'kernel':9s} {'causal':6s} {'pe':13s} {'tile':7s} {'warps':>5s} {'instr':>5s} "
+              f"{'mma':>4s} {'mufu':>4s} {'fp64':>4s} {'smem':>4s} {'per 1k':>6s} {'vs none':>7s}")
     for kernel in KERNELS:
         for causal in (False, True):
             base = None
             for pe in PES:
                 r = loop_row(kernel, pe, args.head_dim, causal, args.arch)
-                base = base or r["instr"]
-                r["vs_none"] = round(r["instr"] / base, 2) if base else None
+                base = base or r["per_kscore"]
+                r["vs_none"] = round(r["per_kscore"] / base, 2) if base else None
                 rows.append(r)
                 if not args.json:
-                    print(f"{kernel:9s} {int(causal):<6d} {pe:13s} {r['tile']:7s} {r['instr']:5d} "
-                          f"{r['mma']:4d} {r['mufu']:4d} {r['fp64']:4d} {r['smem']:4d} "
+                    print(f"{kernel:9s} {int(causal):<6d} {pe:13s} {r['tile']:7s} "
+                          f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
+                          f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} "
                           f"{r['vs_none']:7.2f}", flush=True)
     if args.json:
         print(json.dumps(rows))

@@ -8,6 +8,8 @@ RoPE: Q and K are rotated on load exactly as in the forward; dQ and dK are accum
 rotated frame and rotated back (transpose rotation, same cos/sin with -sin) before the store.
 Bias PEs: the dK/dV program also accumulates sum(dS * d(bias)/d(param)) for its key block,
 per query head, into a partials buffer (key_blocks, B, Hq) that torch sums: deterministic.
+KERPLE with contiguous positions reads f and df/dr2 from per-distance tables BIAS_F, BIAS_G
+(Hq, bias_len) when BIAS_TABLE (pe_helpers.bias_table_kernel).
 
 dS below is the gradient of the natural-unit scaled logits s = scale * q.k + bias:
 dS = P * (dP - Delta), dQ = scale * dS @ K, dK = scale * dS^T @ Q, dV = P^T @ dO.
@@ -17,8 +19,8 @@ import triton.language as tl
 
 from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_grad_terms, bias_shape, qk_columns, rope_angle_cos_sin,
-                         rope_rotate, tile_dist)
+                         bias_grad_terms, qk_columns, rope_angle_cos_sin, rope_rotate,
+                         tile_bias, tile_bias_grad_inputs)
 
 
 @triton.jit
@@ -74,7 +76,8 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 @triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
-                Q, DO, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, c_tab, s_tab,
+                Q, DO, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, bias_len,
+                c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
                 n_iters, tiles_per_head, t_lo, t_split, t_jump,
@@ -82,7 +85,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
                 PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr):
     """Accumulate dK, dV (and PE-parameter gradients) of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
@@ -123,7 +126,8 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
 
         sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
         if PE != PE_NONE and PE != PE_ROPE:
-            sT -= (pa * LOG2E) * bias_shape(PE, tile_dist(kpos, qpos, q0, EXPLICIT_POS), pb)
+            sT -= (pa * LOG2E) * tile_bias(PE, BIAS_TABLE, BIAS_F + h * bias_len, kpos, qpos, q0,
+                                           EXPLICIT_POS, pb)
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
@@ -135,9 +139,11 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         if NEED_PE_GRAD:
-            # |d| and f recomputed rather than kept live across the three dots (registers)
-            dist = tile_dist(kpos, qpos, q0, EXPLICIT_POS)
-            t1, t2 = bias_grad_terms(PE, dsT, bias_shape(PE, dist, pb), dist, pa, pb)
+            # f re-read / recomputed rather than kept live across the three dots (registers)
+            f, r2_term = tile_bias_grad_inputs(PE, BIAS_TABLE, BIAS_F + h * bias_len,
+                                               BIAS_G + h * bias_len, kpos, qpos, q0,
+                                               EXPLICIT_POS, pb)
+            t1, t2 = bias_grad_terms(PE, dsT, f, r2_term, pa)
             g1 += t1
             g2 += t2
             if j == tiles_per_head - 1:  # last tile of head h
@@ -157,6 +163,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, GPA, GPB,
+    BIAS_F, BIAS_G,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -164,8 +171,8 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_qpb, stride_qpm, stride_kpb, stride_kpn,
-    B, Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor,
-    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+    B, Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
+    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -242,22 +249,24 @@ def attn_bwd_dkdv_kernel(
     DOb = DO + b * stride_dob
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot, GPB + gslot,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, c_tab, s_tab,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, bias_len,
+        c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
         PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-        PREC)
+        PREC, BIAS_TABLE)
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot2, GPB + gslot2,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, c_tab, s_tab,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, bias_len,
+        c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
         PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-        PREC)
+        PREC, BIAS_TABLE)
 
     dka *= scale
     dkb *= scale
@@ -274,13 +283,14 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-              K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
+              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
               Sk, k_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
               colA, colB, maskA, colC, maskC, colV, maskV,
               PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
-              BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+              BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+              BIAS_TABLE: tl.constexpr):
     """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi)."""
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,8 +307,8 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
         if PE != PE_NONE and PE != PE_ROPE:
-            s -= (pa * LOG2E) * bias_shape(PE, tile_dist(qpos, kpos, k_start + t * BLOCK_N,
-                                                         EXPLICIT_POS), pb)
+            s -= (pa * LOG2E) * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
+                                          EXPLICIT_POS, pb)
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:
@@ -317,15 +327,15 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB,
+    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_qpb, stride_qpm, stride_kpb, stride_kpn,
-    Hq, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor,
-    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+    Hq, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
+    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -343,6 +353,7 @@ def attn_bwd_dq_kernel(
     V += b * stride_vb + hk * stride_vh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
+    BIAS_F += h * bias_len
     QPOS += b * stride_qpb
     KPOS += b * stride_kpb
     scale_log2 = scale * LOG2E
@@ -383,19 +394,19 @@ def attn_bwd_dq_kernel(
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-                              K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
+                              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, 0, n_full,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                              BLOCK_N, PREC)
+                              BLOCK_N, PREC, BIAS_TABLE)
     dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-                              K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
+                              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, n_full, n_tiles,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                              BLOCK_N, PREC)
+                              BLOCK_N, PREC, BIAS_TABLE)
     dqa *= scale
     dqb *= scale
     dqc *= scale

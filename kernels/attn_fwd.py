@@ -10,13 +10,14 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     THETA (ROT_HALF,) float64 inv_freq (RoPE)   PA, PB (Hq,) PE parameters (bias PEs)
     ROPE_TILES (cdiv(Sk, TILE_STEP), 2, BLOCK_A) float32: cos/sin of the key tile starts
     (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
+    BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
+    see pe_helpers.bias_table_kernel)
 """
 import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_shape, qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start,
-                         tile_dist)
+                         qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start, tile_bias)
 
 
 @triton.jit
@@ -108,13 +109,15 @@ def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, PE: tl.
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, c_tab, s_tab,
+def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, BIAS_F,
+               c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                Sk, k_start, rope_factor, scale_log2, pa2, pb, tile_lo, tile_hi,
                colA, colB, maskA, colC, maskC, colV, maskV,
                PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
-               BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+               BIAS_TABLE: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi).
 
     MASKED=False tiles are fully inside the keys and fully visible (no per-element mask).
@@ -134,7 +137,8 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, c
 
         s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
         if PE != PE_NONE and PE != PE_ROPE:
-            s -= pa2 * bias_shape(PE, tile_dist(qpos, kpos, k_start + t * BLOCK_N, EXPLICIT_POS), pb)
+            s -= pa2 * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
+                                 EXPLICIT_POS, pb)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:
@@ -156,14 +160,14 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, c
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB,
+    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_qpb, stride_qpm, stride_kpb, stride_kpn,
-    Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor,
-    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+    Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor, bias_len,
+    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -183,6 +187,7 @@ def attn_fwd_kernel(
     LSE += bh * Sq
     QPOS += b * stride_qpb
     KPOS += b * stride_kpb
+    BIAS_F += h * bias_len
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < Sq
@@ -225,19 +230,19 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
-                               c_tab, s_tab,
+                               BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC)
+                               BLOCK_N, PREC, BIAS_TABLE)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
-                               c_tab, s_tab,
+                               BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC)
+                               BLOCK_N, PREC, BIAS_TABLE)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -25,14 +25,15 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     parameter-gradient terms live) need 16-query tiles. dQ: 64 queries x 32-key tiles.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
-    explicit positions are the tightest) takes 32 keys per forward tile at D=64 and 16 at
+    explicit positions are the tightest) and the bias PEs (KERPLE's per-distance f tile is
+    pipelined through shared memory) take 32 keys per forward tile at D=64; RoPE 16 at
     D=128, 16-query dK/dV tiles at D=64 and 32 x 32 at D=128, dQ tiles of 64 x 16 at D=64 and
     32 x 32 at D=128. The bias PEs' dK/dV take 1 stage at D=64 and 32 x 32 tiles at D=128, their
     dQ 8 warps.
   * D=256 (not a target): forward 64 x 32 with 8 warps; backward 16 x 64 (dK/dV) and
     64 x 16 (dQ). dK + dV alone are 128 fp32 registers per thread at 64 keys, so on Hopper the
-    dK/dV kernel spills (smaller key tiles lose wgmma and still spill), and RoPE at D=256
-    spills on both archs, whatever the tile: its rotation tables grow with D, not the tile.
+    dK/dV kernel spills (smaller key tiles lose wgmma and still spill), and RoPE's backward at
+    D=256 spills on both archs, whatever the tile: its rotation tables grow with D.
   * fp32 inputs run IEEE fp32 dots on the FMA units (no TF32; fp32 users ask for accuracy):
     small tiles, found spill-free by the same static check for most kernels (not a CI gate:
     ``python -m bench.compile_report --dtype fp32`` shows the rest).
@@ -99,9 +100,11 @@ def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
     if kernel == "fwd":
         if big:
             return TileConfig(128, 16 if pe == "rope" else 32, 8, 2)
-        if pe == "rope":
-            return TileConfig(128, 32, 8, 3)
-        return TileConfig(128, 64, 4 if pe == "none" else 8, 3)
+        if pe == "none":
+            return TileConfig(128, 64, 4, 3)
+        # RoPE: registers; bias: KERPLE's f tile (fp32, pipelined through shared memory) must
+        # fit 99 KiB next to three K/V stages
+        return TileConfig(128, 32, 8, 3)
     if kernel == "bwd_dkdv":
         if pe == "rope":
             return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 64, 8, 2)

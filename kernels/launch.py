@@ -12,7 +12,7 @@ import triton
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_fwd_kernel
 from .configs import tile_config
-from .pe_helpers import TILE_STEP, rope_tile_table_kernel
+from .pe_helpers import TILE_STEP, bias_table_kernel, rope_tile_table_kernel
 
 # PE kinds, the values of the kernels' PE constexpr (see pe_helpers.py)
 PE_NONE, PE_ROPE, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER = 0, 1, 2, 3, 4
@@ -105,6 +105,47 @@ def _rope_tiles(pe: KernelPE, pos: KernelPositions, start: int, S: int, meta: di
     return out
 
 
+# KERPLE per-distance tables (pe_helpers.bias_table_kernel): used with contiguous positions when
+# both sequences span at least one full tile (below that, evaluating f in the tile costs no more
+# than filling the table: decode reads each distance once) and the tables stay small.
+BIAS_TABLE_MIN_LEN = 128
+BIAS_TABLE_MAX_BYTES = 256 << 20
+_TABLE_PAD = 256  # > any tile size: padded rows / columns of edge tiles stay inside the table
+
+
+@dataclass
+class BiasTables:
+    """KERPLE's f (and df/dr2) per distance, (Hq, length) float32 each, or unused (length 0)."""
+
+    f: torch.Tensor
+    g: torch.Tensor
+    length: int
+
+    @property
+    def used(self) -> bool:
+        return self.length > 0
+
+
+def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: bool,
+                 dummy: torch.Tensor) -> BiasTables:
+    unused = BiasTables(dummy, dummy, 0)
+    if pe.kind not in (PE_KERPLE_LOG, PE_KERPLE_POWER) or pos.explicit:
+        return unused
+    if min(Sq, Sk) < BIAS_TABLE_MIN_LEN:
+        return unused
+    off = pos.q_start - pos.k_start  # tile distances span [off - Sk - pad, off + Sq + pad]
+    length = max(abs(off + Sq + _TABLE_PAD), abs(off - Sk - _TABLE_PAD)) + 1
+    Hq = pe.pb.numel()
+    if length >= 2 ** 24 or (2 if need_g else 1) * Hq * length * 4 > BIAS_TABLE_MAX_BYTES:
+        return unused
+    f = torch.empty((Hq, length), device=dummy.device, dtype=torch.float32)
+    g = torch.empty_like(f) if need_g else dummy
+    block = 1024
+    bias_table_kernel[(triton.cdiv(length, block), Hq)](f, g, pe.pb, length, PE=pe.kind,
+                                                         NEED_G=need_g, BLOCK=block)
+    return BiasTables(f, g, length)
+
+
 def _family(pe: KernelPE) -> str:
     return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias")
 
@@ -127,15 +168,16 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe))
     qp, kp, pstrides = _pos_args(pos, q)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
+    bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
     grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)
     attn_fwd_kernel[grid](
         q, k, v, out, lse, qp, kp,
         pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
-        pe.pb if pe.pb is not None else q,
+        pe.pb if pe.pb is not None else q, bt.f,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
-        float(pe.factor),
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
+        float(pe.factor), bt.length,
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -173,12 +215,13 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     else:
         gpa = gpb = delta  # never written
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
+    bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta)
     attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, gpa, gpb,
+        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, gpa, gpb, bt.f, bt.g,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *pstrides, B, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
-        float(pe.factor),
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
+        float(pe.factor), bt.length,
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
         NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -186,10 +229,10 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe))
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)
     attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
-        q, k, v, do, lse, delta, dq, qp, kp, theta, k_tiles, pa, pb,
+        q, k, v, do, lse, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
-        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor),
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, **meta,
+        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor), bt.length,
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

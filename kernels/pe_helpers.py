@@ -167,22 +167,75 @@ def bias_shape(PE: tl.constexpr, dist, b):
 
 
 @triton.jit
-def bias_grad_terms(PE: tl.constexpr, ds, f, dist, a, b):
+def bias_r2_term(PE: tl.constexpr, f, dist):
+    """d f / d r2 for KERPLE (f = :func:`bias_shape`): |d| / (1 + r2 |d|) = |d| exp(-f) (log, no
+    division), |d|^r2 ln|d| (power, 0 at d = 0). ALiBi has no r2: returns f, never read."""
+    if PE == PE_KERPLE_LOG:
+        return dist * tl.exp(-f)
+    elif PE == PE_KERPLE_POWER:
+        return f * tl.log(tl.maximum(dist, 1.0))
+    else:
+        return f
+
+
+@triton.jit
+def bias_table_kernel(F, G, PB, L, PE: tl.constexpr, NEED_G: tl.constexpr, BLOCK: tl.constexpr):
+    """Per-distance KERPLE tables, F and G (Hq, L) float32: F[h, d] = f(d) (:func:`bias_shape`)
+    and G[h, d] = df/dr2 (:func:`bias_r2_term`, when NEED_G) for d = 0..L-1 with head h's r2.
+
+    With contiguous positions a KERPLE bias depends on |q - k| only, so the attention loops
+    read f from here (one integer subtract, abs and L1/L2-resident load per element) instead
+    of evaluating a log polynomial per element (~25 instructions). The same helpers compute
+    the same fp32 values, so the two paths agree bit for bit. O(Hq * S) memory, never S^2.
+    """
+    h = tl.program_id(1)
+    d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = d < L
+    dist = d.to(tl.float32)
+    f = bias_shape(PE, dist, tl.load(PB + h).to(tl.float32))
+    row = h.to(tl.int64) * L
+    tl.store(F + row + d, f, mask=mask)
+    if NEED_G:
+        tl.store(G + row + d, bias_r2_term(PE, f, dist), mask=mask)
+
+
+@triton.jit
+def tile_bias(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, row_pos, col_pos, col0,
+              EXPLICIT_POS: tl.constexpr, b):
+    """f of a tile (bias = -a f), (BLOCK_R, BLOCK_C) float32: read from head's row FT of the
+    per-distance table when BIAS_TABLE (contiguous int32 positions, distance < its length by
+    construction), else computed from :func:`tile_dist`."""
+    if BIAS_TABLE:
+        return tl.load(FT + tl.abs(row_pos[:, None] - col_pos[None, :]))
+    else:
+        return bias_shape(PE, tile_dist(row_pos, col_pos, col0, EXPLICIT_POS), b)
+
+
+@triton.jit
+def tile_bias_grad_inputs(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, GT, row_pos, col_pos,
+                          col0, EXPLICIT_POS: tl.constexpr, b):
+    """(f, df/dr2) of a tile for :func:`bias_grad_terms`: from the tables or computed."""
+    if BIAS_TABLE:
+        d = tl.abs(row_pos[:, None] - col_pos[None, :])
+        return tl.load(FT + d), tl.load(GT + d)
+    else:
+        dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
+        f = bias_shape(PE, dist, b)
+        return f, bias_r2_term(PE, f, dist)
+
+
+@triton.jit
+def bias_grad_terms(PE: tl.constexpr, ds, f, r2_term, a):
     """Row sums of dS * d(bias)/d(param) for the PE's one or two parameters.
 
     ds: (BLOCK_R, BLOCK_C) gradient of the natural-unit scaled logits, zero where masked;
-    f: :func:`bias_shape` of the tile, dist: its :func:`tile_dist`. a = slope or r1, b = r2.
-    Returns two (BLOCK_R,) vectors summed over axis 1 only: the caller accumulates them across
-    tiles and reduces the last axis once, so no tile pays for a cross-warp reduction. Terms:
-    d/da = -f for every bias PE; d/dr2 = -r1 |d| / (1 + r2 |d|) (log) or -r1 |d|^r2 ln|d|
-    (power, 0 at d = 0); 0 for ALiBi.
+    f, r2_term: :func:`tile_bias_grad_inputs` of the tile. a = slope or r1. Returns two
+    (BLOCK_R,) vectors summed over axis 1 only: the caller accumulates them across tiles and
+    reduces the last axis once, so no tile pays for a cross-warp reduction. Terms:
+    d/da = -f for every bias PE; d/dr2 = -r1 df/dr2 (KERPLE); 0 for ALiBi.
     """
     # Constant factors (-1, r1) are applied to the row sums, not per element.
     g1 = -tl.sum(ds * f, 1)
     if PE == PE_ALIBI:
         return g1, g1 * 0.0
-    if PE == PE_KERPLE_LOG:
-        g2 = tl.sum(ds * dist * tl.exp(-f), 1)  # 1 / (1 + r2 d) = exp(-f): no division
-    else:
-        g2 = tl.sum(ds * f * tl.log(tl.maximum(dist, 1.0)), 1)
-    return g1, -a * g2
+    return g1, -a * tl.sum(ds * r2_term, 1)

@@ -113,6 +113,49 @@ def test_kernel_matches_reference(pe, causal, shape, dtype):
     check_case(_pes()[pe], SHAPES[shape], causal, dtype)
 
 
+@pytest.mark.parametrize("shape", ["gqa_sq<sk_d40_bshd", "offset_pos_d32"], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pe", ["kerple_log", "kerple_power"], ids=str)
+def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
+    """KERPLE with contiguous positions reads f and df/dr2 from per-distance tables once both
+    sequences span a tile (launch.BIAS_TABLE_MIN_LEN). Forced on for these small shapes: the
+    forward and the backward must take the table path, pass the error rule, and (in the
+    interpreter, where no FMA contraction can differ) match the in-tile path bit for bit."""
+    from posattn.kernels import launch
+
+    used = []
+    real = launch._bias_tables
+
+    def spy(*args, **kw):
+        tables = real(*args, **kw)
+        used.append(tables.used)
+        return tables
+
+    monkeypatch.setattr(launch, "_bias_tables", spy)
+    monkeypatch.setattr(launch, "BIAS_TABLE_MIN_LEN", 1)
+    check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
+    assert used == [True, True], used  # forward, backward
+
+    B, Hq, Hkv, Sq, Sk, D, layout, pos_kind = SHAPES[shape]
+    g = torch.Generator().manual_seed(5)
+    shp = (lambda H, S: (B, H, S, D)) if layout == "bhsd" else (lambda H, S: (B, S, H, D))
+    q, k, v = (torch.randn(*shp(H, S), generator=g).to(DEVICE, torch.float16).requires_grad_()
+               for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+    spec = _pes()[pe](D)
+    dout = torch.randn(*q.shape, generator=g).to(DEVICE, torch.float16)
+    kw = dict(causal=causal, layout=layout, **_positions(pos_kind, B, Sq, Sk))
+    results = []
+    for min_len in (1, 10 ** 9):  # table, then in-tile
+        monkeypatch.setattr(launch, "BIAS_TABLE_MIN_LEN", min_len)
+        results.append(run_attention(q, k, v, spec, "triton", dout, **kw))
+    assert used[-2:] == [False, False]
+    (out_t, lse_t, gr_t), (out_c, lse_c, gr_c) = results
+    if not HAS_CUDA:
+        assert torch.equal(out_t, out_c) and torch.equal(lse_t, lse_c)
+        for name in gr_c:
+            assert torch.equal(gr_t[name], gr_c[name]), name
+
+
 @pytest.mark.parametrize("pe", ["none", "rope_yarn_partial", "kerple_power"], ids=str)
 def test_kernel_head_dim_256(pe):
     check_case(_pes()[pe], SHAPES_D256["d256"], True, torch.float16)
