@@ -20,9 +20,10 @@ changing them, and re-run ``python -m bench.compile_report`` after.
 Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins, and on 3.9):
   * forward: BLOCK_M=128 rows per program feeds wgmma's 64-row granularity twice (8 warps);
     BLOCK_N=64 keeps S/P and the RoPE cos/sin table in registers without spilling.
-  * dK/dV: the program holds K, V and the dK, dV accumulators for 64 keys over 32-query
-    tiles, 8 warps. Hopper at D=128: the bias PEs (whose backward keeps the bias and its
-    parameter-gradient terms live) need 16-query tiles. dQ: 64 queries x 32-key tiles.
+  * dK/dV: the program holds K, V and the dK, dV accumulators for 64 keys over 64-query
+    tiles (8 warps) on Hopper without PE, and with RoPE at D=64; RoPE at D=128 and the bias PEs
+    at D=64 take 32-query tiles, the bias PEs at D=128 (whose backward keeps the bias and its
+    parameter-gradient terms live) 16. dQ: 64 queries x 32-key tiles.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
     explicit positions are the tightest) and the bias PEs (KERPLE's per-distance f tile is
@@ -90,6 +91,11 @@ def _hopper(kernel: str, pe: str, big: bool) -> TileConfig:
     if kernel == "fwd":
         return TileConfig(128, 64, 8, 3)
     if kernel == "bwd_dkdv":
+        # 64 queries per iteration where it stays spill-free: the loop carries ~500 instructions
+        # of per-iteration overhead whatever the tile (bench.sass_loop), so halving BLOCK_M
+        # costs ~25 % more issued instructions per score.
+        if pe == "none" or (pe == "rope" and not big):
+            return TileConfig(64, 64, 8, 2)
         return TileConfig(16 if big and pe == "bias" else 32, 64, 8, 2)
     return TileConfig(64, 32, 8 if big else 4, 2)  # bwd_dq
 

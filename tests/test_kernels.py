@@ -156,6 +156,34 @@ def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
             assert torch.equal(gr_t[name], gr_c[name]), name
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="compiled runs already use the shipped GPU tiles")
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pe,shape", [("none", "gqa_sq<sk_d40_bshd"), ("rope", "mqa_sq>sk_d80"),
+                                      ("kerple_power", "gqa_sq<sk_d40_bshd"),
+                                      ("alibi_trainable", "explicit_pos_d64"),
+                                      ("rope_yarn_partial", "offset_pos_d32")], ids=str)
+def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
+    """The interpreter normally runs 32 x 32 tiles; here it runs the tiles shipped for sm_90 /
+    sm_80 (e.g. 128 x 64 forward, 64 x 64 or 16 x 64 dK/dV, 64 x 16 dQ), so the masking and
+    loop-range logic for those shapes is checked on CPU before any GPU sees it."""
+    from posattn.kernels import configs, launch
+
+    seen = set()
+    real = configs.tile_config
+
+    def shipped(kernel, head_dim, causal_, dtype, _arch, family="none"):
+        cfg = real(kernel, head_dim, causal_, dtype, arch, family)
+        seen.add((kernel, cfg.BLOCK_M, cfg.BLOCK_N))
+        return cfg
+
+    monkeypatch.setattr(launch, "tile_config", shipped)
+    monkeypatch.setattr(launch, "BIAS_TABLE_MIN_LEN", 1)
+    check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
+    assert {k for k, _, _ in seen} == {"fwd", "bwd_dkdv", "bwd_dq"}
+    assert {m for k, m, _ in seen if k == "fwd"} == {128}  # not the interpreter's 32 x 32
+
+
 @pytest.mark.parametrize("pe", ["none", "rope_yarn_partial", "kerple_power"], ids=str)
 def test_kernel_head_dim_256(pe):
     check_case(_pes()[pe], SHAPES_D256["d256"], True, torch.float16)
