@@ -73,7 +73,11 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     fn = KERNELS[kernel]
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
-    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe))
+    # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
+    # dK/dV kernel then keeps the parameter-gradient terms live, and ships smaller tiles)
+    pe_grad = kernel == "bwd_dkdv" and pe.startswith("kerple")
+    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch,
+                             launch._family(kpe, pe_grad))
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
     table = pe.startswith("kerple") and not explicit
@@ -81,7 +85,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                       PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table)
     if kernel == "bwd_dkdv":
-        constexprs["NEED_PE_GRAD"] = pe not in ("none", "rope")
+        constexprs["NEED_PE_GRAD"] = pe_grad
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

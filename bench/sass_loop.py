@@ -19,6 +19,7 @@ unless the scheduler hides them. The report counts, per loop iteration of one wa
   vs none per 1k / per 1k of pe="none" for the same kernel and mask
 
 The loop is found as the first backward branch whose body holds tensor-core instructions.
+ALiBi is compiled with fixed slopes (no PE gradient), KERPLE with trainable r1, r2.
 Compiles with bench.compile_report's shipped configs; needs no GPU.
 """
 import argparse

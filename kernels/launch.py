@@ -146,8 +146,9 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
     return BiasTables(f, g, length)
 
 
-def _family(pe: KernelPE) -> str:
-    return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias")
+def _family(pe: KernelPE, pe_grad: bool = False) -> str:
+    """The tile-config family (configs.FAMILIES); pe_grad: the PE parameters require grad."""
+    return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias_grad" if pe_grad else "bias")
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -206,7 +207,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
         DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
-    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
+    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe, need_pe_grad))
     n_blocks = triton.cdiv(Sk, cfg.BLOCK_N)
     if need_pe_grad:
         # per (loop phase, key block, batch, head); a head with no tile in a phase stays 0

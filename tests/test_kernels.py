@@ -161,6 +161,7 @@ def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("pe,shape", [("none", "gqa_sq<sk_d40_bshd"), ("rope", "mqa_sq>sk_d80"),
                                       ("kerple_power", "gqa_sq<sk_d40_bshd"),
+                                      ("alibi", "mqa_sq>sk_d80"),
                                       ("alibi_trainable", "explicit_pos_d64"),
                                       ("rope_yarn_partial", "offset_pos_d32")], ids=str)
 def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
