@@ -98,11 +98,12 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
     """
     g1 = tl.zeros(kpos.shape, tl.float32)  # (BLOCK_N,)
     g2 = tl.zeros(kpos.shape, tl.float32)
+    # (head, tile) as loop-carried counters rather than i // tiles_per_head and
+    # i % tiles_per_head: an integer division by a runtime value is ~20 instructions a tile.
+    h = h0
+    j = 0
     for i in range(0, n_iters):
-        g = i // tiles_per_head
-        j = i % tiles_per_head
         t = tl.where(j < t_split, t_lo + j, t_jump + j - t_split)
-        h = h0 + g
         Qh = Q + h * stride_qh
         DOh = DO + h * stride_doh
         row0 = lse_row0 + h * Sq
@@ -157,6 +158,9 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
             dkb = tl.dot(ds16, qb, dkb, input_precision=PREC)
             if HAS_PASS:
                 dkc = tl.dot(ds16, qc, dkc, input_precision=PREC)
+        head_done = j == tiles_per_head - 1
+        h = tl.where(head_done, h + 1, h)
+        j = tl.where(head_done, 0, j + 1)
     return dka, dkb, dkc, dv
 
 
