@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_grad_terms, qk_columns, rope_angle_cos_sin, rope_rotate,
-                         tile_bias, tile_bias_grad_inputs)
+                         alibi_causal_split, bias_grad_terms, qk_columns, rope_angle_cos_sin,
+                         rope_rotate, tile_bias, tile_bias_grad_inputs)
 
 
 @triton.jit
@@ -309,10 +309,15 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
-        s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
-        if PE != PE_NONE and PE != PE_ROPE:
-            s -= (pa * LOG2E) * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
-                                          EXPLICIT_POS, pb)
+        qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
+        if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and K.dtype.element_ty != tl.float32:
+            s = alibi_causal_split(qk, scale_log2, pa * LOG2E, qpos, k_start + t * BLOCK_N,
+                                   BLOCK_N)
+        else:
+            s = qk * scale_log2
+            if PE != PE_NONE and PE != PE_ROPE:
+                s -= (pa * LOG2E) * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos,
+                                              k_start + t * BLOCK_N, EXPLICIT_POS, pb)
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:

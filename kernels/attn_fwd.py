@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         qk_columns, rope_angle_cos_sin, rope_rotate, rope_tile_start, tile_bias)
+                         alibi_causal_split, qk_columns, rope_angle_cos_sin, rope_rotate,
+                         rope_tile_start, tile_bias)
 
 
 @triton.jit
@@ -135,10 +136,14 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
-        s = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC) * scale_log2
-        if PE != PE_NONE and PE != PE_ROPE:
-            s -= pa2 * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
-                                 EXPLICIT_POS, pb)
+        qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
+        if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and K.dtype.element_ty != tl.float32:
+            s = alibi_causal_split(qk, scale_log2, pa2, qpos, k_start + t * BLOCK_N, BLOCK_N)
+        else:
+            s = qk * scale_log2
+            if PE != PE_NONE and PE != PE_ROPE:
+                s -= pa2 * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
+                                     EXPLICIT_POS, pb)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:
