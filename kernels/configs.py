@@ -137,7 +137,9 @@ def _fp32(kernel: str, pe: str, big: bool) -> TileConfig:
             return TileConfig(16, 16, 4, 1) if pe == "rope" else TileConfig(16, 32, 8, 1)
         return TileConfig(32, 32, 8, 1)
     if big:  # bwd_dq
-        return TileConfig(16, 16, 8, 1) if pe == "rope" else TileConfig(32, 16, 4 if pe == "none" else 8, 1)
+        if pe == "rope":
+            return TileConfig(16, 16, 8, 1)
+        return TileConfig(32, 16, 4 if pe == "none" else 8, 1)
     return TileConfig(32, 32, 8 if pe == "rope" else 4, 1)
 
 
