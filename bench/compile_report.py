@@ -74,17 +74,16 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
     # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
-    # dK/dV kernel then keeps the parameter-gradient terms live, and ships smaller tiles)
-    pe_grad = kernel == "bwd_dkdv" and pe.startswith("kerple")
-    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch,
-                             launch._family(kpe, pe_grad))
+    # dQ kernel then also accumulates the parameter gradients)
+    pe_grad = kernel == "bwd_dq" and pe.startswith("kerple")
+    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe))
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
     table = pe.startswith("kerple") and not explicit
     constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                       PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table)
-    if kernel == "bwd_dkdv":
+    if kernel == "bwd_dq":
         constexprs["NEED_PE_GRAD"] = pe_grad
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

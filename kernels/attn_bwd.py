@@ -6,8 +6,10 @@ program owns one query block and walks the key tiles. Both recompute P from the 
 
 RoPE: Q and K are rotated on load exactly as in the forward; dQ and dK are accumulated in the
 rotated frame and rotated back (transpose rotation, same cos/sin with -sin) before the store.
-Bias PEs: the dK/dV program also accumulates sum(dS * d(bias)/d(param)) for its key block,
-per query head, into a partials buffer (key_blocks, B, Hq) that torch sums: deterministic.
+Bias PEs: the dQ program also accumulates sum(dS * d(bias)/d(param)) over its query block and
+stores it into a partials buffer (query_blocks, B, Hq) that torch sums: deterministic. The dQ
+kernel, not dK/dV, because dK/dV's register budget is the tighter one (its dK and dV
+accumulators): there the gradient terms forced tiles half as tall (bench.sass_loop).
 KERPLE with contiguous positions reads f and df/dr2 from per-distance tables BIAS_F, BIAS_G
 (Hq, bias_len) when BIAS_TABLE (pe_helpers.bias_table_kernel).
 
@@ -75,29 +77,25 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 
 @triton.jit
-def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
-                Q, DO, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, bias_len,
+def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
+                Q, DO, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
                 c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
                 n_iters, tiles_per_head, t_lo, t_split, t_jump,
                 colA, colB, maskA, colC, maskC, colV, maskV,
                 PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
+                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
                 PREC: tl.constexpr, BIAS_TABLE: tl.constexpr):
-    """Accumulate dK, dV (and PE-parameter gradients) of one key block.
+    """Accumulate dK, dV of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
     h0 + i // tiles_per_head and tile j = i % tiles_per_head, mapped to t_lo + j, jumping to
     t_jump + (j - t_split) once j >= t_split (so one loop covers two disjoint tile ranges).
     A flat loop instead of a loop over heads around a loop over tiles keeps the software
     pipeline to one level and the register budget to one set of accumulators.
-    PE-parameter gradients: per-key sums accumulate over one head's tiles and are reduced and
-    stored (GPA/GPB + head) after its last tile, so no tile pays for a cross-warp reduction.
     """
-    g1 = tl.zeros(kpos.shape, tl.float32)  # (BLOCK_N,)
-    g2 = tl.zeros(kpos.shape, tl.float32)
     # (head, tile) as loop-carried counters rather than i // tiles_per_head and
     # i % tiles_per_head: an integer division by a runtime value is ~20 instructions a tile.
     h = h0
@@ -139,19 +137,6 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
-        if NEED_PE_GRAD:
-            # f re-read / recomputed rather than kept live across the three dots (registers)
-            f, r2_term = tile_bias_grad_inputs(PE, BIAS_TABLE, BIAS_F + h * bias_len,
-                                               BIAS_G + h * bias_len, kpos, qpos, q0,
-                                               EXPLICIT_POS, pb)
-            t1, t2 = bias_grad_terms(PE, dsT, f, r2_term, pa)
-            g1 += t1
-            g2 += t2
-            if j == tiles_per_head - 1:  # last tile of head h
-                tl.store(GPA + h, tl.sum(g1, 0))
-                tl.store(GPB + h, tl.sum(g2, 0))
-                g1 = tl.zeros_like(g1)
-                g2 = tl.zeros_like(g2)
         ds16 = dsT.to(qa.dtype)
         dka = tl.dot(ds16, qa, dka, input_precision=PREC)
         if PE == PE_ROPE:
@@ -166,8 +151,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA, GPB,
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, GPA, GPB,
-    BIAS_F, BIAS_G,
+    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -175,13 +159,12 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_qpb, stride_qpm, stride_kpb, stride_kpn,
-    B, Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
+    Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -246,31 +229,26 @@ def attn_bwd_dkdv_kernel(
     dkc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lse_row0 = b * Hq * Sq
-    # PE-parameter gradient partials: (2 phases, key blocks, B, Hq), zero-initialised
-    gslot = (pid_n * B + b) * Hq
-    gslot2 = gslot + tl.num_programs(0) * B * Hq
     Qb = Q + b * stride_qb
     DOb = DO + b * stride_dob
     dka, dkb, dkc, dv = _dkdv_tiles(
-        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot, GPB + gslot,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, bias_len,
+        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
-        PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-        PREC, BIAS_TABLE)
+        PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE)
     dka, dkb, dkc, dv = _dkdv_tiles(
-        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask, GPA + gslot2, GPB + gslot2,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, bias_len,
+        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
+        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
-        PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, NEED_PE_GRAD, ROT_HALF, BLOCK_A, BLOCK_M,
-        PREC, BIAS_TABLE)
+        PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE)
 
     dka *= scale
     dkb *= scale
@@ -286,16 +264,17 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
+def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
+              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
               Sk, k_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
               colA, colB, maskA, colC, maskC, colV, maskV,
               PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
               BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-              BIAS_TABLE: tl.constexpr):
-    """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi)."""
+              BIAS_TABLE: tl.constexpr, NEED_PE_GRAD: tl.constexpr):
+    """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi), and with
+    NEED_PE_GRAD the per-query sums g1, g2 (BLOCK_M,) of dS * d(bias)/d(param)."""
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
@@ -325,18 +304,26 @@ def _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
             s = tl.where(visible, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds16 = (p * (dp - delta[:, None])).to(qa.dtype)
+        ds = p * (dp - delta[:, None])
+        if NEED_PE_GRAD:
+            # f re-read / recomputed rather than kept live across the dots (registers)
+            f, r2_term = tile_bias_grad_inputs(PE, BIAS_TABLE, BIAS_F, BIAS_G, qpos, kpos,
+                                               k_start + t * BLOCK_N, EXPLICIT_POS, pb)
+            t1, t2 = bias_grad_terms(PE, ds, f, r2_term, pa)
+            g1 += t1
+            g2 += t2
+        ds16 = ds.to(qa.dtype)
         dqa = tl.dot(ds16, ka, dqa, input_precision=PREC)
         if PE == PE_ROPE:
             dqb = tl.dot(ds16, kb, dqb, input_precision=PREC)
             if HAS_PASS:
                 dqc = tl.dot(ds16, kc, dqc, input_precision=PREC)
-    return dqa, dqb, dqc
+    return dqa, dqb, dqc, g1, g2
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
+    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, GPA, GPB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -348,8 +335,11 @@ def attn_bwd_dq_kernel(
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
+    """dQ of one query block; with NEED_PE_GRAD also this block's share of the PE-parameter
+    gradients, stored at GPA/GPB[pid_m, b, h] (every program writes its slot)."""
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -363,6 +353,7 @@ def attn_bwd_dq_kernel(
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
     BIAS_F += h * bias_len
+    BIAS_G += h * bias_len
     QPOS += b * stride_qpb
     KPOS += b * stride_kpb
     scale_log2 = scale * LOG2E
@@ -402,20 +393,22 @@ def attn_bwd_dq_kernel(
     dqa = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-                              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
+    g1 = tl.zeros([BLOCK_M], tl.float32)
+    g2 = tl.zeros([BLOCK_M], tl.float32)
+    dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos,
+                              m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, 0, n_full,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                              BLOCK_N, PREC, BIAS_TABLE)
-    dqa, dqb, dqc = _dq_tiles(dqa, dqb, dqc, qa, qb, qc, do, lse2, delta, qpos, m_mask,
-                              K, V, KPOS, THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
+                              BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD)
+    dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos,
+                              m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, n_full, n_tiles,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                              BLOCK_N, PREC, BIAS_TABLE)
+                              BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD)
     dqa *= scale
     dqb *= scale
     dqc *= scale
@@ -424,3 +417,7 @@ def attn_bwd_dq_kernel(
         dqa, dqb = rope_rotate(dqa, dqb, c_q, -s_q)
     store_groups(DQ, offs_m, m_mask, stride_dqm, stride_dqd, dqa, dqb, dqc, colA, colB, maskA,
                  colC, maskC, PE, HAS_PASS)
+    if NEED_PE_GRAD:  # partials (query blocks, B, Hq); torch sums them
+        slot = pid_m * tl.num_programs(1) + bh
+        tl.store(GPA + slot, tl.sum(g1, 0))
+        tl.store(GPB + slot, tl.sum(g2, 0))

@@ -21,9 +21,9 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
   * forward: BLOCK_M=128 rows per program feeds wgmma's 64-row granularity twice (8 warps);
     BLOCK_N=64 keeps S/P and the RoPE cos/sin table in registers without spilling.
   * dK/dV: the program holds K, V and the dK, dV accumulators for 64 keys over 64-query
-    tiles (8 warps) on Hopper without PE, and with RoPE or a bias PE at D=64; D=128 takes
-    32-query tiles with RoPE or a bias PE, 16 when the bias PE's parameters require grad (its
-    parameter-gradient terms stay live too) -- and 32 at D=64 then. dQ: 64 queries x 32 keys.
+    tiles (8 warps) on Hopper, 32-query tiles with a PE at D=128. The bias PEs' parameter
+    gradients are accumulated in the dQ kernel, whose registers are less contended.
+    dQ: 64 queries x 32 keys.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
     explicit positions are the tightest) and the bias PEs (KERPLE's per-distance f tile is
@@ -56,7 +56,7 @@ class TileConfig:
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
-FAMILIES = ("none", "rope", "bias", "bias_grad")
+FAMILIES = ("none", "rope", "bias")
 
 # Archs with ~227 KiB of shared memory per block; every other arch >= 80 gets the Ampere table.
 HOPPER_CLASS = (90, 100, 103)
@@ -67,10 +67,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 arch: Optional[int], pe: str = "none") -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
-    pe: the PE family in FAMILIES -- "none", "rope", "bias" (ALiBi / KERPLE) or "bias_grad"
-    (the dK/dV kernel of a bias PE whose parameters require grad: it also keeps the
-    parameter-gradient terms live). RoPE keeps rotation tables and a bias PE its bias terms,
-    so they may need smaller tiles.
+    pe: the PE family in FAMILIES -- "none", "rope" or "bias" (ALiBi / KERPLE). RoPE keeps
+    rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     """
     if kernel not in KERNELS:
@@ -79,8 +77,6 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
         raise ValueError(f"pe must be one of {FAMILIES}, got {pe!r}")
     if arch is None:  # Triton interpreter on CPU
         return TileConfig(32, 32, 4, 1)
-    if pe == "bias_grad" and not (kernel == "bwd_dkdv" and arch in HOPPER_CLASS):
-        pe = "bias"  # only Hopper's dK/dV tiles differ
     if dtype == torch.float32:
         return _fp32(kernel, pe, head_dim > 64)
     if head_dim > 128:
@@ -98,9 +94,9 @@ def _hopper(kernel: str, pe: str, big: bool) -> TileConfig:
         # 64 queries per iteration where it stays spill-free: the loop carries ~500 instructions
         # of per-iteration overhead whatever the tile (bench.sass_loop), so halving BLOCK_M
         # costs ~25 % more issued instructions per score.
-        if pe == "none" or (pe in ("rope", "bias") and not big):
+        if pe == "none" or not big:
             return TileConfig(64, 64, 8, 2)
-        return TileConfig(16 if big and pe == "bias_grad" else 32, 64, 8, 2)
+        return TileConfig(32, 64, 8, 2)
     return TileConfig(64, 32, 8 if big else 4, 2)  # bwd_dq
 
 

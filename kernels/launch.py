@@ -146,9 +146,9 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
     return BiasTables(f, g, length)
 
 
-def _family(pe: KernelPE, pe_grad: bool = False) -> str:
-    """The tile-config family (configs.FAMILIES); pe_grad: the PE parameters require grad."""
-    return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias_grad" if pe_grad else "bias")
+def _family(pe: KernelPE) -> str:
+    """The tile-config family (configs.FAMILIES)."""
+    return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias")
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -207,35 +207,34 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
         DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
-    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe, need_pe_grad))
-    n_blocks = triton.cdiv(Sk, cfg.BLOCK_N)
-    if need_pe_grad:
-        # per (loop phase, key block, batch, head); a head with no tile in a phase stays 0
-        gpa = torch.zeros((2, n_blocks, B, Hq), device=q.device, dtype=torch.float32)
-        gpb = torch.zeros_like(gpa)
-    else:
-        gpa = gpb = delta  # never written
+    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta)
-    attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, gpa, gpb, bt.f, bt.g,
+    attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *pstrides, B, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
+        *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
         float(pe.factor), bt.length,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
-        NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe))
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)
-    attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
-        q, k, v, do, lse, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f,
+    n_qblocks = triton.cdiv(Sq, cfg.BLOCK_M)
+    if need_pe_grad:  # one partial per dQ program (query block, batch, head), all written
+        gpa = torch.empty((n_qblocks, B, Hq), device=q.device, dtype=torch.float32)
+        gpb = torch.empty_like(gpa)
+    else:
+        gpa = gpb = delta  # never written
+    attn_bwd_dq_kernel[(n_qblocks, B * Hq)](
+        q, k, v, do, lse, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, gpa, gpb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor), bt.length,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    pe_grads = (gpa.sum(dim=(0, 1, 2)), gpb.sum(dim=(0, 1, 2))) if need_pe_grad else (None, None)
+    pe_grads = (gpa.sum(dim=(0, 1)), gpb.sum(dim=(0, 1))) if need_pe_grad else (None, None)
     return dq, dk, dv, pe_grads
