@@ -1,7 +1,11 @@
 """Test set-up. Runs the Triton kernels in the interpreter on CPU-only machines.
 
 TRITON_INTERPRET must be set before triton is first imported: torch does not import triton,
-and posattn imports it lazily, so setting it here (conftest is imported first) is enough.
+and posattn imports it lazily, so it is set here (conftest is imported first). Triton also
+decides interpreted-or-compiled when each @triton.jit kernel is defined, so the kernels are
+imported here too: otherwise a test that unsets TRITON_INTERPRET (the bench CLI test) and
+happens to import them first would leave every later kernel test on that worker compiled
+for a GPU that is not there.
 """
 import os
 
@@ -12,6 +16,8 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+import posattn._triton  # noqa: E402,F401  (defines the kernels now, under the setting above)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
