@@ -37,19 +37,19 @@ unset TRITON_INTERPRET
 SUMMARY="$OUTDIR/summary.txt"
 T0=$(date +%s)
 FAILED=0
-RUNDIR=$REPO  # where the python commands run: the repo root (bench/ is not installed)
 : >"$SUMMARY"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-# step NAME LIMIT_S CMD... : run CMD in $RUNDIR under timeout, output to OUTDIR/NAME.log.
+# step NAME LIMIT_S CMD... : run CMD in the repo root (bench/ is not installed) under timeout,
+# output to OUTDIR/NAME.log.
 step() {
     local name=$1 limit=$2 rc t
     shift 2
     case " $SKIP " in *" $name "*) note "$(printf '%-6s skipped (SKIP)' "$name")"; return 0 ;; esac
     t=$(date +%s)
     echo "== $name (limit ${limit}s, at +$((t - T0))s): $*"
-    (cd "$RUNDIR" && timeout -k 15 "$limit" "$@") >"$OUTDIR/$name.log" 2>&1
+    (cd "$REPO" && timeout -k 15 "$limit" "$@") >"$OUTDIR/$name.log" 2>&1
     rc=$?
     tail -n 4 "$OUTDIR/$name.log" | awk '{print "   | " $0}'
     local verdict="ok"
@@ -82,7 +82,7 @@ export -f setup
 export PY REPO
 step setup 120 bash -c setup
 grep -q '^pip could not install' "$OUTDIR/setup.log" && note "setup  WARNING: pip could not install posattn; running from the source tree (see setup.log)"
-(cd "$RUNDIR" && "$PY" -c "import posattn, posattn.kernels, posattn._triton; print('import ok:', posattn.__file__)") \
+(cd "$REPO" && "$PY" -c "import posattn, posattn.kernels, posattn._triton; print('import ok:', posattn.__file__)") \
     >>"$OUTDIR/setup.log" 2>&1 || note "setup  WARNING: posattn (with posattn.kernels) does not import; see setup.log"
 
 XDIST=()

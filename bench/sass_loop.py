@@ -30,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+from posattn.kernels.configs import KERNELS  # torch only: safe under TRITON_INTERPRET
+
 PES = ("none", "rope", "alibi", "kerple_log", "kerple_power")
 CLASSES = {"HGMMA": "mma", "HMMA": "mma", "MUFU": "mufu", "DFMA": "fp64", "DMUL": "fp64",
            "DADD": "fp64", "LDS": "smem", "STS": "smem", "LDSM": "smem", "STSM": "smem"}

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import triton
 
+from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_fwd_kernel
 from .configs import tile_config
@@ -55,10 +56,8 @@ def _pow2(n: int) -> int:
 
 
 def _arch(t: torch.Tensor) -> Optional[int]:
-    if t.device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return 10 * major + minor
+    """Compute capability of t's GPU (sm_90 -> 90), or None on CPU (the interpreter)."""
+    return cuda_arch(t.device) if t.device.type == "cuda" else None
 
 
 def _layout_meta(pe: KernelPE, D: int, DV: int):
