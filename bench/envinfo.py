@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -37,6 +38,21 @@ def triton_version() -> str:
         return f"not importable ({type(e).__name__})"
 
 
+def tile_overrides() -> str:
+    """The tile overrides POSATTN_TILES applies (posattn.kernels.configs), or 'shipped'."""
+    path = os.environ.get("POSATTN_TILES")
+    if not path:
+        return "shipped"
+    try:
+        from posattn.kernels.configs import load_tiles
+        tiles = load_tiles(path)
+    except Exception as e:  # noqa: BLE001 - the bench itself will fail on it and say so
+        return f"POSATTN_TILES={path} (unreadable: {type(e).__name__})"
+    items = "; ".join(f"{k[0]}/{k[1]}/D{k[2]}/sm_{k[3]}={c.BLOCK_M}x{c.BLOCK_N} w{c.num_warps} "
+                      f"s{c.num_stages}" for k, c in sorted(tiles.items(), key=str))
+    return f"POSATTN_TILES={path}: {items or 'no entries'}"
+
+
 def environment() -> dict:
     """Everything needed to read the numbers later. Queries CUDA only if it is available."""
     env = {
@@ -49,6 +65,7 @@ def environment() -> dict:
         "posattn": getattr(posattn, "__version__", "?"),
         "git_commit": git_commit(),
         "host": platform.node(),
+        "tiles": tile_overrides(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -40,9 +40,18 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     ``python -m bench.compile_report --dtype fp32`` shows the rest).
   * interpreter: 32 x 32 tiles, so that tests with S in {17, 65, 130} cross tile boundaries
     and exercise both the masked and the unmasked loops.
+
+Overrides, for tuning on a GPU without editing this file: ``python -m bench.tune`` measures
+candidate tiles and writes the ones that beat these tables to a JSON file; point
+``POSATTN_TILES`` at it (read on the first launch) or pass the entries to ``override`` (a
+context manager). An override is keyed on (kernel, PE family, padded head dim, arch) and applies
+to 16-bit inputs only; see ``load_tiles`` for the file format.
 """
+import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -63,6 +72,13 @@ HOPPER_CLASS = (90, 100, 103)
 MIN_ARCH = 80  # mma.sync with bf16 and >= 99 KiB of shared memory (posattn._env checks it)
 
 
+TileKey = Tuple[str, str, int, Optional[int]]  # (kernel, family, padded head dim, arch)
+
+_overrides: Dict[TileKey, TileConfig] = {}
+_env_loaded = False
+TILES_ENV = "POSATTN_TILES"
+
+
 def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 arch: Optional[int], pe: str = "none") -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
@@ -70,11 +86,19 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     pe: the PE family in FAMILIES -- "none", "rope" or "bias" (ALiBi / KERPLE). RoPE keeps
     rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
+    An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)
+    wins for fp16 and bf16 inputs.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if pe not in FAMILIES:
         raise ValueError(f"pe must be one of {FAMILIES}, got {pe!r}")
+    if not _env_loaded:
+        _load_env()
+    if dtype != torch.float32 and _overrides:
+        hit = _overrides.get((kernel, pe, head_dim, arch))
+        if hit is not None:
+            return hit
     if arch is None:  # Triton interpreter on CPU
         return TileConfig(32, 32, 4, 1)
     if dtype == torch.float32:
@@ -146,3 +170,48 @@ def _d256(kernel: str, pe: str, hopper: bool) -> TileConfig:
         # Ampere's bias backward is spill-free on 32-key tiles; Hopper keeps 64 for wgmma.
         return TileConfig(16, 32 if pe == "bias" and not hopper else 64, 8, 2)
     return TileConfig(64, 16, 8, 2)
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+def _check_key(key) -> TileKey:
+    kernel, family, head_dim, arch = key
+    if kernel not in KERNELS or family not in FAMILIES:
+        raise ValueError(f"tile override key {key!r}: kernel must be one of {KERNELS} and family "
+                         f"one of {FAMILIES}")
+    return kernel, family, int(head_dim), None if arch is None else int(arch)
+
+
+@contextmanager
+def override(tiles: Mapping[TileKey, TileConfig]) -> Iterator[None]:
+    """Within the block, ``tile_config`` returns ``tiles[(kernel, family, head_dim, arch)]``
+    where present (16-bit inputs). Nests; restores the previous overrides on exit."""
+    saved = dict(_overrides)
+    _overrides.update({_check_key(k): v for k, v in tiles.items()})
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def load_tiles(path: str) -> Dict[TileKey, TileConfig]:
+    """Read a tile file: a JSON object with a list ``"tiles"`` of entries
+    ``{"kernel": "fwd", "family": "rope", "head_dim": 128, "arch": 90,
+    "tile": [BLOCK_M, BLOCK_N, num_warps, num_stages]}`` (what ``python -m bench.tune`` writes)."""
+    with open(path) as f:
+        data = json.load(f)
+    tiles = {}
+    for e in data.get("tiles", []):
+        key = _check_key((e["kernel"], e["family"], e["head_dim"], e["arch"]))
+        tiles[key] = TileConfig(*(int(x) for x in e["tile"]))
+    return tiles
+
+
+def _load_env() -> None:
+    """Apply POSATTN_TILES once, on the first tile_config call (not at import)."""
+    global _env_loaded
+    _env_loaded = True
+    path = os.environ.get(TILES_ENV)
+    if path:
+        _overrides.update(load_tiles(path))
