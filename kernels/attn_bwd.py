@@ -2,7 +2,8 @@
 
 FlashAttention-2's split: the dK/dV program owns one key block and walks the query tiles of
 every query head in its GQA group (so dK/dV are summed over the group in registers); the dQ
-program owns one query block and walks the key tiles. Both recompute P from the saved LSE.
+program owns one query block and walks the key tiles. Both recompute P from the saved LSE
+(as LSE2, in the exp2 domain, written by the preprocess).
 
 RoPE: Q and K are rotated on load exactly as in the forward; dQ and dK are accumulated in the
 rotated frame and rotated back (transpose rotation, same cos/sin with -sin) before the store.
@@ -26,12 +27,17 @@ from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NON
 
 
 @triton.jit
-def attn_bwd_preprocess_kernel(O, DO, DELTA,
+def attn_bwd_preprocess_kernel(O, DO, LSE, DELTA, LSE2,
                                stride_ob, stride_oh, stride_om, stride_od,
                                stride_dob, stride_doh, stride_dom, stride_dod,
                                Hq, Sq, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_DV: tl.constexpr):
-    """DELTA (B, Hq, Sq) float32 = rowsum(O * dO)."""
+    """DELTA (B, Hq, Sq) float32 = rowsum(O * dO), and LSE2 = LSE * log2(e) with a query that
+    saw no key (LSE -inf) mapped to +inf, so that its P = exp2(s - LSE2) is exactly 0.
+
+    LSE2 once per query here rather than per query tile in the dK/dV loop, which visits every
+    query tile once per key block: there the -inf test and its select cost ~4 instructions per
+    column a thread holds, every iteration."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -46,6 +52,9 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA,
                    stride_dom, stride_dod, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * Sq + offs_m, delta, mask=m_mask)
+    lse = tl.load(LSE + bh * Sq + offs_m, mask=m_mask, other=0.0)
+    tl.store(LSE2 + bh * Sq + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E),
+             mask=m_mask)
 
 
 @triton.jit
@@ -78,7 +87,7 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 @triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-                Q, DO, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+                Q, DO, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
                 c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -117,10 +126,12 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
         qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
-        lse = tl.load(LSE + row0 + offs_m, mask=m_mask, other=float("inf"))
-        delta = tl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
-        # A query that saw no key has LSE -inf; +inf makes its P exactly 0.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        if MASKED:  # rows past Sq: P = exp2(s - inf) = 0
+            lse2 = tl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
+            delta = tl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+        else:  # every row of an unmasked tile is < Sq: no predicates to carry through the loop
+            lse2 = tl.load(LSE2 + row0 + offs_m)
+            delta = tl.load(DELTA + row0 + offs_m)
         pa, pb = load_pe_params(PE, PA, PB, h)
 
         sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
@@ -151,7 +162,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
+    Q, K, V, DO, LSE2, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -233,7 +244,7 @@ def attn_bwd_dkdv_kernel(
     DOb = DO + b * stride_dob
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+        Qb, DOb, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -242,7 +253,7 @@ def attn_bwd_dkdv_kernel(
         PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE)
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, LSE, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+        Qb, DOb, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -323,7 +334,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, GPA, GPB,
+    Q, K, V, DO, LSE2, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, GPA, GPB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -383,9 +394,8 @@ def attn_bwd_dq_kernel(
     qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, PE, HAS_PASS, True, False)
     do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, True)
-    lse = tl.load(LSE + bh * Sq + offs_m, mask=m_mask, other=float("inf"))
+    lse2 = tl.load(LSE2 + bh * Sq + offs_m, mask=m_mask, other=float("inf"))
     delta = tl.load(DELTA + bh * Sq + offs_m, mask=m_mask, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
     # Key tiles, as in the forward: [0, n_full) unmasked, [n_full, n_tiles) masked.
     n_full, n_tiles = key_tiles(pid_m, Sk, q_start, k_start, CAUSAL, EXPLICIT_POS, BLOCK_M, BLOCK_N)
