@@ -127,7 +127,11 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                explicit=explicit, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
                stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
-               mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__)
+               mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
+               mma_util=None)
+    if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
+        from bench.sass_loop import mma_utilisation
+        row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim)
     # fp32 inputs take IEEE fp32 dots (launch._prec): CUDA-core FMAs, no tensor-core instruction
     row["ok"] = ((row["mma"] or dtype == "fp32") and row["stack"] == 0 and row["local"] == 0
                  and row["shared"] <= SMEM_LIMIT[arch])
@@ -160,13 +164,14 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
 
 
 def _print_row(r):
+    util = "" if r.get("mma_util") is None else f"useful mma {100 * r['mma_util']:.0f}%  "
     print(f"sm_{r['arch']} {r['kernel']:9s} {r['pe']:13s} D={r['head_dim']:<4d} "
           f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
           f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "
           f"regs {r['registers']:>3} stack {r['stack']} local {r['local']} smem {r['shared']:>6} "
           f"{'fp32 FMA dots' if r['dtype'] == 'fp32' else MMA[r['arch']].split('.')[0]} "
           f"{'' if r['dtype'] == 'fp32' else 'yes' if r['mma'] else 'NO'}  "
-          f"{'ok' if r['ok'] else 'FAIL'}  ({r['compile_s']}s)", flush=True)
+          f"{util}{'ok' if r['ok'] else 'FAIL'}  ({r['compile_s']}s)", flush=True)
 
 
 def main(argv=None):

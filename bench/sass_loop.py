@@ -9,7 +9,7 @@ per key tile as the tensor cores need cycles for its two MMAs, so a PE's extra p
 instructions (and extra MUFU ops, the quarter-rate unit exp2 already loads) show up as time
 unless the scheduler hides them. The report counts, per loop iteration of one warp:
 
-  instr   every SASS instruction in the loop body (the first loop: the unmasked key / query tiles)
+  instr   every SASS instruction in the loop body (the unmasked key / query tiles: see hot_loop)
   mma     HGMMA (sm_90) or HMMA (sm_80): tensor-core instructions
   mufu    MUFU: ex2 / lg2 / rcp on the special-function unit
   fp64    DFMA / DMUL / DADD (RoPE's tile-start angle)
@@ -17,8 +17,17 @@ unless the scheduler hides them. The report counts, per loop iteration of one wa
   per 1k  instr x warps x 1024 / (BLOCK_M x BLOCK_N): warp instructions per 1024 scores, the
           comparable number when a PE ships with a different tile than pe="none"
   vs none per 1k / per 1k of pe="none" for the same kernel and mask
+  mma%    useful / issued tensor-core FLOPs per iteration. Useful: the kernel's GEMMs on one
+          tile (forward 2, dK/dV 4, dQ 3, each BLOCK_M x BLOCK_N x D). Issued: the sum over
+          the loop's HGMMA m64nNk16 (2*64*N*16 per warpgroup) or HMMA m16n8k16 (per warp).
+          Below 100 % the warps compute something twice: with 8 warps (two warpgroups) and a
+          64-row MMA side, Triton gives each warpgroup the whole S tile (the A operand of the
+          next product must live in the warpgroup's registers), so S and dP are computed, and
+          softmax'd, twice.
 
-The loop is found as the first backward branch whose body holds tensor-core instructions.
+The loop is found as the shortest backward-branch body that holds tensor-core instructions:
+every kernel has an unmasked and a masked loop over tiles, the masked one is the unmasked one
+plus the mask, and at the sequence lengths that matter nearly every tile is unmasked.
 ALiBi is compiled with fixed slopes (no PE gradient), KERPLE with trainable r1, r2.
 Compiles with bench.compile_report's shipped configs; needs no GPU.
 """
@@ -52,31 +61,61 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
-def hot_loop(sass: str):
-    """Opcodes of the first loop body (backward branch) that contains tensor-core MMAs."""
+def hot_loop(sass: str, raw: bool = False):
+    """Opcodes (raw: the instruction texts) of the shortest loop body (backward branch) that
+    contains tensor-core MMAs: the unmasked loop. (The kernels' source order differs: dK/dV
+    runs its masked tiles first.)"""
     ins = [(int(m.group(1), 16), m.group(2).strip())
            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    loops = []
     for addr, text in ins:
         m = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             lo = int(m.group(1), 16)
-            body = [opcode(t) for a, t in ins if lo <= a <= addr]
-            if any(op in ("HGMMA", "HMMA") for op in body):
-                return body
-    return []
+            body = [t for a, t in ins if lo <= a <= addr]
+            if any(opcode(t) in ("HGMMA", "HMMA") for t in body):
+                loops.append(body)
+    body = min(loops, key=len) if loops else []
+    return body if raw else [opcode(t) for t in body]
 
 
-def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int):
+GEMMS = {"fwd": 2, "bwd_dkdv": 4, "bwd_dq": 3}  # BLOCK_M x BLOCK_N x D products per tile
+
+
+def issued_mma_flops(body_text, num_warps: int) -> float:
+    """Tensor-core FLOPs the loop body issues per iteration, all warps together."""
+    total = 0.0
+    for t in body_text:
+        m = re.search(r"\bHGMMA\.(\d+)x(\d+)x(\d+)", t)
+        if m:  # one wgmma per warpgroup; each of its 4 warps lists it
+            total += 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) * num_warps / 4
+        elif re.search(r"\bHMMA\.16816", t):  # one mma.sync m16n8k16 per warp
+            total += 2 * 16 * 8 * 16 * num_warps
+    return total
+
+
+def mma_utilisation(ck, kernel: str, cfg, head_dim: int):
+    """Useful / issued tensor-core FLOPs in the hot loop of compiled kernel ``ck`` (None
+    when the loop has no MMA)."""
+    issued = issued_mma_flops(hot_loop(sass_of(ck), raw=True), cfg.num_warps)
+    useful = 2.0 * GEMMS[kernel] * cfg.BLOCK_M * cfg.BLOCK_N * head_dim
+    return round(useful / issued, 2) if issued else None
+
+
+def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=None):
     from bench.compile_report import compile_kernel
 
-    ck, cfg, _ = compile_kernel(kernel, pe, head_dim, causal, arch=arch)
-    body = hot_loop(sass_of(ck))
+    ck, cfg, _ = compile_kernel(kernel, pe, head_dim, causal, cfg=cfg, arch=arch)
+    text = hot_loop(sass_of(ck), raw=True)
+    body = [opcode(t) for t in text]
     cls = collections.Counter(CLASSES.get(op, "other") for op in body)
     per_k = len(body) * cfg.num_warps * 1024 / (cfg.BLOCK_M * cfg.BLOCK_N)
+    useful = 2.0 * GEMMS[kernel] * cfg.BLOCK_M * cfg.BLOCK_N * head_dim
+    issued = issued_mma_flops(text, cfg.num_warps)
     return dict(arch=arch, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
                 tile=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", num_warps=cfg.num_warps, instr=len(body),
                 mma=cls["mma"], mufu=cls["mufu"], fp64=cls["fp64"], smem=cls["smem"],
-                per_kscore=round(per_k))
+                per_kscore=round(per_k), mma_util=round(useful / issued, 2) if issued else None)
 
 
 def main(argv=None):
@@ -92,7 +131,8 @@ def main(argv=None):
         print(f"hot-loop instructions per iteration per warp, sm_{args.arch}, D={args.head_dim}, "
               f"bf16, triton {triton.__version__}")
         print(f"{'kernel':9s} {'causal':6s} {'pe':13s} {'tile':7s} {'warps':>5s} {'instr':>5s} "
-              f"{'mma':>4s} {'mufu':>4s} {'fp64':>4s} {'smem':>4s} {'per 1k':>6s} {'vs none':>7s}")
+              f"{'mma':>4s} {'mufu':>4s} {'fp64':>4s} {'smem':>4s} {'per 1k':>6s} {'vs none':>7s} "
+              f"{'mma%':>5s}")
     for kernel in KERNELS:
         for causal in (False, True):
             base = None
@@ -105,7 +145,7 @@ def main(argv=None):
                     print(f"{kernel:9s} {int(causal):<6d} {pe:13s} {r['tile']:7s} "
                           f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
                           f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} "
-                          f"{r['vs_none']:7.2f}", flush=True)
+                          f"{r['vs_none']:7.2f} {100 * (r['mma_util'] or 0):4.0f}%", flush=True)
     if args.json:
         print(json.dumps(rows))
     return 0
