@@ -14,16 +14,26 @@ Two tables, by shared memory per block, which is what decides how many K/V stage
     sm_90 by tests/test_compile_static.py -- wgmma, no spills, fits;
   * AMPERE (sm_80, 86, 87, 89, the consumer Blackwells sm_120/121; 99 KiB on all but sm_80/87):
     checked for sm_80 -- mma.sync, no spills, <= 99 KiB so the same tiles run on sm_86/89.
-Neither table is tuned for speed yet; re-measure with ``python -m bench`` on a GPU before
-changing them, and re-run ``python -m bench.compile_report`` after.
+Neither table has been timed on a GPU yet (``python -m bench.tune`` does that); re-run
+``python -m bench.compile_report`` after changing them.
 
 Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins, and on 3.9):
-  * forward: BLOCK_M=128 rows per program feeds wgmma's 64-row granularity twice (8 warps);
-    BLOCK_N=64 keeps S/P and the RoPE cos/sin table in registers without spilling.
-  * dK/dV: the program holds K, V and the dK, dV accumulators for 64 keys over 64-query
-    tiles (8 warps) on Hopper, 32-query tiles with a PE at D=128. The bias PEs' parameter
-    gradients are accumulated in the dQ kernel, whose registers are less contended.
-    dQ: 64 queries x 32 keys.
+  * Hopper: wgmma works on 64-row slabs, one per warpgroup (4 warps). The S / dP products'
+    row dimension (forward and dQ: BLOCK_M; dK/dV, which computes S^T: BLOCK_N) must give each
+    warpgroup its own slab: with 8 warps and 64 such rows Triton hands both warpgroups the
+    whole S tile (the next product takes it as a register operand) and computes S, dP and
+    the softmax twice -- 67 % (dK/dV) or 60 % (dQ) of the issued tensor-core work is useful
+    (``python -m bench.sass_loop``, column mma%). So every Hopper tile below is 128 rows x 8
+    warps or 64 rows x 4 warps on that side; within that, the tile with the fewest issued
+    instructions per score that spills nothing for any PE variant (contiguous and explicit
+    positions) on either triton, from the candidates in ``bench.tune.CANDIDATES``:
+      forward 128 x 128 (64 keys with RoPE at any D, and with ALiBi / KERPLE at D=128, where
+      128 spills); dK/dV 32 x 128 at D=128 (RoPE: 32 x 64, the one exception, at 67 %: every
+      128-key RoPE tile spills, because the rotated K tile is a register operand of wgmma,
+      32 registers a thread, where pe="none" reads K from shared memory), 64 x 128 at D=64 (RoPE
+      32 x 128); dQ 128 x 64 (RoPE at D=128: 128 x 32; KERPLE, whose r1/r2 gradient terms
+      need registers: 128 x 32 at D=64, 64 x 16 on 4 warps at D=128).
+    Static choices: ``python -m bench.tune`` times them against the other candidates on a GPU.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
     explicit positions are the tightest) and the bias PEs (KERPLE's per-distance f tile is
@@ -65,7 +75,7 @@ class TileConfig:
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
-FAMILIES = ("none", "rope", "bias")
+FAMILIES = ("none", "rope", "alibi", "kerple")
 
 # Archs with ~227 KiB of shared memory per block; every other arch >= 80 gets the Ampere table.
 HOPPER_CLASS = (90, 100, 103)
@@ -83,8 +93,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 arch: Optional[int], pe: str = "none") -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
-    pe: the PE family in FAMILIES -- "none", "rope" or "bias" (ALiBi / KERPLE). RoPE keeps
-    rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
+    pe: the PE family in FAMILIES -- "none", "rope", "alibi" or "kerple" (log and power). RoPE
+    keeps rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)
     wins for fp16 and bf16 inputs.
@@ -112,21 +122,27 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
 
 
 def _hopper(kernel: str, pe: str, big: bool) -> TileConfig:
+    # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
-        return TileConfig(128, 64, 8, 3)
+        if pe == "rope" or (big and pe != "none"):
+            return TileConfig(128, 64, 8, 3)
+        return TileConfig(128, 128, 8, 2)
     if kernel == "bwd_dkdv":
-        # 64 queries per iteration where it stays spill-free: the loop carries ~500 instructions
-        # of per-iteration overhead whatever the tile (bench.sass_loop), so halving BLOCK_M
-        # costs ~25 % more issued instructions per score.
-        if pe == "none" or not big:
-            return TileConfig(64, 64, 8, 2)
-        return TileConfig(32, 64, 8, 2)
-    return TileConfig(64, 32, 8 if big else 4, 2)  # bwd_dq
+        if pe == "rope":
+            return TileConfig(32, 64, 8, 2) if big else TileConfig(32, 128, 8, 2)
+        return TileConfig(32, 128, 8, 2) if big else TileConfig(64, 128, 8, 2)
+    # bwd_dq
+    if pe == "kerple":
+        return TileConfig(128, 32, 8, 2) if not big else TileConfig(64, 16, 4, 2)
+    if pe == "rope" and big:
+        return TileConfig(128, 32, 8, 2)
+    return TileConfig(128, 64, 8, 2)
 
 
 def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
     # mma.sync keeps both operands in registers, and triton 3.6 allocates a few more than 3.9:
     # RoPE (explicit positions the tightest) and the bias PEs' backward take smaller tiles.
+    bias = pe in ("alibi", "kerple")
     if kernel == "fwd":
         if big:
             return TileConfig(128, 16 if pe == "rope" else 32, 8, 2)
@@ -138,13 +154,13 @@ def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
     if kernel == "bwd_dkdv":
         if pe == "rope":
             return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 64, 8, 2)
-        if pe == "bias":
+        if bias:
             return TileConfig(32, 32, 4, 2) if big else TileConfig(32, 64, 8, 1)
         return TileConfig(32, 64, 8, 2)
     # bwd_dq
     if pe == "rope":
         return TileConfig(32, 32, 8, 2) if big else TileConfig(64, 16, 4, 2)
-    return TileConfig(64, 32, 8 if big or pe == "bias" else 4, 2)
+    return TileConfig(64, 32, 8 if big or bias else 4, 2)
 
 
 def _fp32(kernel: str, pe: str, big: bool) -> TileConfig:
@@ -168,7 +184,7 @@ def _d256(kernel: str, pe: str, hopper: bool) -> TileConfig:
         return TileConfig(64, 32, 8, 2)
     if kernel == "bwd_dkdv":
         # Ampere's bias backward is spill-free on 32-key tiles; Hopper keeps 64 for wgmma.
-        return TileConfig(16, 32 if pe == "bias" and not hopper else 64, 8, 2)
+        return TileConfig(16, 32 if pe in ("alibi", "kerple") and not hopper else 64, 8, 2)
     return TileConfig(64, 16, 8, 2)
 
 

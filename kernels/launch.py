@@ -147,7 +147,7 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
 
 def _family(pe: KernelPE) -> str:
     """The tile-config family (configs.FAMILIES)."""
-    return {PE_NONE: "none", PE_ROPE: "rope"}.get(pe.kind, "bias")
+    return {PE_NONE: "none", PE_ROPE: "rope", PE_ALIBI: "alibi"}.get(pe.kind, "kerple")
 
 
 def _prec(dtype: torch.dtype) -> str:

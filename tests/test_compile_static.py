@@ -1,6 +1,7 @@
 """CPU-side performance guard: every shipped kernel config compiles for Hopper (sm_90) with
 wgmma and for Ampere (sm_80) with mma.sync, without register spills and within the arch's
-shared memory (99 KiB for the Ampere table, so sm_86/89 run it too). Runs
+shared memory (99 KiB for the Ampere table, so sm_86/89 run it too), and on Hopper without
+issuing any tensor-core work twice (bench.sass_loop's mma%). Runs
 bench.compile_report in a subprocess because it compiles real kernels, which the interpreter
 (set by conftest) would replace. One test per arch, so pytest-xdist compiles each arch once,
 on its own worker."""
@@ -37,6 +38,14 @@ def test_shipped_configs_compile_clean(arch, mma, smem_kib):
     assert not bad, f"sm_{arch} configs that spill, miss {mma} or overflow {smem_kib} KiB:\n" + \
         "\n".join(map(str, bad))
     assert all(r["ok"] for r in rows)
+    if arch == 90:
+        # No tensor-core work issued twice (kernels/configs.py: 128-row S slabs over 8 warps).
+        # The one documented exception: RoPE's dK/dV at D=128, where every 128-key tile spills.
+        dup = [r for r in rows if r["mma_util"] != 1.0
+               and (r["kernel"], r["pe"], r["head_dim"]) != ("bwd_dkdv", "rope", 128)]
+        assert not dup, "sm_90 configs that compute S / dP twice (useful MMA < 100 %):\n" + \
+            "\n".join(f"{r['kernel']} {r['pe']} D={r['head_dim']} {r['BLOCK_M']}x{r['BLOCK_N']} "
+                      f"w{r['num_warps']}: {r['mma_util']}" for r in dup)
 
 
 
@@ -52,11 +61,23 @@ SASS_SNIPPET = """
         /*0080*/                   EXIT ;
 """
 
+# Two MMA loops, the longer (masked: an extra FSEL) first, as the dK/dV kernel compiles.
+SASS_TWO_LOOPS = """
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0010*/                   FSEL R3, R3, -INF , !P2 ;
+        /*0020*/                   MUFU.EX2 R5, R3 ;
+        /*0030*/               @P0 BRA 0x0 ;
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0050*/                   MUFU.EX2 R5, R3 ;
+        /*0060*/              @!P1 BRA 0x40 ;
+        /*0070*/                   EXIT ;
+"""
+
 
 def test_sass_loop_finds_the_mma_loop():
-    """bench.sass_loop's parser: the hot loop is the first backward branch whose body holds a
-    tensor-core MMA (the loop at 0x10 has none and is skipped); predicates and modifiers are
-    stripped from opcodes."""
+    """bench.sass_loop's parser: the hot loop is the shortest backward-branch body that holds a
+    tensor-core MMA (the loop at 0x10 has none and is skipped; of two MMA loops the unmasked,
+    shorter one wins wherever it sits); predicates and modifiers are stripped from opcodes."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, ROOT)
     from bench.sass_loop import hot_loop, opcode
@@ -64,3 +85,17 @@ def test_sass_loop_finds_the_mma_loop():
     assert opcode("@!P1 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24") == "HGMMA"
     assert hot_loop(SASS_SNIPPET) == ["FMUL", "HGMMA", "MUFU", "BRA"]
     assert hot_loop(SASS_SNIPPET.replace("HGMMA.64x64x16.F32.BF16", "FADD")) == []
+    assert hot_loop(SASS_TWO_LOOPS) == ["HGMMA", "MUFU", "BRA"]
+
+
+def test_issued_mma_flops_counts_each_wgmma_once_per_warpgroup():
+    """mma%: a wgmma m64nNk16 is listed by each of its warpgroup's 4 warps but runs once;
+    mma.sync m16n8k16 runs per warp."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench.sass_loop import issued_mma_flops
+
+    wg = ["HGMMA.64x32x16.F32.BF16 R104, gdesc[UR44], R104"]
+    assert issued_mma_flops(wg, 8) == 2 * 64 * 32 * 16 * 2
+    assert issued_mma_flops(wg * 3 + ["FADD R1, R2, R3"], 4) == 3 * 2 * 64 * 32 * 16
+    assert issued_mma_flops(["HMMA.16816.F32.BF16 R4, R8, R12, R4"], 8) == 2 * 16 * 8 * 16 * 8
