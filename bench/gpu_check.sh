@@ -6,16 +6,21 @@
 #   1. setup  install posattn (pip --no-deps --no-build-isolation --no-index, editable), versions
 #   2. tests  the whole test suite, compiled (TRITON_INTERPRET unset, so bf16 runs too)
 #   3. main   python -m posattn (checks every PE compiled, then its short timing table)
-#   4. bench  python -m bench --quick (D=128, S=8k and 2k, every PE and peer)
+#   4. tune   python -m bench.tune (D=128, S=8k: the shipped tiles against statically vetted
+#             candidates, per kernel and PE; writes OUTDIR/tune/tiles.json with the winners)
+#   5. bench  python -m bench --quick (D=128, S=8k and 2k, every PE and peer), with
+#             POSATTN_TILES=OUTDIR/tune/tiles.json when the tuner picked any tile (bench.md
+#             says which); copy the picks into kernels/configs.py to ship them
 #
 # Every step runs under `timeout`; its log is kept when it fails or times out, and the next step
-# still runs. OUTDIR gets setup.log tests.log main.log bench.log bench.md bench.json
-# bench_d128.png summary.txt (8 files); the summary is printed last. Exit status 1 if any step
-# failed. Budget (seconds, override by environment): TESTS_TIMEOUT=180 MAIN_TIMEOUT=60
-# BENCH_TIMEOUT=200 with BENCH_MINUTES=2.5 (the bench stops starting new shapes after that and
-# writes what it has). Worst case ~7.7 min; typically less. TEST_WORKERS=8 (pytest-xdist, if
-# installed; 0 = serial), PYTEST_ARGS (extra pytest arguments), PYTHON (default python3),
-# SKIP="tests main" (steps to leave out, e.g. to rerun only the bench).
+# still runs. OUTDIR gets setup.log tests.log main.log tune.log tune/{tune.md,tune.json,tiles.json}
+# bench.log bench.md bench.json bench_d128.png summary.txt; the summary is printed last. Exit
+# status 1 if any step failed. Budget (seconds, override by environment): SETUP_TIMEOUT=45
+# TESTS_TIMEOUT=140 MAIN_TIMEOUT=45 TUNE_TIMEOUT=110 (TUNE_MINUTES=1.3: stop starting
+# measurements) BENCH_TIMEOUT=190 (BENCH_MINUTES=2.3: the bench stops starting new shapes and
+# writes what it has). Worst case ~9 min, meant to fit one 600 s device call; typically less.
+# TEST_WORKERS=8 (pytest-xdist, if installed; 0 = serial), PYTEST_ARGS (extra pytest arguments),
+# PYTHON (default python3), SKIP="tests main" (steps to leave out, e.g. to rerun only the bench).
 set -u
 
 OUTDIR=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -24,10 +29,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
 PY=${PYTHON:-python3}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
-MAIN_TIMEOUT=${MAIN_TIMEOUT:-60}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
-BENCH_MINUTES=${BENCH_MINUTES:-2.5}
+SETUP_TIMEOUT=${SETUP_TIMEOUT:-45}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-140}
+MAIN_TIMEOUT=${MAIN_TIMEOUT:-45}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-110}
+TUNE_MINUTES=${TUNE_MINUTES:-1.3}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-190}
+BENCH_MINUTES=${BENCH_MINUTES:-2.3}
 TEST_WORKERS=${TEST_WORKERS:-8}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 SKIP=${SKIP:-}
@@ -80,7 +88,7 @@ EOF
 note "gpu_check $(date -u +%FT%TZ) repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
 export -f setup
 export PY REPO
-step setup 120 bash -c setup
+step setup "$SETUP_TIMEOUT" bash -c setup
 grep -q '^pip could not install' "$OUTDIR/setup.log" && note "setup  WARNING: pip could not install posattn; running from the source tree (see setup.log)"
 (cd "$REPO" && "$PY" -c "import posattn, posattn.kernels, posattn._triton; print('import ok:', posattn.__file__)") \
     >>"$OUTDIR/setup.log" 2>&1 || note "setup  WARNING: posattn (with posattn.kernels) does not import; see setup.log"
@@ -101,7 +109,14 @@ done
 # shellcheck disable=SC2086
 step tests "$TESTS_TIMEOUT" "$PY" -m pytest "${TEST_FILES[@]}" -v -rfEs --durations=10 -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} $PYTEST_ARGS
 step main "$MAIN_TIMEOUT" "$PY" -m posattn
+step tune "$TUNE_TIMEOUT" "$PY" -m bench.tune --max-minutes "$TUNE_MINUTES" --out "$OUTDIR/tune"
+TILES="$OUTDIR/tune/tiles.json"
+if [ -f "$TILES" ] && "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['tiles'] else 1)" "$TILES" 2>/dev/null; then
+    note "tune   picked tiles: the bench runs with POSATTN_TILES=$TILES"
+    export POSATTN_TILES="$TILES"
+fi
 step bench "$BENCH_TIMEOUT" "$PY" -m bench --quick --max-minutes "$BENCH_MINUTES" --out "$OUTDIR"
+unset POSATTN_TILES
 
 {
     echo
@@ -117,6 +132,11 @@ step bench "$BENCH_TIMEOUT" "$PY" -m bench --quick --max-minutes "$BENCH_MINUTES
         line=$(grep -E 'checks passed' "$OUTDIR/main.log" | tail -n 1)
         echo "main:  ${line:-no result line (see main.log)}"
         grep -E 'FAIL' "$OUTDIR/main.log" | head -n 10 | sed 's/^/  /'
+    fi
+    if [ -f "$OUTDIR/tune/tune.md" ]; then
+        echo "tune:  $(grep -c ' ok ' "$OUTDIR/tune.log" 2>/dev/null || echo 0) tiles timed; picks:"
+        awk '/^## Picks/{on=1; next} /^## /{on=0} on && /^\|/' "$OUTDIR/tune/tune.md"
+        grep -E '^none: ' "$OUTDIR/tune/tune.md" | sed 's/^/  /'
     fi
     if [ -f "$OUTDIR/bench.md" ]; then
         echo "bench: $(grep -E '^## Targets' "$OUTDIR/bench.md" | sed 's/^## //')"
