@@ -63,20 +63,31 @@ def _cuobjdump() -> str:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
+    """Whether a compile of ``kernel`` for ``pe`` carries the bias-parameter gradients: only
+    dQ, only bias PEs; by default KERPLE (trainable r1, r2) and not ALiBi (fixed slopes)."""
+    if pe_grad is None:
+        pe_grad = pe.startswith("kerple")
+    return bool(pe_grad) and kernel == "bwd_dq" and pe not in ("none", "rope")
+
+
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
-                   cfg=None, arch: int = 90, dtype: str = "bf16"):
+                   cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
 
     explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
-    dtype: the input dtype, a key of DTYPES. Returns (compiled kernel, TileConfig, seconds).
+    dtype: the input dtype, a key of DTYPES. pe_grad: compile the dQ kernel with the bias
+    parameters' gradients (default: KERPLE yes, ALiBi no, as most use them).
+    Returns (compiled kernel, TileConfig, seconds).
     """
     fn = KERNELS[kernel]
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     meta, width = launch._layout_meta(kpe, head_dim, head_dim)
     # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
     # dQ kernel then also accumulates the parameter gradients)
-    pe_grad = kernel == "bwd_dq" and pe.startswith("kerple")
-    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe))
+    pe_grad = ck_pe_grad(kernel, pe, pe_grad)
+    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
+                             pe_grad)
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
     table = pe.startswith("kerple") and not explicit
@@ -109,9 +120,11 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
-                cfg=None, arch: int = 90, dtype: str = "bf16"):
+                cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None):
     """Compile one config (see compile_kernel) and return its report row."""
-    ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype)
+    ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
+                                      pe_grad)
+    pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
@@ -124,7 +137,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
         return int(m.group(1)) if m else None
 
     row = dict(arch=arch, dtype=dtype, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
-               explicit=explicit, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+               explicit=explicit, pe_grad=pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
                stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
@@ -139,10 +152,11 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
 
 
 def shipped_configs(quick: bool = False, head_dims=(64, 128)):
-    """(kernel, pe, head_dim, causal, explicit) to check: every PE causal with contiguous
-    positions, plus non-causal without PE, and RoPE and KERPLE-power with explicit positions
-    (per-element cos/sin; int64 position differences). quick: none / rope / kerple_power (the
-    heaviest bias) only."""
+    """(kernel, pe, head_dim, causal, explicit[, pe_grad]) to check: every PE causal with
+    contiguous positions, plus non-causal without PE, and RoPE and KERPLE-power with explicit
+    positions (per-element cos/sin; int64 position differences); the dQ kernel also with the
+    other gradient setting of each bias PE (trainable ALiBi, fixed KERPLE), which tile_config
+    gives its own tile. quick: none / rope / kerple_power (the heaviest bias) only."""
     pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
     for kernel in KERNELS:
         for head_dim in head_dims:
@@ -151,13 +165,18 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
             yield kernel, "none", head_dim, False, False
             yield kernel, "rope", head_dim, True, True
             yield kernel, "kerple_power", head_dim, True, True
+            if kernel == "bwd_dq" and not quick:
+                yield kernel, "alibi", head_dim, True, False, True
+                yield kernel, "alibi", head_dim, True, True, True
+                yield kernel, "kerple_log", head_dim, True, False, False
 
 
 def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf16", echo=None):
     """Compile every shipped config for ``arch``; returns the rows. echo: called with each row."""
     rows = []
-    for kernel, pe, hd, causal, explicit in shipped_configs(quick, head_dims):
-        rows.append(compile_one(kernel, pe, hd, causal, explicit, arch=arch, dtype=dtype))
+    for kernel, pe, hd, causal, explicit, *grad in shipped_configs(quick, head_dims):
+        rows.append(compile_one(kernel, pe, hd, causal, explicit, arch=arch, dtype=dtype,
+                                pe_grad=grad[0] if grad else None))
         if echo:
             echo(rows[-1])
     return rows
@@ -165,7 +184,10 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
 
 def _print_row(r):
     util = "" if r.get("mma_util") is None else f"useful mma {100 * r['mma_util']:.0f}%  "
-    print(f"sm_{r['arch']} {r['kernel']:9s} {r['pe']:13s} D={r['head_dim']:<4d} "
+    pe = r["pe"] + ("+grad" if r.get("pe_grad") and r["pe"] == "alibi" else
+                    "-grad" if r["pe"].startswith("kerple") and not r.get("pe_grad")
+                    and r["kernel"] == "bwd_dq" else "")
+    print(f"sm_{r['arch']} {r['kernel']:9s} {pe:15s} D={r['head_dim']:<4d} "
           f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
           f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "
           f"regs {r['registers']:>3} stack {r['stack']} local {r['local']} smem {r['shared']:>6} "

@@ -31,8 +31,9 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
       128 spills); dK/dV 32 x 128 at D=128 (RoPE: 32 x 64, the one exception, at 67 %: every
       128-key RoPE tile spills, because the rotated K tile is a register operand of wgmma,
       32 registers a thread, where pe="none" reads K from shared memory), 64 x 128 at D=64 (RoPE
-      32 x 128); dQ 128 x 64 (RoPE at D=128: 128 x 32; KERPLE, whose r1/r2 gradient terms
-      need registers: 128 x 32 at D=64, 64 x 16 on 4 warps at D=128).
+      32 x 128); dQ 128 x 64 (at D=128, RoPE, KERPLE and trainable ALiBi: 128 x 32; trainable
+      KERPLE, whose r1/r2 gradient terms need registers: 128 x 32 at D=64, 64 x 16 on 4 warps
+      at D=128).
     Static choices: ``python -m bench.tune`` times them against the other candidates on a GPU.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
@@ -90,11 +91,13 @@ TILES_ENV = "POSATTN_TILES"
 
 
 def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
-                arch: Optional[int], pe: str = "none") -> TileConfig:
+                arch: Optional[int], pe: str = "none", pe_grad: bool = False) -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
     pe: the PE family in FAMILIES -- "none", "rope", "alibi" or "kerple" (log and power). RoPE
     keeps rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
+    pe_grad: the dQ kernel also accumulates the bias parameters' gradients (trainable ALiBi
+    slopes / KERPLE r1, r2), which costs registers.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)
     wins for fp16 and bf16 inputs.
@@ -117,11 +120,11 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
         return _d256(kernel, pe, arch in HOPPER_CLASS)
     big = head_dim > 64
     if arch in HOPPER_CLASS:
-        return _hopper(kernel, pe, big)
+        return _hopper(kernel, pe, big, pe_grad)
     return _ampere(kernel, pe, big)
 
 
-def _hopper(kernel: str, pe: str, big: bool) -> TileConfig:
+def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool) -> TileConfig:
     # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
         if pe == "rope" or (big and pe != "none"):
@@ -131,10 +134,11 @@ def _hopper(kernel: str, pe: str, big: bool) -> TileConfig:
         if pe == "rope":
             return TileConfig(32, 64, 8, 2) if big else TileConfig(32, 128, 8, 2)
         return TileConfig(32, 128, 8, 2) if big else TileConfig(64, 128, 8, 2)
-    # bwd_dq
-    if pe == "kerple":
-        return TileConfig(128, 32, 8, 2) if not big else TileConfig(64, 16, 4, 2)
-    if pe == "rope" and big:
+    # bwd_dq: at D=128, 64 keys spill (triton 3.9) for KERPLE and for trainable ALiBi, and
+    # trainable KERPLE's gradient terms need 4 warps on 64 x 16 (128 x 32 spills on 3.9)
+    if pe == "kerple" and pe_grad:
+        return TileConfig(64, 16, 4, 2) if big else TileConfig(128, 32, 8, 2)
+    if big and (pe in ("rope", "kerple") or (pe == "alibi" and pe_grad)):
         return TileConfig(128, 32, 8, 2)
     return TileConfig(128, 64, 8, 2)
 

@@ -220,7 +220,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
-    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe))
+    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe), need_pe_grad)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)
     n_qblocks = triton.cdiv(Sq, cfg.BLOCK_M)
     if need_pe_grad:  # one partial per dQ program (query block, batch, head), all written

@@ -173,8 +173,8 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
     seen = set()
     real = configs.tile_config
 
-    def shipped(kernel, head_dim, causal_, dtype, _arch, family="none"):
-        cfg = real(kernel, head_dim, causal_, dtype, arch, family)
+    def shipped(kernel, head_dim, causal_, dtype, _arch, family="none", pe_grad=False):
+        cfg = real(kernel, head_dim, causal_, dtype, arch, family, pe_grad)
         seen.add((kernel, cfg.BLOCK_M, cfg.BLOCK_N))
         return cfg
 
