@@ -96,6 +96,8 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
                       PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table)
     if kernel == "bwd_dq":
         constexprs["NEED_PE_GRAD"] = pe_grad
+    if kernel == "fwd":  # the default positive scale
+        constexprs["FOLD_SCALE"] = launch.fold_scale(kpe, 1.0)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -118,10 +118,13 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
                PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
                BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-               BIAS_TABLE: tl.constexpr):
+               BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi).
 
     MASKED=False tiles are fully inside the keys and fully visible (no per-element mask).
+    FOLD_SCALE (no bias, scale > 0): the row max is taken over the raw logits and the scale
+    applied inside the exp2 argument, one FFMA per score instead of an FMUL and an FADD
+    (max(c x) = c max(x) for c > 0; a bias must be added before the max, so it cannot).
     """
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +140,9 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
-        if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and K.dtype.element_ty != tl.float32:
+        if FOLD_SCALE:
+            s = qk  # unscaled: see the docstring
+        elif PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and K.dtype.element_ty != tl.float32:
             s = alibi_causal_split(qk, scale_log2, pa2, qpos, k_start + t * BLOCK_N, BLOCK_N)
         else:
             s = qk * scale_log2
@@ -150,11 +155,17 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
                 visible = visible & (kpos[None, :] <= qpos[:, None])
             s = tl.where(visible, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead so
         # exp2(-inf - -inf) never makes a NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
+        if FOLD_SCALE:
+            p = tl.math.exp2(s * scale_log2 - m_shift[:, None])
+        else:
+            p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -177,6 +188,7 @@ def attn_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -240,14 +252,14 @@ def attn_fwd_kernel(
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE)
+                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
                                BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE)
+                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -27,8 +27,8 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     warps or 64 rows x 4 warps on that side; within that, the tile with the fewest issued
     instructions per score that spills nothing for any PE variant (contiguous and explicit
     positions) on either triton, from the candidates in ``bench.tune.CANDIDATES``:
-      forward 128 x 128 (64 keys with RoPE at any D, and with ALiBi / KERPLE at D=128, where
-      128 spills); dK/dV 32 x 128 at D=128 (RoPE: 32 x 64, the one exception, at 67 %: every
+      forward 128 x 128 (64 keys with a PE at D=128, where 128 spill: for RoPE, its per-offset
+      cos/sin tables, 64 registers a thread at 128 keys); dK/dV 32 x 128 at D=128 (RoPE: 32 x 64, the one exception, at 67 %: every
       128-key RoPE tile spills, because the rotated K tile is a register operand of wgmma,
       32 registers a thread, where pe="none" reads K from shared memory), 64 x 128 at D=64 (RoPE
       32 x 128); dQ 128 x 64 (at D=128, RoPE, KERPLE and trainable ALiBi: 128 x 32; trainable
@@ -127,7 +127,7 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
 def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool) -> TileConfig:
     # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
-        if pe == "rope" or (big and pe != "none"):
+        if big and pe != "none":
             return TileConfig(128, 64, 8, 3)
         return TileConfig(128, 128, 8, 2)
     if kernel == "bwd_dkdv":

@@ -179,9 +179,17 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
         float(pe.factor), bt.length,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        FOLD_SCALE=fold_scale(pe, scale),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+def fold_scale(pe: KernelPE, scale: float) -> bool:
+    """The forward may take the row max over unscaled logits (attn_fwd._fwd_tiles): no bias
+    to add first, and a positive scale (a zero or negative one is allowed, and runs the
+    general path)."""
+    return pe.kind in (PE_NONE, PE_ROPE) and scale > 0
 
 
 def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: bool,

@@ -65,7 +65,7 @@ def _positions(kind, B, Sq, Sk):
     return {}
 
 
-def check_case(pe, shape, causal, dtype, seed=0):
+def check_case(pe, shape, causal, dtype, seed=0, scale=None):
     B, Hq, Hkv, Sq, Sk, D, layout, pos_kind = shape
     pe = pe(D)
     g = torch.Generator().manual_seed(seed)
@@ -79,6 +79,8 @@ def check_case(pe, shape, causal, dtype, seed=0):
         q, k, v = rnd(B, Sq, Hq, D), rnd(B, Sk, Hkv, D), rnd(B, Sk, Hkv, D)
     dout = rnd(*q.shape[:-1], D)
     kw = dict(causal=causal, layout=layout, **_positions(pos_kind, B, Sq, Sk))
+    if scale is not None:
+        kw["scale"] = scale
 
     q_, k_, v_ = (leaf(t, dtype).requires_grad_() for t in (q, k, v))
     out, lse, grads = run_attention(q_, k_, v_, with_params(pe, leaf), "triton", dout.to(dtype), **kw)
@@ -183,6 +185,15 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
     check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
     assert {k for k, _, _ in seen} == {"fwd", "bwd_dkdv", "bwd_dq"}
     assert {m for k, m, _ in seen if k == "fwd"} == {128}  # not the interpreter's 32 x 32
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 8.0], ids=["neg", "zero", "large"])
+@pytest.mark.parametrize("pe", ["none", "rope", "alibi"], ids=str)
+def test_kernel_any_scale(pe, scale):
+    """The forward takes the row max over unscaled logits when there is no bias and the scale
+    is positive (launch.fold_scale); zero and negative scales run the general path. At scale
+    8 the scaled logits reach ~400 (log2 units): a row max left unscaled would overflow exp2."""
+    check_case(_pes()[pe], SHAPES["mqa_sq>sk_d80"], True, torch.float16, scale=scale)
 
 
 @pytest.mark.parametrize("pe", ["none", "rope_yarn_partial", "kerple_power"], ids=str)
