@@ -36,12 +36,13 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
       at D=128).
     Static choices: ``python -m bench.tune`` times them against the other candidates on a GPU.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
-    dimension where Hopper does not. RoPE (rotation tables next to three accumulator groups;
-    explicit positions are the tightest) and the bias PEs (KERPLE's per-distance f tile is
-    pipelined through shared memory) take 32 keys per forward tile at D=64; RoPE 16 at
-    D=128, 16-query dK/dV tiles at D=64 and 32 x 32 at D=128, dQ tiles of 64 x 16 at D=64 and
-    32 x 32 at D=128. The bias PEs' dK/dV take 1 stage at D=64 and 32 x 32 tiles at D=128, their
-    dQ 8 warps.
+    dimension where Hopper does not, and the same rule holds: the backward's S side gets
+    128 rows on 8 warps or 64 on 4 (mma% 100), picked like the Hopper tiles (fewest
+    instructions per score, spill-free for every variant on both tritons, <= 99 KiB). The
+    forward is 128 query rows (64 keys without a PE at D=64, else 32; RoPE 16 at D=128).
+    dK/dV 32 x 128 (ALiBi at D=128: 32 x 64 on 4 warps); RoPE keeps 16 x 128 at D=64 and
+    32 x 32 at D=128 (67 %: every 4-warp RoPE tile spills there). dQ 64 x 32 on 4 warps at
+    D=64 (RoPE 64 x 16), 128 x 32 at D=128 (KERPLE 128 x 16, RoPE 32 x 32 on 4 warps).
   * D=256 (not a target): forward 64 x 32 with 8 warps; backward 16 x 64 (dK/dV) and
     64 x 16 (dQ). dK + dV alone are 128 fp32 registers per thread at 64 keys, so on Hopper the
     dK/dV kernel spills (smaller key tiles lose wgmma and still spill), and RoPE's backward at
@@ -144,9 +145,9 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool) -> TileConfig:
 
 
 def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
-    # mma.sync keeps both operands in registers, and triton 3.6 allocates a few more than 3.9:
-    # RoPE (explicit positions the tightest) and the bias PEs' backward take smaller tiles.
-    bias = pe in ("alibi", "kerple")
+    # mma.sync keeps both operands in registers, and triton 3.6 allocates a few more than 3.9.
+    # Backward: 8 warps on a 64-row S side compute S twice here too (mma% 50-67), so the
+    # backward tiles put 32 query rows per warp pair: 128 keys on 8 warps or 64 on 4.
     if kernel == "fwd":
         if big:
             return TileConfig(128, 16 if pe == "rope" else 32, 8, 2)
@@ -156,15 +157,19 @@ def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
         # fit 99 KiB next to three K/V stages
         return TileConfig(128, 32, 8, 3)
     if kernel == "bwd_dkdv":
-        if pe == "rope":
-            return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 64, 8, 2)
-        if bias:
-            return TileConfig(32, 32, 4, 2) if big else TileConfig(32, 64, 8, 1)
-        return TileConfig(32, 64, 8, 2)
+        if pe == "rope":  # no RoPE dK/dV tile without duplicated S is spill-free at D=128
+            return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 128, 8, 2)
+        if pe == "alibi" and big:  # 32 x 128 spills 8 B
+            return TileConfig(32, 64, 4, 2)
+        return TileConfig(32, 128, 8, 2)
     # bwd_dq
+    if not big:
+        return TileConfig(64, 16, 4, 2) if pe == "rope" else TileConfig(64, 32, 4, 2)
     if pe == "rope":
-        return TileConfig(32, 32, 8, 2) if big else TileConfig(64, 16, 4, 2)
-    return TileConfig(64, 32, 8 if big or bias else 4, 2)
+        return TileConfig(32, 32, 4, 2)
+    if pe == "kerple":  # 128 x 32 overflows 99 KiB with the gathered f tile
+        return TileConfig(128, 16, 8, 2)
+    return TileConfig(128, 32, 8, 2)
 
 
 def _fp32(kernel: str, pe: str, big: bool) -> TileConfig:
