@@ -234,8 +234,11 @@ def shipped_tile(kernel: str, pe: str, head_dim: int, arch: Optional[int], dtype
 
 
 def make_tasks(args, arch: Optional[int], candidates=None) -> List[Task]:
-    """Shipped tile first, then each candidate listed for the PE's family, per (kernel, D, PE)."""
-    candidates = CANDIDATES if candidates is None else candidates
+    """Shipped tile first, then each candidate listed for the PE's family, per (kernel, D, PE).
+    CANDIDATES were vetted for Hopper: on another arch only the shipped tiles are timed."""
+    if candidates is None:
+        from posattn.kernels.configs import HOPPER_CLASS
+        candidates = CANDIDATES if arch in HOPPER_CLASS else {}
     tasks = []
     for kernel in args.kernels:
         for hd in args.head_dims:
