@@ -303,7 +303,7 @@ def precompile(args, tasks: List[Task], jobs: int) -> List[str]:
 def time_ms(fn, device: str, warmup_ms: float, rep_ms: float) -> float:
     if device == "cuda":
         from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms))  # median
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     t0 = time.perf_counter()  # CPU (the interpreter, in tests): one call
     fn()
     return (time.perf_counter() - t0) * 1e3
