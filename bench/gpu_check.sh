@@ -111,7 +111,9 @@ step tests "$TESTS_TIMEOUT" "$PY" -m pytest "${TEST_FILES[@]}" -v -rfEs --durati
 step main "$MAIN_TIMEOUT" "$PY" -m posattn
 step tune "$TUNE_TIMEOUT" "$PY" -m bench.tune --max-minutes "$TUNE_MINUTES" --out "$OUTDIR/tune"
 TILES="$OUTDIR/tune/tiles.json"
-if [ -f "$TILES" ] && "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['tiles'] else 1)" "$TILES" 2>/dev/null; then
+# only a file posattn itself reads back with at least one tile (a broken one would make every
+# posattn row of the bench an error)
+if [ -f "$TILES" ] && (cd "$REPO" && "$PY" -c "import sys; from posattn.kernels.configs import load_tiles; sys.exit(0 if load_tiles(sys.argv[1]) else 1)" "$TILES") 2>/dev/null; then
     note "tune   picked tiles: the bench runs with POSATTN_TILES=$TILES"
     export POSATTN_TILES="$TILES"
 fi

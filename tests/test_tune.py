@@ -151,11 +151,19 @@ def test_tune_end_to_end_in_the_interpreter(tmp_path, monkeypatch):
     assert tiles[("bwd_dq", "kerple", 16, None)] == TileConfig(16, 16, 4, 1)
 
 
-def test_gpu_check_reports_tune_and_bench_without_a_gpu(tmp_path):
+@pytest.mark.parametrize("tiles", [None, "valid", "empty"])
+def test_gpu_check_reports_tune_and_bench_without_a_gpu(tmp_path, tiles):
     """gpu_check.sh's plumbing on a CPU: setup/tests/main skipped, tune and bench refuse
-    (no CUDA, exit 2), the summary still names both and the script exits 1."""
+    (no CUDA, exit 2), the summary still names both and the script exits 1. The bench runs
+    with POSATTN_TILES only when tune/tiles.json holds a tile posattn reads back (here the
+    file is left in place beforehand, as a tuner run would have written it)."""
     if HAS_CUDA:
         pytest.skip("on a GPU this would run the real check")
+    if tiles:
+        (tmp_path / "tune").mkdir()
+        entries = [{"kernel": "fwd", "family": "none", "head_dim": 128, "arch": 90,
+                    "tile": [128, 64, 8, 3]}] if tiles == "valid" else []
+        (tmp_path / "tune" / "tiles.json").write_text(json.dumps({"tiles": entries}))
     env = dict(os.environ, SKIP="setup tests main", PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)
     res = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)], env=env,
@@ -164,7 +172,7 @@ def test_gpu_check_reports_tune_and_bench_without_a_gpu(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "tune   FAILED    rc=2" in summary and "bench  FAILED    rc=2" in summary, summary
     assert "needs a CUDA GPU" in (tmp_path / "tune.log").read_text()
-    assert "POSATTN_TILES" not in summary  # nothing tuned, nothing overridden
+    assert ("bench runs with POSATTN_TILES" in summary) == (tiles == "valid"), summary
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter run")
