@@ -72,12 +72,13 @@ def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
 
 
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
-                   cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None):
+                   cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both"):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
 
     explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
     dtype: the input dtype, a key of DTYPES. pe_grad: compile the dQ kernel with the bias
-    parameters' gradients (default: KERPLE yes, ALiBi no, as most use them).
+    parameters' gradients (default: KERPLE yes, ALiBi no, as most use them). part: for dK/dV,
+    "both" or one launch of a split tile, "dv" or "dk" (configs.TileConfig.split).
     Returns (compiled kernel, TileConfig, seconds).
     """
     fn = KERNELS[kernel]
@@ -96,6 +97,8 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
                       PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table)
     if kernel == "bwd_dq":
         constexprs["NEED_PE_GRAD"] = pe_grad
+    if kernel == "bwd_dkdv":
+        constexprs.update(DO_DK=part in ("both", "dk"), DO_DV=part in ("both", "dv"))
     if kernel == "fwd":  # the default positive scale
         constexprs["FOLD_SCALE"] = launch.fold_scale(kpe, 1.0)
     signature, attrs = {}, {}
@@ -122,10 +125,10 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
-                cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None):
+                cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both"):
     """Compile one config (see compile_kernel) and return its report row."""
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                      pe_grad)
+                                      pe_grad, part)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -139,14 +142,14 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
         return int(m.group(1)) if m else None
 
     row = dict(arch=arch, dtype=dtype, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
-               explicit=explicit, pe_grad=pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+               explicit=explicit, pe_grad=pe_grad, part=part, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
                stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
                mma_util=None)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
-        row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim)
+        row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
     # fp32 inputs take IEEE fp32 dots (launch._prec): CUDA-core FMAs, no tensor-core instruction
     row["ok"] = ((row["mma"] or dtype == "fp32") and row["stack"] == 0 and row["local"] == 0
                  and row["shared"] <= SMEM_LIMIT[arch])
@@ -177,10 +180,16 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
     """Compile every shipped config for ``arch``; returns the rows. echo: called with each row."""
     rows = []
     for kernel, pe, hd, causal, explicit, *grad in shipped_configs(quick, head_dims):
-        rows.append(compile_one(kernel, pe, hd, causal, explicit, arch=arch, dtype=dtype,
-                                pe_grad=grad[0] if grad else None))
-        if echo:
-            echo(rows[-1])
+        pe_grad = grad[0] if grad else None
+        kpe = launch.KernelPE(PES[pe], rot_dim=hd if pe == "rope" else 0)
+        cfg = tile_config(kernel, launch._layout_meta(kpe, hd, hd)[1], causal, DTYPES[dtype],
+                          arch, launch._family(kpe), ck_pe_grad(kernel, pe, pe_grad))
+        # a split dK/dV tile is two launches: each is checked
+        for part in ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",):
+            rows.append(compile_one(kernel, pe, hd, causal, explicit, arch=arch, dtype=dtype,
+                                    pe_grad=pe_grad, part=part))
+            if echo:
+                echo(rows[-1])
     return rows
 
 
@@ -189,6 +198,8 @@ def _print_row(r):
     pe = r["pe"] + ("+grad" if r.get("pe_grad") and r["pe"] == "alibi" else
                     "-grad" if r["pe"].startswith("kerple") and not r.get("pe_grad")
                     and r["kernel"] == "bwd_dq" else "")
+    if r.get("part", "both") != "both":
+        pe += f" [{r['part']}]"
     print(f"sm_{r['arch']} {r['kernel']:9s} {pe:15s} D={r['head_dim']:<4d} "
           f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
           f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "

@@ -17,6 +17,8 @@ unless the scheduler hides them. The report counts, per loop iteration of one wa
   per 1k  instr x warps x 1024 / (BLOCK_M x BLOCK_N): warp instructions per 1024 scores, the
           comparable number when a PE ships with a different tile than pe="none"
   vs none per 1k / per 1k of pe="none" for the same kernel and mask
+  tile    BLOCK_M x BLOCK_N; a trailing "s": a split dK/dV tile, whose two launches' loops are
+          counted together
   mma%    useful / issued tensor-core FLOPs per iteration. Useful: the kernel's GEMMs on one
           tile (forward 2, dK/dV 4, dQ 3, each BLOCK_M x BLOCK_N x D). Issued: the sum over
           the loop's HGMMA m64nNk16 (2*64*N*16 per warpgroup) or HMMA m16n8k16 (per warp).
@@ -80,6 +82,13 @@ def hot_loop(sass: str, raw: bool = False):
 
 
 GEMMS = {"fwd": 2, "bwd_dkdv": 4, "bwd_dq": 3}  # BLOCK_M x BLOCK_N x D products per tile
+# a split dK/dV tile (configs.TileConfig.split): the dV launch does S and P^T dO, the dK launch
+# S, dP and dS^T Q; together they are the 4 products (S twice is the price of the split)
+PART_GEMMS = {"both": None, "dv": 2, "dk": 3}
+
+
+def useful_flops(kernel: str, cfg, head_dim: int, part: str = "both") -> float:
+    return 2.0 * (PART_GEMMS[part] or GEMMS[kernel]) * cfg.BLOCK_M * cfg.BLOCK_N * head_dim
 
 
 def issued_mma_flops(body_text, num_warps: int) -> float:
@@ -94,26 +103,39 @@ def issued_mma_flops(body_text, num_warps: int) -> float:
     return total
 
 
-def mma_utilisation(ck, kernel: str, cfg, head_dim: int):
+def mma_utilisation(ck, kernel: str, cfg, head_dim: int, part: str = "both"):
     """Useful / issued tensor-core FLOPs in the hot loop of compiled kernel ``ck`` (None
-    when the loop has no MMA)."""
+    when the loop has no MMA). part: which launch of a split dK/dV tile ``ck`` is."""
     issued = issued_mma_flops(hot_loop(sass_of(ck), raw=True), cfg.num_warps)
-    useful = 2.0 * GEMMS[kernel] * cfg.BLOCK_M * cfg.BLOCK_N * head_dim
-    return round(useful / issued, 2) if issued else None
+    return round(useful_flops(kernel, cfg, head_dim, part) / issued, 2) if issued else None
 
 
 def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=None):
+    """One table row. A split dK/dV tile counts both launches' loops (instr and per 1k are
+    their sums; mma% is over both)."""
     from bench.compile_report import compile_kernel
+    from posattn.kernels import launch
+    from posattn.kernels.configs import tile_config
+    from bench.compile_report import DTYPES, PES, ck_pe_grad
 
-    ck, cfg, _ = compile_kernel(kernel, pe, head_dim, causal, cfg=cfg, arch=arch)
-    text = hot_loop(sass_of(ck), raw=True)
+    if cfg is None:
+        kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
+        width = launch._layout_meta(kpe, head_dim, head_dim)[1]
+        cfg = tile_config(kernel, width, causal, DTYPES["bf16"], arch, launch._family(kpe),
+                          ck_pe_grad(kernel, pe, None))
+    parts = ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
+    text = []
+    for part in parts:
+        ck, _, _ = compile_kernel(kernel, pe, head_dim, causal, cfg=cfg, arch=arch, part=part)
+        text += hot_loop(sass_of(ck), raw=True)
     body = [opcode(t) for t in text]
     cls = collections.Counter(CLASSES.get(op, "other") for op in body)
     per_k = len(body) * cfg.num_warps * 1024 / (cfg.BLOCK_M * cfg.BLOCK_N)
-    useful = 2.0 * GEMMS[kernel] * cfg.BLOCK_M * cfg.BLOCK_N * head_dim
+    useful = useful_flops(kernel, cfg, head_dim)
     issued = issued_mma_flops(text, cfg.num_warps)
+    tile = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}" + ("s" if cfg.split else "")
     return dict(arch=arch, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
-                tile=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}", num_warps=cfg.num_warps, instr=len(body),
+                tile=tile, num_warps=cfg.num_warps, instr=len(body),
                 mma=cls["mma"], mufu=cls["mufu"], fp64=cls["fp64"], smem=cls["smem"],
                 per_kscore=round(per_k), mma_util=round(useful / issued, 2) if issued else None)
 

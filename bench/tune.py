@@ -42,7 +42,15 @@ import torch
 
 from . import plan as P
 
-TileTuple = Tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, split]): configs.TileConfig's fields; a missing
+# split is False (only dK/dV tiles split)
+TileTuple = Tuple[int, ...]
+
+
+def norm_tile(tile) -> TileTuple:
+    """The 5-field form of a tile tuple (split defaults to False)."""
+    t = tuple(tile)
+    return t if len(t) == 5 else t + (False,)
 
 # Hopper-class (sm_90) bf16 candidates per (kernel, padded head dim): (tile, the PE families
 # it is listed for), the shipped tile among them. Each was compiled for sm_90 with every PE
@@ -69,6 +77,8 @@ def _fill_candidates() -> None:
         ((128, 32, 8, 3), _ALL),
     ]
     c[("bwd_dkdv", 128)] = [
+        ((32, 128, 8, 2, True), ("rope",)),  # split: dV and dK in two launches
+        ((16, 128, 8, 2, True), ("rope",)),
         ((32, 128, 8, 2), ("none", "alibi", "kerple")),
         ((64, 64, 8, 2), ("none", "alibi")),
         ((16, 128, 8, 2), ("none", "alibi", "kerple")),
@@ -230,7 +240,7 @@ def padded_width(pe: str, head_dim: int) -> int:
 def shipped_tile(kernel: str, pe: str, head_dim: int, arch: Optional[int], dtype) -> TileTuple:
     from posattn.kernels import configs
     cfg = configs.tile_config(kernel, padded_width(pe, head_dim), False, dtype, arch, family_of(pe))
-    return (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.num_stages)
+    return (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.num_stages, cfg.split)
 
 
 def make_tasks(args, arch: Optional[int], candidates=None) -> List[Task]:
@@ -246,8 +256,8 @@ def make_tasks(args, arch: Optional[int], candidates=None) -> List[Task]:
                 ship = shipped_tile(kernel, pe, hd, arch, P.DTYPES[args.dtype])
                 tasks.append(Task(kernel, pe, hd, ship, True))
                 for tile, fams in candidates.get((kernel, hd), []):
-                    if family_of(pe) in fams and tuple(tile) != ship:
-                        tasks.append(Task(kernel, pe, hd, tuple(tile), False))
+                    if family_of(pe) in fams and norm_tile(tile) != ship:
+                        tasks.append(Task(kernel, pe, hd, norm_tile(tile), False))
     return tasks
 
 
@@ -372,7 +382,7 @@ def pick(rows: List[dict], min_gain: float, arch: Optional[int], width_of) -> Li
 
 
 def _fmt_tile(t) -> str:
-    return f"{t[0]}x{t[1]} w{t[2]} s{t[3]}"
+    return f"{t[0]}x{t[1]} w{t[2]} s{t[3]}" + (" split" if len(t) > 4 and t[4] else "")
 
 
 def render(rows: List[dict], picks: List[dict], env: dict, args) -> str:
@@ -460,13 +470,15 @@ def vet(echo=print) -> int:
         for tile, fams in cands:
             for fam in fams:
                 for pe, explicit in VET_VARIANTS[fam]:
-                    r = compile_one(kernel, pe, hd, True, explicit, cfg=TileConfig(*tile),
-                                    pe_grad=False)
-                    status = "ok" if r["ok"] else "FAIL"
-                    bad += not r["ok"]
-                    echo(f"{status:4s} {kernel:8s} D={hd:<3d} {_fmt_tile(tile):14s} {pe:12s} "
-                         f"{'explicit' if explicit else 'contig':8s} regs {r['registers']} "
-                         f"stack {r['stack']} smem {r['shared']}")
+                    cfg = TileConfig(*norm_tile(tile))
+                    for part in ("dv", "dk") if cfg.split else ("both",):
+                        r = compile_one(kernel, pe, hd, True, explicit, cfg=cfg, pe_grad=False,
+                                        part=part)
+                        status = "ok" if r["ok"] else "FAIL"
+                        bad += not r["ok"]
+                        echo(f"{status:4s} {kernel:8s} D={hd:<3d} {_fmt_tile(tile):20s} {pe:12s} "
+                             f"{'explicit' if explicit else 'contig':8s} {part:4s} regs "
+                             f"{r['registers']} stack {r['stack']} smem {r['shared']}")
     return bad
 
 

@@ -96,7 +96,8 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
-                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr):
+                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, DO_DK: tl.constexpr,
+                DO_DV: tl.constexpr):
     """Accumulate dK, dV of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
@@ -128,10 +129,8 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
         if MASKED:  # rows past Sq: P = exp2(s - inf) = 0
             lse2 = tl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
-            delta = tl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
         else:  # every row of an unmasked tile is < Sq: no predicates to carry through the loop
             lse2 = tl.load(LSE2 + row0 + offs_m)
-            delta = tl.load(DELTA + row0 + offs_m)
         pa, pb = load_pe_params(PE, PA, PB, h)
 
         sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
@@ -145,15 +144,21 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
             sT = tl.where(visible, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
 
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = pT * (dpT - delta[None, :])
-        ds16 = dsT.to(qa.dtype)
-        dka = tl.dot(ds16, qa, dka, input_precision=PREC)
-        if PE == PE_ROPE:
-            dkb = tl.dot(ds16, qb, dkb, input_precision=PREC)
-            if HAS_PASS:
-                dkc = tl.dot(ds16, qc, dkc, input_precision=PREC)
+        if DO_DV:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        if DO_DK:
+            if MASKED:
+                delta = tl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+            else:
+                delta = tl.load(DELTA + row0 + offs_m)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dsT = pT * (dpT - delta[None, :])
+            ds16 = dsT.to(qa.dtype)
+            dka = tl.dot(ds16, qa, dka, input_precision=PREC)
+            if PE == PE_ROPE:
+                dkb = tl.dot(ds16, qb, dkb, input_precision=PREC)
+                if HAS_PASS:
+                    dkc = tl.dot(ds16, qc, dkc, input_precision=PREC)
         head_done = j == tiles_per_head - 1
         h = tl.where(head_done, h + 1, h)
         j = tl.where(head_done, 0, j + 1)
@@ -176,7 +181,10 @@ def attn_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
+    """dK and dV of one key block (DO_DK / DO_DV: both, or one of them -- see
+    configs.TileConfig.split: a program that computes only one holds half the accumulators)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hkv
@@ -250,7 +258,8 @@ def attn_bwd_dkdv_kernel(
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
-        PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE)
+        PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE,
+        DO_DK, DO_DV)
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
         Qb, DOb, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
@@ -259,19 +268,22 @@ def attn_bwd_dkdv_kernel(
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
-        PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE)
+        PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE,
+        DO_DK, DO_DV)
 
-    dka *= scale
-    dkb *= scale
-    dkc *= scale
-    if PE == PE_ROPE:
-        # recomputed rather than kept live through the loop: registers are the scarce resource
-        c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-        dka, dkb = rope_rotate(dka, dkb, c_k, -s_k)
-    store_groups(DK_OUT, offs_n, n_mask, stride_dkn, stride_dkd, dka, dkb, dkc, colA, colB, maskA,
-                 colC, maskC, PE, HAS_PASS)
-    tl.store(DV_OUT + offs_n.to(tl.int64)[:, None] * stride_dvn + colV[None, :] * stride_dvd,
-             dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & maskV[None, :])
+    if DO_DK:
+        dka *= scale
+        dkb *= scale
+        dkc *= scale
+        if PE == PE_ROPE:
+            # recomputed rather than kept live through the loop: registers are the scarce resource
+            c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+            dka, dkb = rope_rotate(dka, dkb, c_k, -s_k)
+        store_groups(DK_OUT, offs_n, n_mask, stride_dkn, stride_dkd, dka, dkb, dkc, colA, colB,
+                     maskA, colC, maskC, PE, HAS_PASS)
+    if DO_DV:
+        tl.store(DV_OUT + offs_n.to(tl.int64)[:, None] * stride_dvn + colV[None, :] * stride_dvd,
+                 dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & maskV[None, :])
 
 
 @triton.jit

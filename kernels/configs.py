@@ -29,10 +29,12 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     positions) on either triton, from the candidates in ``bench.tune.CANDIDATES``:
       forward 128 x 128 (64 keys with a PE at D=128, where 128 spill: for RoPE, its
       per-offset cos/sin tables, 64 registers a thread at 128 keys); dK/dV 32 x 128 at
-      D=128, 64 x 128 at D=64 (RoPE: 32 x 128 at D=64 and, the one exception at 67 %,
-      32 x 64 at D=128: every 128-key RoPE tile spills there, because the rotated K tile is
-      a register operand of wgmma, 32 registers a thread, where pe="none" reads K from shared
-      memory); dQ 128 x 64 (at D=128, RoPE, KERPLE and trainable ALiBi: 128 x 32; trainable
+      D=128, 64 x 128 at D=64 (RoPE: 32 x 128 at D=64; at D=128 every RoPE tile that
+      computes S once spills -- the rotated K tile is a register operand of wgmma, 32
+      registers a thread, where pe="none" reads K from shared memory -- so it runs 32 x 128
+      *split*: one launch accumulates dV, a second dK, each with half the accumulators: five
+      products per tile instead of four, against six issued by the 64-key tile that computes
+      S twice, and 1448 instead of 2036 instructions per 1k scores); dQ 128 x 64 (at D=128, RoPE, KERPLE and trainable ALiBi: 128 x 32; trainable
       KERPLE, whose r1/r2 gradient terms need registers: 128 x 32 at D=64, 64 x 16 on 4
       warps at D=128).
     Static choices: ``python -m bench.tune`` times them against the other candidates on a GPU.
@@ -75,6 +77,9 @@ class TileConfig:
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    # dK/dV only: compute dV and dK in two launches of the kernel, each holding one set of
+    # accumulators (one more S product, no tile that computes S twice; see _hopper)
+    split: bool = False
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
@@ -134,7 +139,7 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool) -> TileConfig:
         return TileConfig(128, 128, 8, 2)
     if kernel == "bwd_dkdv":
         if pe == "rope":
-            return TileConfig(32, 64, 8, 2) if big else TileConfig(32, 128, 8, 2)
+            return TileConfig(32, 128, 8, 2, split=True) if big else TileConfig(32, 128, 8, 2)
         return TileConfig(32, 128, 8, 2) if big else TileConfig(64, 128, 8, 2)
     # bwd_dq: at D=128, 64 keys spill (triton 3.9) for KERPLE and for trainable ALiBi, and
     # trainable KERPLE's gradient terms need 4 warps on 64 x 16 (128 x 32 spills on 3.9)
@@ -224,13 +229,15 @@ def override(tiles: Mapping[TileKey, TileConfig]) -> Iterator[None]:
 def load_tiles(path: str) -> Dict[TileKey, TileConfig]:
     """Read a tile file: a JSON object with a list ``"tiles"`` of entries
     ``{"kernel": "fwd", "family": "rope", "head_dim": 128, "arch": 90,
-    "tile": [BLOCK_M, BLOCK_N, num_warps, num_stages]}`` (what ``python -m bench.tune`` writes)."""
+    "tile": [BLOCK_M, BLOCK_N, num_warps, num_stages(, split)]}`` (what ``python -m bench.tune``
+    writes)."""
     with open(path) as f:
         data = json.load(f)
     tiles = {}
     for e in data.get("tiles", []):
         key = _check_key((e["kernel"], e["family"], e["head_dim"], e["arch"]))
-        tiles[key] = TileConfig(*(int(x) for x in e["tile"]))
+        m, n, w, st, *split = e["tile"]
+        tiles[key] = TileConfig(int(m), int(n), int(w), int(st), bool(split and split[0]))
     return tiles
 
 

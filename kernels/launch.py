@@ -218,15 +218,17 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta)
-    attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
-        q, k, v, do, lse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
-        float(pe.factor), bt.length,
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
+    for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
+        attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
+            q, k, v, do, lse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
+            float(pe.factor), bt.length,
+            PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+            DO_DK=do_dk, DO_DV=do_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
     cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe), need_pe_grad)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)

@@ -187,6 +187,30 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
     assert {m for k, m, _ in seen if k == "fwd"} == {128}  # not the interpreter's 32 x 32
 
 
+@pytest.mark.parametrize("pe,shape", [("rope_interleaved_partial", "gqa_sq<sk_d40_bshd"),
+                                      ("alibi_trainable", "explicit_pos_d64"),
+                                      ("rope", "mqa_sq>sk_d80")], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_split_dkdv_tiles(pe, shape, causal, monkeypatch):
+    """A split dK/dV tile (configs.TileConfig.split: dV and dK in two launches, each with one
+    set of accumulators) gives the same gradients, GQA groups and masks included."""
+    from posattn.kernels import configs, launch
+
+    real = configs.tile_config
+    seen = []
+
+    def split(kernel, *a):
+        cfg = real(kernel, *a)
+        if kernel == "bwd_dkdv":
+            cfg = configs.TileConfig(16, 32, 4, 1, split=True)
+            seen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(launch, "tile_config", split)
+    check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
+    assert seen
+
+
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 8.0], ids=["neg", "zero", "large"])
 @pytest.mark.parametrize("pe", ["none", "rope", "alibi"], ids=str)
 def test_kernel_any_scale(pe, scale):
