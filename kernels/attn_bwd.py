@@ -86,6 +86,36 @@ def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, 
 
 
 @triton.jit
+def grad_dot(ds16, xa, xb, xc, acc_a, acc_b, acc_c, PE: tl.constexpr, HAS_PASS: tl.constexpr,
+             PREC: tl.constexpr):
+    """acc += dS @ X per dot group (X = Q for dK, K for dQ; see load_qk's groups)."""
+    acc_a = tl.dot(ds16, xa, acc_a, input_precision=PREC)
+    if PE == PE_ROPE:
+        acc_b = tl.dot(ds16, xb, acc_b, input_precision=PREC)
+        if HAS_PASS:
+            acc_c = tl.dot(ds16, xc, acc_c, input_precision=PREC)
+    return acc_a, acc_b, acc_c
+
+
+@triton.jit
+def store_grad_groups(ptr, rows, row_mask, pos, stride_row, stride_col, xa, xb, xc, scale, THETA,
+                      rope_factor, colA, colB, maskA, colC, maskC, PE: tl.constexpr,
+                      HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """dQ or dK, accumulated as dot groups in the rotated frame: times the logit scale, rotated
+    back for RoPE (the transpose rotation of the rows at ``pos``), stored (store_groups).
+    The cos/sin are recomputed here rather than kept live through the loop: registers are the
+    scarce resource there."""
+    xa *= scale
+    xb *= scale
+    xc *= scale
+    if PE == PE_ROPE:
+        c, s = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        xa, xb = rope_rotate(xa, xb, c, -s)
+    store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, colB, maskA,
+                 colC, maskC, PE, HAS_PASS)
+
+
+@triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 Q, DO, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
                 c_tab, s_tab,
@@ -153,12 +183,8 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 delta = tl.load(DELTA + row0 + offs_m)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
             dsT = pT * (dpT - delta[None, :])
-            ds16 = dsT.to(qa.dtype)
-            dka = tl.dot(ds16, qa, dka, input_precision=PREC)
-            if PE == PE_ROPE:
-                dkb = tl.dot(ds16, qb, dkb, input_precision=PREC)
-                if HAS_PASS:
-                    dkc = tl.dot(ds16, qc, dkc, input_precision=PREC)
+            dka, dkb, dkc = grad_dot(dsT.to(qa.dtype), qa, qb, qc, dka, dkb, dkc, PE, HAS_PASS,
+                                     PREC)
         head_done = j == tiles_per_head - 1
         h = tl.where(head_done, h + 1, h)
         j = tl.where(head_done, 0, j + 1)
@@ -272,15 +298,9 @@ def attn_bwd_dkdv_kernel(
         DO_DK, DO_DV)
 
     if DO_DK:
-        dka *= scale
-        dkb *= scale
-        dkc *= scale
-        if PE == PE_ROPE:
-            # recomputed rather than kept live through the loop: registers are the scarce resource
-            c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-            dka, dkb = rope_rotate(dka, dkb, c_k, -s_k)
-        store_groups(DK_OUT, offs_n, n_mask, stride_dkn, stride_dkd, dka, dkb, dkc, colA, colB,
-                     maskA, colC, maskC, PE, HAS_PASS)
+        store_grad_groups(DK_OUT, offs_n, n_mask, kpos, stride_dkn, stride_dkd, dka, dkb, dkc,
+                          scale, THETA, rope_factor, colA, colB, maskA, colC, maskC, PE, HAS_PASS,
+                          ROT_HALF, BLOCK_A)
     if DO_DV:
         tl.store(DV_OUT + offs_n.to(tl.int64)[:, None] * stride_dvn + colV[None, :] * stride_dvd,
                  dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & maskV[None, :])
@@ -335,12 +355,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
             t1, t2 = bias_grad_terms(PE, ds, f, r2_term, pa)
             g1 += t1
             g2 += t2
-        ds16 = ds.to(qa.dtype)
-        dqa = tl.dot(ds16, ka, dqa, input_precision=PREC)
-        if PE == PE_ROPE:
-            dqb = tl.dot(ds16, kb, dqb, input_precision=PREC)
-            if HAS_PASS:
-                dqc = tl.dot(ds16, kc, dqc, input_precision=PREC)
+        dqa, dqb, dqc = grad_dot(ds.to(qa.dtype), ka, kb, kc, dqa, dqb, dqc, PE, HAS_PASS, PREC)
     return dqa, dqb, dqc, g1, g2
 
 
@@ -431,14 +446,9 @@ def attn_bwd_dq_kernel(
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
                               BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD)
-    dqa *= scale
-    dqb *= scale
-    dqc *= scale
-    if PE == PE_ROPE:
-        c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-        dqa, dqb = rope_rotate(dqa, dqb, c_q, -s_q)
-    store_groups(DQ, offs_m, m_mask, stride_dqm, stride_dqd, dqa, dqb, dqc, colA, colB, maskA,
-                 colC, maskC, PE, HAS_PASS)
+    store_grad_groups(DQ, offs_m, m_mask, qpos, stride_dqm, stride_dqd, dqa, dqb, dqc, scale,
+                      THETA, rope_factor, colA, colB, maskA, colC, maskC, PE, HAS_PASS, ROT_HALF,
+                      BLOCK_A)
     if NEED_PE_GRAD:  # partials (query blocks, B, Hq); torch sums them
         slot = pid_m * tl.num_programs(1) + bh
         tl.store(GPA + slot, tl.sum(g1, 0))
