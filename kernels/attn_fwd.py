@@ -126,6 +126,9 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
     applied inside the exp2 argument, one FFMA per score instead of an FMUL and an FADD
     (max(c x) = c max(x) for c > 0; a bias must be added before the max, so it cannot).
     """
+    exp_scale = 1.0  # what s is multiplied by inside max and exp2 (1: s is already scaled)
+    if FOLD_SCALE:
+        exp_scale = scale_log2
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
@@ -155,17 +158,11 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
                 visible = visible & (kpos[None, :] <= qpos[:, None])
             s = tl.where(visible, s, float("-inf"))
 
-        if FOLD_SCALE:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * exp_scale)
         # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead so
         # exp2(-inf - -inf) never makes a NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if FOLD_SCALE:
-            p = tl.math.exp2(s * scale_log2 - m_shift[:, None])
-        else:
-            p = tl.math.exp2(s - m_shift[:, None])
+        p = tl.math.exp2(s * exp_scale - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
