@@ -20,9 +20,9 @@ dS = P * (dP - Delta), dQ = scale * dS @ K, dK = scale * dS^T @ Q, dV = P^T @ dO
 import triton
 import triton.language as tl
 
-from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_rope
+from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_logits, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         alibi_causal_split, bias_grad_terms, qk_columns, rope_angle_cos_sin,
+                         bias_grad_terms, qk_columns, rope_angle_cos_sin,
                          rope_rotate, tile_bias, tile_bias_grad_inputs)
 
 
@@ -332,14 +332,9 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
-        if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and K.dtype.element_ty != tl.float32:
-            s = alibi_causal_split(qk, scale_log2, pa * LOG2E, qpos, k_start + t * BLOCK_N,
-                                   BLOCK_N)
-        else:
-            s = qk * scale_log2
-            if PE != PE_NONE and PE != PE_ROPE:
-                s -= (pa * LOG2E) * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos,
-                                              k_start + t * BLOCK_N, EXPLICIT_POS, pb)
+        s = tile_logits(qk, scale_log2, pa * LOG2E, pb, qpos, kpos, k_start + t * BLOCK_N,
+                        BIAS_F, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
+                        K.dtype.element_ty == tl.float32)
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:

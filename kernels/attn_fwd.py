@@ -110,6 +110,22 @@ def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, PE: tl.
 
 
 @triton.jit
+def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, PE: tl.constexpr,
+                CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
+                FP32: tl.constexpr):
+    """Scores of a (query rows, key columns) tile in the exp2 domain: qk * scale_log2 minus
+    the bias. pa2 = the bias's leading parameter x log2(e), pb = r2; k0 = the tile's first key
+    position. Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD)."""
+    if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
+        s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, kpos.shape[0])
+    else:
+        s = qk * scale_log2
+        if PE != PE_NONE and PE != PE_ROPE:
+            s -= pa2 * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k0, EXPLICIT_POS, pb)
+    return s
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, BIAS_F,
                c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
@@ -145,13 +161,9 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
         qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
         if FOLD_SCALE:
             s = qk  # unscaled: see the docstring
-        elif PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and K.dtype.element_ty != tl.float32:
-            s = alibi_causal_split(qk, scale_log2, pa2, qpos, k_start + t * BLOCK_N, BLOCK_N)
         else:
-            s = qk * scale_log2
-            if PE != PE_NONE and PE != PE_ROPE:
-                s -= pa2 * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
-                                     EXPLICIT_POS, pb)
+            s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
+                            PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE, K.dtype.element_ty == tl.float32)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:
