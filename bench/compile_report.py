@@ -71,6 +71,21 @@ def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
     return bool(pe_grad) and kernel == "bwd_dq" and pe not in ("none", "rope")
 
 
+def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
+                 dtype: str = "bf16", pe_grad=None):
+    """The TileConfig tile_config ships for this compile (pe: a key of PES; pe_grad as in
+    compile_kernel)."""
+    kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
+    width = launch._layout_meta(kpe, head_dim, head_dim)[1]
+    return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
+                       ck_pe_grad(kernel, pe, pe_grad))
+
+
+def launches(kernel: str, cfg) -> tuple:
+    """The ``part`` of each launch a config makes: a split dK/dV tile is two ("dv", "dk")."""
+    return ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
+
+
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both"):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
@@ -87,8 +102,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
     # dQ kernel then also accumulates the parameter gradients)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
-    cfg = cfg or tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
-                             pe_grad)
+    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad)
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
     table = pe.startswith("kerple") and not explicit
@@ -181,13 +195,10 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
     rows = []
     for kernel, pe, hd, causal, explicit, *grad in shipped_configs(quick, head_dims):
         pe_grad = grad[0] if grad else None
-        kpe = launch.KernelPE(PES[pe], rot_dim=hd if pe == "rope" else 0)
-        cfg = tile_config(kernel, launch._layout_meta(kpe, hd, hd)[1], causal, DTYPES[dtype],
-                          arch, launch._family(kpe), ck_pe_grad(kernel, pe, pe_grad))
-        # a split dK/dV tile is two launches: each is checked
-        for part in ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",):
-            rows.append(compile_one(kernel, pe, hd, causal, explicit, arch=arch, dtype=dtype,
-                                    pe_grad=pe_grad, part=part))
+        cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad)
+        for part in launches(kernel, cfg):  # a split dK/dV tile: each launch is checked
+            rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype, pe_grad,
+                                    part))
             if echo:
                 echo(rows[-1])
     return rows

@@ -113,19 +113,11 @@ def mma_utilisation(ck, kernel: str, cfg, head_dim: int, part: str = "both"):
 def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=None):
     """One table row. A split dK/dV tile counts both launches' loops (instr and per 1k are
     their sums; mma% is over both)."""
-    from bench.compile_report import compile_kernel
-    from posattn.kernels import launch
-    from posattn.kernels.configs import tile_config
-    from bench.compile_report import DTYPES, PES, ck_pe_grad
+    from bench.compile_report import compile_kernel, launches, shipped_tile
 
-    if cfg is None:
-        kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
-        width = launch._layout_meta(kpe, head_dim, head_dim)[1]
-        cfg = tile_config(kernel, width, causal, DTYPES["bf16"], arch, launch._family(kpe),
-                          ck_pe_grad(kernel, pe, None))
-    parts = ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
+    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch)
     text = []
-    for part in parts:
+    for part in launches(kernel, cfg):
         ck, _, _ = compile_kernel(kernel, pe, head_dim, causal, cfg=cfg, arch=arch, part=part)
         text += hot_loop(sass_of(ck), raw=True)
     body = [opcode(t) for t in text]

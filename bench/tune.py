@@ -464,14 +464,14 @@ def vet(echo=print) -> int:
     (bench.compile_report). Returns the number of failures."""
     from posattn.kernels.configs import TileConfig
 
-    from .compile_report import compile_one
+    from .compile_report import compile_one, launches
     bad = 0
     for (kernel, hd), cands in CANDIDATES.items():
         for tile, fams in cands:
             for fam in fams:
                 for pe, explicit in VET_VARIANTS[fam]:
                     cfg = TileConfig(*norm_tile(tile))
-                    for part in ("dv", "dk") if cfg.split else ("both",):
+                    for part in launches(kernel, cfg):
                         r = compile_one(kernel, pe, hd, True, explicit, cfg=cfg, pe_grad=False,
                                         part=part)
                         status = "ok" if r["ok"] else "FAIL"
