@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import plan as P
+from .measure import _first_line, bench_ms
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, split]): configs.TileConfig's fields; a missing
 # split is False (only dK/dV tiles split)
@@ -280,7 +281,7 @@ def _warm(args, tasks: List[Task]) -> List[str]:
             if args.device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - reported; the timing pass records the row
-            errors.append(f"{t}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            errors.append(f"{t}: {type(e).__name__}: {_first_line(e)}")
     _CASES.clear()
     return errors
 
@@ -309,8 +310,7 @@ def precompile(args, tasks: List[Task], jobs: int) -> List[str]:
 
 def time_ms(fn, device: str, warmup_ms: float, rep_ms: float) -> float:
     if device == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return bench_ms(fn, None, warmup_ms, rep_ms)[0]  # median, as the bench times
     t0 = time.perf_counter()  # CPU (the interpreter, in tests): one call
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -337,7 +337,7 @@ def measure(args, task: Task, reference: Optional[List[torch.Tensor]]) -> Tuple[
             ms = time_ms(fn, args.device, args.warmup_ms, args.rep_ms)
         row.update(ms=ms, tflops=case.flops(task.kernel) / (ms * 1e-3) / 1e12)
     except Exception as e:  # noqa: BLE001
-        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return row, (reference if task.shipped else None)

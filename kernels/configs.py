@@ -27,16 +27,16 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     warps or 64 rows x 4 warps on that side; within that, the tile with the fewest issued
     instructions per score that spills nothing for any PE variant (contiguous and explicit
     positions) on either triton, from the candidates in ``bench.tune.CANDIDATES``:
-      forward 128 x 128 (64 keys with a PE at D=128, where 128 spill: for RoPE, its
-      per-offset cos/sin tables, 64 registers a thread at 128 keys); dK/dV 32 x 128 at
-      D=128, 64 x 128 at D=64 (RoPE: 32 x 128 at D=64; at D=128 every RoPE tile that
-      computes S once spills -- the rotated K tile is a register operand of wgmma, 32
-      registers a thread, where pe="none" reads K from shared memory -- so it runs 32 x 128
-      *split*: one launch accumulates dV, a second dK, each with half the accumulators: five
-      products per tile instead of four, against six issued by the 64-key tile that computes
-      S twice, and 1448 instead of 2036 instructions per 1k scores); dQ 128 x 64 (at D=128, RoPE, KERPLE and trainable ALiBi: 128 x 32; trainable
-      KERPLE, whose r1/r2 gradient terms need registers: 128 x 32 at D=64, 64 x 16 on 4
-      warps at D=128).
+      forward 128 x 128 (64 keys with a PE at D=128, where 128 spill: for RoPE, its per-offset
+      cos/sin tables, 64 registers a thread at 128 keys); dK/dV 32 x 128 at D=128, 64 x 128 at
+      D=64 (RoPE: 32 x 128 at D=64; at D=128 every RoPE tile that computes S once spills --
+      the rotated K tile is a register operand of wgmma, 32 registers a thread, where
+      pe="none" reads K from shared memory -- so it runs 32 x 128 *split*: one launch
+      accumulates dV, a second dK, each with half the accumulators: five products per tile
+      instead of four, against six issued by the 64-key tile that computes S twice, and 1448
+      instead of 2036 instructions per 1k scores); dQ 128 x 64 (at D=128, RoPE, KERPLE and
+      trainable ALiBi: 128 x 32; trainable KERPLE, whose r1/r2 gradient terms need registers:
+      128 x 32 at D=64, 64 x 16 on 4 warps at D=128).
     Static choices: ``python -m bench.tune`` times them against the other candidates on a GPU.
   * Ampere: mma.sync keeps both operands in registers, so the PE kernels shrink a tile
     dimension where Hopper does not, and the same rule holds: the backward's S side gets
