@@ -8,6 +8,9 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     Q (B, Hq, Sq, D)   K (B, Hkv, Sk, D)   V (B, Hkv, Sk, DV)   O (B, Hq, Sq, DV)
     LSE (B, Hq, Sq) float32, natural log   QPOS (B|1, Sq), KPOS (B|1, Sk) int (explicit only)
     THETA (ROT_HALF,) float64 inv_freq (RoPE)   PA, PB (Hq,) PE parameters (bias PEs)
+    KD, VD: TMA descriptors of K and V, blocks (1, 1, BLOCK_N, BLOCK_A / BLOCK_DV), when TMA
+    (else None; see launch.tma_ready): the loop loads each key tile with one bulk
+    copy into shared memory instead of per-thread addresses and cp.async
     ROPE_TILES (cdiv(Sk, TILE_STEP), 2, BLOCK_A) float32: cos/sin of the key tile starts
     (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
     BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
@@ -17,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         alibi_causal_split, qk_columns, rope_angle_cos_sin, rope_rotate,
-                         rope_tile_start, tile_bias)
+                         alibi_causal_split, bias_shape, qk_columns, rope_angle_cos_sin,
+                         rope_rotate, rope_tile_start, tile_bias)
 
 
 @triton.jit
@@ -55,6 +58,15 @@ def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, c0, s0, colA,
         return ra.to(a.dtype), rb.to(a.dtype), c
     else:
         return a, a, a
+
+
+@triton.jit
+def load_box(desc, b, h, row0, col0, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """TMA load of rows [row0, row0 + BLOCK_R) and columns [col0, col0 + BLOCK_COL) of head
+    (b, h) of a (B, H, S, D) descriptor, as (BLOCK_R, BLOCK_COL). Out of bounds reads 0, so
+    rows past S and padded head-dim columns need no mask. Coordinates are int32 (the
+    hardware forms the 64-bit address)."""
+    return desc.load([b, h, row0, col0]).reshape(BLOCK_R, BLOCK_COL)
 
 
 @triton.jit
@@ -126,25 +138,37 @@ def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, PE: tl.constexp
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, BIAS_F,
-               c_tab, s_tab,
+def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA, ROPE_TILES,
+               BIAS_F, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                Sk, k_start, rope_factor, scale_log2, pa2, pb, tile_lo, tile_hi,
                colA, colB, maskA, colC, maskC, colV, maskV,
                PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
                BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-               BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr):
+               BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi).
 
     MASKED=False tiles are fully inside the keys and fully visible (no per-element mask).
-    FOLD_SCALE (no bias, scale > 0): the row max is taken over the raw logits and the scale
-    applied inside the exp2 argument, one FFMA per score instead of an FMUL and an FADD
-    (max(c x) = c max(x) for c > 0; a bias must be added before the max, so it cannot).
+    FOLD_SCALE (scale > 0): the scores are held in units of 1/scale, s = q.k + bias / scale
+    (the bias as one FFMA, bias / scale = -(a / scale) f), the row max is taken over them and
+    the scale applied inside the exp2 argument: one FFMA per score there instead of an FMUL
+    and an FADD (max(c x) = c max(x) for c > 0). Otherwise (a zero or negative scale) the
+    scores are formed by tile_logits in the exp2 domain.
+    There, with 128-key tiles, contiguous positions form |q - k| as q_rel - float(k - q_base):
+    the query side loop-invariant (a few registers), the key side converted per tile (two
+    instructions per column a thread holds) rather than kept live across the loop as
+    pe_helpers.tile_dist does -- 32 registers a thread at 128 keys, the difference between
+    128 x 128 ALiBi tiles spilling or not; smaller tiles keep the cheaper tile_dist. Exact
+    below 2**24, like tile_dist.
     """
     exp_scale = 1.0  # what s is multiplied by inside max and exp2 (1: s is already scaled)
+    pa_u = 0.0  # FOLD_SCALE: the bias's leading parameter in units of 1/scale
+    q_base = tl.min(qpos, 0)  # contiguous positions: the block's first query
+    q_rel = (qpos - q_base).to(tl.float32)
     if FOLD_SCALE:
         exp_scale = scale_log2
+        pa_u = pa2 / scale_log2
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
@@ -154,13 +178,27 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
             kpos = k_start + offs_n
         cos, sin, c0, s0 = tile_rope(kpos, t * BLOCK_N, c_tab, s_tab, THETA, ROPE_TILES,
                                      rope_factor, PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
-        ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
-                             maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
-        v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
+        if TMA:  # one dot group (no RoPE): see launch.tma_ready
+            ka = load_box(KD, b, hk, t * BLOCK_N, 0, BLOCK_N, BLOCK_A)
+            kb = ka
+            kc = ka
+            v = load_box(VD, b, hk, t * BLOCK_N, 0, BLOCK_N, colV.shape[0])
+        else:
+            ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA,
+                                 colB, maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
+            v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
-        if FOLD_SCALE:
-            s = qk  # unscaled: see the docstring
+        if FOLD_SCALE:  # in units of 1/scale: see the docstring
+            s = qk
+            if PE != PE_NONE and PE != PE_ROPE:
+                if BIAS_TABLE or EXPLICIT_POS or BLOCK_N < 128:
+                    f = tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
+                                  EXPLICIT_POS, pb)
+                else:  # |q - k| from the invariant rows and this tile's columns (docstring)
+                    f = bias_shape(PE, tl.abs(q_rel[:, None]
+                                              - (kpos - q_base).to(tl.float32)[None, :]), pb)
+                s = tl.fma(f, -pa_u, s)  # one FFMA (an FMUL and an FSUB left to the compiler)
         else:
             s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
                             PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE, K.dtype.element_ty == tl.float32)
@@ -185,7 +223,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES, B
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
+    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, KD, VD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -197,7 +235,7 @@ def attn_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -206,6 +244,8 @@ def attn_fwd_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
+    b32 = b.to(tl.int32)  # TMA coordinates
+    hk32 = hk.to(tl.int32)
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + hk * stride_kh
     V += b * stride_vb + hk * stride_vh
@@ -255,20 +295,20 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
-                               BIAS_F, c_tab, s_tab,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
+                               THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KPOS, THETA, ROPE_TILES,
-                               BIAS_F, c_tab, s_tab,
+                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
+                               THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                                Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE)
+                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -27,9 +27,12 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     warps or 64 rows x 4 warps on that side; within that, the tile with the fewest issued
     instructions per score that spills nothing for any PE variant (contiguous and explicit
     positions) on either triton, from the candidates in ``bench.tune.CANDIDATES``:
-      forward 128 x 128 (64 keys with a PE at D=128, where 128 spill: for RoPE, its per-offset
-      cos/sin tables, 64 registers a thread at 128 keys); dK/dV 32 x 128 at D=128, 64 x 128 at
-      D=64 (RoPE: 32 x 128 at D=64; at D=128 every RoPE tile that computes S once spills --
+      forward 128 x 128 (at D=128, 64 keys for RoPE, whose per-offset cos/sin tables hold 64
+      registers a thread at 128 keys, and for ALiBi and KERPLE with explicit positions or
+      without TMA key tiles -- unaligned inputs, where KERPLE takes 32; ALiBi and KERPLE with
+      TMA and contiguous positions keep 128: TMA frees the K / V address registers); dK/dV
+      32 x 128 at D=128, 64 x 128 at D=64 (RoPE: 32 x 128 at D=64; at D=128 every RoPE
+      tile that computes S once spills --
       the rotated K tile is a register operand of wgmma, 32 registers a thread, where
       pe="none" reads K from shared memory -- so it runs 32 x 128 *split*: one launch
       accumulates dV, a second dK, each with half the accumulators: five products per tile
@@ -98,16 +101,22 @@ TILES_ENV = "POSATTN_TILES"
 
 
 def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
-                arch: Optional[int], pe: str = "none", pe_grad: bool = False) -> TileConfig:
+                arch: Optional[int], pe: str = "none", pe_grad: bool = False,
+                explicit: bool = False, tma: bool = False) -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
     pe: the PE family in FAMILIES -- "none", "rope", "alibi" or "kerple" (log and power). RoPE
     keeps rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
     pe_grad: the dQ kernel also accumulates the bias parameters' gradients (trainable ALiBi
     slopes / KERPLE r1, r2), which costs registers.
+    explicit: explicit position tensors (the bias PEs then form distances in int64: more
+    registers). tma: the forward loads K / V through TMA (launch.tma_ready: sm_90+, no
+    RoPE, 16-byte-aligned inputs), which frees the registers that held their addresses.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)
-    wins for fp16 and bf16 inputs.
+    wins for fp16 and bf16 inputs with contiguous positions and the forward's usual load path
+    (TMA where it applies): what ``bench.tune`` measures. Explicit positions and unaligned
+    inputs keep the shipped tile, which is spill-free for them too.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -115,7 +124,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
         raise ValueError(f"pe must be one of {FAMILIES}, got {pe!r}")
     if not _env_loaded:
         _load_env()
-    if dtype != torch.float32 and _overrides:
+    if dtype != torch.float32 and _overrides and not explicit and (
+            tma or kernel != "fwd" or pe == "rope" or arch not in HOPPER_CLASS):
         hit = _overrides.get((kernel, pe, head_dim, arch))
         if hit is not None:
             return hit
@@ -127,16 +137,19 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
         return _d256(kernel, pe, arch in HOPPER_CLASS)
     big = head_dim > 64
     if arch in HOPPER_CLASS:
-        return _hopper(kernel, pe, big, pe_grad)
+        return _hopper(kernel, pe, big, pe_grad, explicit, tma)
     return _ampere(kernel, pe, big)
 
 
-def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool) -> TileConfig:
+def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
+            tma: bool) -> TileConfig:
     # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
-        if big and pe != "none":
-            return TileConfig(128, 64, 8, 3)
-        return TileConfig(128, 128, 8, 2)
+        if not big or pe == "none" or (tma and not explicit and pe in ("alibi", "kerple")):
+            return TileConfig(128, 128, 8, 2)
+        if pe == "kerple" and not tma and not explicit:  # unaligned inputs: 64 keys spill on 3.9
+            return TileConfig(128, 32, 8, 3)
+        return TileConfig(128, 64, 8, 3)
     if kernel == "bwd_dkdv":
         if pe == "rope":
             return TileConfig(32, 128, 8, 2, split=True) if big else TileConfig(32, 128, 8, 2)

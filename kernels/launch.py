@@ -3,6 +3,7 @@
 All tensors are (B, H, S, D) *views* with arbitrary strides (bhsd and bshd storage both work);
 the last dim should have stride 1 for speed (the caller makes sure).
 """
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,7 +13,7 @@ import triton
 from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_fwd_kernel
-from .configs import tile_config
+from .configs import HOPPER_CLASS, tile_config
 from .pe_helpers import TILE_STEP, bias_table_kernel, rope_tile_table_kernel
 
 # PE kinds, the values of the kernels' PE constexpr (see pe_helpers.py)
@@ -76,6 +77,76 @@ def _layout_meta(pe: KernelPE, D: int, DV: int):
         width = meta["BLOCK_A"]
     meta.update(D=D, DV=DV, BLOCK_DV=_pow2(DV))
     return meta, max(width, meta["BLOCK_DV"])
+
+
+# TMA (the Hopper tensor memory accelerator) for the forward's K and V tiles: one bulk copy
+# per tile into shared memory instead of per-thread addresses and cp.async. On sm_90 (triton
+# 3.6, D=128, 128 x 128) that takes 79 of the 573 instructions per warp out of each tile
+# iteration (286 -> 246 per 1k scores, bench.sass_loop) and frees the registers that held the
+# addresses (255 -> 236 a thread without a PE; ALiBi at 128 x 64: 234 -> 173), which is what
+# lets ALiBi and KERPLE run 128-key tiles (configs.tile_config).
+# Not for RoPE, whose K tiles pass through registers to be rotated anyway: no fewer
+# instructions, and the extra staging spills on triton 3.9. Not in the backward: its loop
+# tiles (32-row Q / dO in dK/dV) cost few address instructions (306 -> 304), and the
+# descriptors' staging made some dK/dV tiles spill. The Hopper-class archs, whose tile table
+# is checked with it (configs.HOPPER_CLASS); the interpreter runs it too (so CPU tests cover
+# the code Hopper runs); POSATTN_TMA=0 switches it off (the pointer path, which Ampere, RoPE
+# and unaligned inputs run).
+
+
+def tma_enabled(arch: Optional[int]) -> bool:
+    """Whether the forward may load K / V through TMA on ``arch`` (None: interpreter)."""
+    if os.environ.get("POSATTN_TMA", "1") in ("", "0"):
+        return False
+    return arch is None or arch in HOPPER_CLASS
+
+
+def tma_applies(pe: KernelPE) -> bool:
+    """Whether the PE lets the forward load K through TMA: K is one dot group (no RoPE)."""
+    return pe.kind != PE_ROPE
+
+
+def _tma_strides(t: torch.Tensor) -> Optional[list]:
+    """Strides a TMA descriptor of the (B, H, S, D) view ``t`` can take, or None where TMA
+    cannot address it: the head dim not contiguous, the base or a stride not a multiple of
+    16 bytes, or a broadcast (stride 0) dim."""
+    unit = 16 // t.element_size()  # elements per 16 bytes
+    if t.stride(3) != 1 or t.data_ptr() % 16 or t.numel() == 0:
+        return None
+    strides = list(t.stride())
+    for i in (2, 1, 0):
+        if t.shape[i] == 1:  # never stepped over: any valid stride will do
+            strides[i] = triton.cdiv(max(strides[i + 1] * t.shape[i + 1], 1), unit) * unit
+        elif strides[i] <= 0 or strides[i] % unit:
+            return None
+    return strides
+
+
+def _tma_descriptor(t: torch.Tensor, rows: int, cols: int):
+    """TMA descriptor of a (B, H, S, D) view, blocks (1, 1, rows, cols), or None (_tma_strides).
+    Columns past D and rows past S read 0."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    strides = _tma_strides(t)
+    if strides is None:
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols])
+
+
+def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward will load K and V through TMA (decided before its tile: with TMA
+    the ALiBi and KERPLE tiles can be larger, configs.tile_config)."""
+    return (tma_enabled(arch) and tma_applies(pe) and _tma_strides(k) is not None
+            and _tma_strides(v) is not None)
+
+
+def tma_descriptors(tma: bool, meta: dict, k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """(k_desc, v_desc) for the forward's key tiles when ``tma`` (tma_ready), else (None,
+    None): the pointer path."""
+    if not tma:
+        return None, None
+    return (_tma_descriptor(k, block_n, meta["BLOCK_A"]),
+            _tma_descriptor(v, block_n, meta["BLOCK_DV"]))
 
 
 def _pos_args(pos: KernelPositions, dummy: torch.Tensor):
@@ -165,31 +236,34 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
         out = q.new_empty((B, Hq, Sq, DV))
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
-    cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe))
+    tma = tma_ready(_arch(q), pe, k, v)
+    cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe),
+                      explicit=pos.explicit, tma=tma)
     qp, kp, pstrides = _pos_args(pos, q)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
     grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)
+    kd, vd = tma_descriptors(tma, meta, k, v, cfg.BLOCK_N)
     attn_fwd_kernel[grid](
         q, k, v, out, lse, qp, kp,
         pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
-        pe.pb if pe.pb is not None else q, bt.f,
+        pe.pb if pe.pb is not None else q, bt.f, kd, vd,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
         float(pe.factor), bt.length,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
-        FOLD_SCALE=fold_scale(pe, scale),
+        FOLD_SCALE=fold_scale(scale), TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
 
-def fold_scale(pe: KernelPE, scale: float) -> bool:
-    """The forward may take the row max over unscaled logits (attn_fwd._fwd_tiles): no bias
-    to add first, and a positive scale (a zero or negative one is allowed, and runs the
-    general path)."""
-    return pe.kind in (PE_NONE, PE_ROPE) and scale > 0
+def fold_scale(scale: float) -> bool:
+    """The forward may hold its scores in units of 1/scale and take the row max over them
+    (attn_fwd._fwd_tiles; the bias is divided by the scale too): a positive scale. A zero or
+    negative one is allowed, and runs the general path."""
+    return scale > 0
 
 
 def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: bool,

@@ -175,8 +175,8 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
     seen = set()
     real = configs.tile_config
 
-    def shipped(kernel, head_dim, causal_, dtype, _arch, family="none", pe_grad=False):
-        cfg = real(kernel, head_dim, causal_, dtype, arch, family, pe_grad)
+    def shipped(kernel, head_dim, causal_, dtype, _arch, family="none", pe_grad=False, **kw):
+        cfg = real(kernel, head_dim, causal_, dtype, arch, family, pe_grad, **kw)
         seen.add((kernel, cfg.BLOCK_M, cfg.BLOCK_N))
         return cfg
 
@@ -185,6 +185,30 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
     check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
     assert {k for k, _, _ in seen} == {"fwd", "bwd_dkdv", "bwd_dq"}
     assert {m for k, m, _ in seen if k == "fwd"} == {128}  # not the interpreter's 32 x 32
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pe", ["alibi_trainable", "kerple_log", "kerple_power"], ids=str)
+def test_forward_128_key_tiles(pe, causal, monkeypatch):
+    """Forward tiles of 128 keys form a bias PE's |q - k| per tile from the key columns
+    (attn_fwd._fwd_tiles: no loop-invariant column vector), as ALiBi and KERPLE do on Hopper at
+    D=128; smaller tiles, which every other test runs, take pe_helpers.tile_dist. KERPLE here
+    evaluates f in the tile (both sequences are shorter than launch.BIAS_TABLE_MIN_LEN)."""
+    from posattn.kernels import configs, launch
+
+    seen = []
+    real = configs.tile_config
+
+    def spy(kernel, *a, **kw):
+        cfg = real(kernel, *a, **kw)
+        seen.append((kernel, cfg.BLOCK_N))
+        return cfg
+
+    monkeypatch.setattr(launch, "tile_config", spy)
+    family = "alibi" if pe.startswith("alibi") else "kerple"
+    with configs.override({("fwd", family, 64, None): configs.TileConfig(32, 128, 4, 1)}):
+        check_case(_pes()[pe], SHAPES["gqa_sq<sk_d40_bshd"], causal, torch.float16)
+    assert ("fwd", 128) in seen
 
 
 @pytest.mark.parametrize("pe,shape", [("rope_interleaved_partial", "gqa_sq<sk_d40_bshd"),
@@ -199,8 +223,8 @@ def test_split_dkdv_tiles(pe, shape, causal, monkeypatch):
     real = configs.tile_config
     seen = []
 
-    def split(kernel, *a):
-        cfg = real(kernel, *a)
+    def split(kernel, *a, **kw):
+        cfg = real(kernel, *a, **kw)
         if kernel == "bwd_dkdv":
             cfg = configs.TileConfig(16, 32, 4, 1, split=True)
             seen.append(cfg)
@@ -212,11 +236,12 @@ def test_split_dkdv_tiles(pe, shape, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 8.0], ids=["neg", "zero", "large"])
-@pytest.mark.parametrize("pe", ["none", "rope", "alibi"], ids=str)
+@pytest.mark.parametrize("pe", ["none", "rope", "alibi", "kerple_log"], ids=str)
 def test_kernel_any_scale(pe, scale):
-    """The forward takes the row max over unscaled logits when there is no bias and the scale
-    is positive (launch.fold_scale); zero and negative scales run the general path. At scale
-    8 the scaled logits reach ~400 (log2 units): a row max left unscaled would overflow exp2."""
+    """The forward holds its scores in units of 1/scale (the bias divided by it) and takes the
+    row max over them when the scale is positive (launch.fold_scale); zero and negative
+    scales run the general path. At scale 8 the scaled logits reach ~400 (log2 units): a row
+    max left unscaled would overflow exp2."""
     check_case(_pes()[pe], SHAPES["mqa_sq>sk_d80"], True, torch.float16, scale=scale)
 
 

@@ -224,7 +224,7 @@ _COMPILE_SCRIPT = textwrap.dedent('''
         every = dict(meta, PE=pe, CAUSAL=causal, EXPLICIT_POS=explicit, BLOCK_M=cfg.BLOCK_M,
                      BLOCK_N=cfg.BLOCK_N, PREC="tf32", GROUP_P2=4,
                      NEED_PE_GRAD=pe not in (launch.PE_NONE, launch.PE_ROPE),
-                     FOLD_SCALE=pe in (launch.PE_NONE, launch.PE_ROPE), DO_DK=True, DO_DV=True,
+                     FOLD_SCALE=True, TMA=False, DO_DK=True, DO_DV=True,
                      BIAS_TABLE=pe in (launch.PE_KERPLE_LOG, launch.PE_KERPLE_POWER) and not explicit)
         wanted = [p.name for p in fn.params if p.is_constexpr]
         missing = [n for n in wanted if n not in every]

@@ -65,18 +65,52 @@ def test_override_reaches_the_launcher_and_stays_correct(monkeypatch):
     seen = []
     real = configs.tile_config
 
-    def spy(*a):
-        cfg = real(*a)
+    def spy(*a, **kw):
+        cfg = real(*a, **kw)
         seen.append((a[0], cfg))
         return cfg
 
     monkeypatch.setattr(launch, "tile_config", spy)
-    tiles = {("fwd", "alibi", 64, None): TileConfig(16, 64, 4, 1),
-             ("bwd_dkdv", "alibi", 64, None): TileConfig(64, 16, 4, 1),
-             ("bwd_dq", "alibi", 64, None): TileConfig(16, 16, 4, 1)}
+    tiles = {("fwd", "alibi", 32, None): TileConfig(16, 64, 4, 1),
+             ("bwd_dkdv", "alibi", 32, None): TileConfig(64, 16, 4, 1),
+             ("bwd_dq", "alibi", 32, None): TileConfig(16, 16, 4, 1)}
     with configs.override(tiles):
-        check_case(lambda D: "alibi", SHAPES["explicit_pos_d64"], True, torch.float16)
+        check_case(lambda D: "alibi", SHAPES["offset_pos_d32"], True, torch.float16)
     assert {k: c for k, c in seen} == {k[0]: c for k, c in tiles.items()}
+
+
+def test_overrides_skip_the_variants_the_tuner_does_not_measure():
+    """The tuner measures contiguous positions with aligned inputs (the forward's key tiles
+    through TMA on Hopper, except RoPE): explicit positions, and a Hopper forward on the
+    pointer path, keep the shipped tile, which is spill-free for them."""
+    tile = TileConfig(128, 128, 8, 2)
+    key = ("fwd", "alibi", 128, 90)
+    bf16 = torch.bfloat16
+    with configs.override({key: tile, ("bwd_dq", "alibi", 128, 90): tile,
+                           ("fwd", "rope", 128, 90): tile}):
+        assert configs.tile_config("fwd", 128, True, bf16, 90, "alibi", tma=True) == tile
+        assert configs.tile_config("fwd", 128, True, bf16, 90, "alibi", tma=False) != tile
+        assert configs.tile_config("fwd", 128, True, bf16, 90, "alibi", explicit=True,
+                                   tma=True) != tile
+        assert configs.tile_config("bwd_dq", 128, True, bf16, 90, "alibi") == tile
+        assert configs.tile_config("bwd_dq", 128, True, bf16, 90, "alibi", explicit=True) != tile
+        assert configs.tile_config("fwd", 128, True, bf16, 90, "rope") == tile  # RoPE: no TMA
+
+
+def test_hopper_forward_tiles_follow_tma_and_positions():
+    """ALiBi and KERPLE at D=128: 128 keys with TMA and contiguous positions (the address
+    registers TMA frees), fewer otherwise; RoPE 64 always; no PE 128 always."""
+    bf16 = torch.bfloat16
+
+    def keys(pe, **kw):
+        return configs.tile_config("fwd", 128, True, bf16, 90, pe, **kw).BLOCK_N
+
+    for pe in ("alibi", "kerple"):
+        assert keys(pe, tma=True) == 128
+        assert keys(pe, explicit=True, tma=True) == keys(pe, explicit=True) == 64
+    assert keys("alibi", tma=False) == 64 and keys("kerple", tma=False) == 32
+    assert configs.tile_config("fwd", 128, True, bf16, 90, "rope").BLOCK_N == 64
+    assert configs.tile_config("fwd", 128, True, bf16, 90, "none").BLOCK_N == 128
 
 
 def _row(kernel, pe, tile, ms, shipped=False, status="ok"):
