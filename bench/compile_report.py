@@ -53,6 +53,8 @@ POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
             "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
             "BIAS_G": "*fp32"}
 FLOATS = {"scale", "scale_log2", "rope_factor"}
+# The forward's TMA descriptor arguments (launch.tma_descriptors): (rows, columns) of a block
+DESCRIPTORS = {"KD": ("BLOCK_N", "BLOCK_A"), "VD": ("BLOCK_N", "BLOCK_DV")}
 
 
 def _cuobjdump() -> str:
@@ -72,13 +74,14 @@ def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
 
 
 def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
-                 dtype: str = "bf16", pe_grad=None):
-    """The TileConfig tile_config ships for this compile (pe: a key of PES; pe_grad as in
-    compile_kernel)."""
+                 dtype: str = "bf16", pe_grad=None, explicit: bool = False, tma=None):
+    """The TileConfig tile_config ships for this compile (pe: a key of PES; pe_grad, tma as
+    in compile_kernel)."""
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     width = launch._layout_meta(kpe, head_dim, head_dim)[1]
+    tma = uses_tma(kernel, pe, arch) if tma is None else tma
     return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
-                       ck_pe_grad(kernel, pe, pe_grad))
+                       ck_pe_grad(kernel, pe, pe_grad), explicit=explicit, tma=tma)
 
 
 def launches(kernel: str, cfg) -> tuple:
@@ -86,14 +89,24 @@ def launches(kernel: str, cfg) -> tuple:
     return ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
 
 
+def uses_tma(kernel: str, pe: str, arch: int) -> bool:
+    """Whether the launcher loads the loop tiles through TMA here (launch.tma_ready),
+    for 16-byte-aligned inputs as every benchmark makes them."""
+    return (kernel == "fwd" and launch.tma_enabled(arch)
+            and launch.tma_applies(launch.KernelPE(PES[pe])))
+
+
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
-                   cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both"):
+                   cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
+                   tma=None):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
 
     explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
     dtype: the input dtype, a key of DTYPES. pe_grad: compile the dQ kernel with the bias
     parameters' gradients (default: KERPLE yes, ALiBi no, as most use them). part: for dK/dV,
     "both" or one launch of a split tile, "dv" or "dk" (configs.TileConfig.split).
+    tma: load the loop tiles through TMA descriptors; default: where the launcher would
+    (uses_tma). False on sm_90 compiles the pointer path its unaligned inputs take.
     Returns (compiled kernel, TileConfig, seconds).
     """
     fn = KERNELS[kernel]
@@ -102,7 +115,8 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
     # dQ kernel then also accumulates the parameter gradients)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
-    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad)
+    tma = uses_tma(kernel, pe, arch) if tma is None else tma
+    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad, explicit, tma)
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
     table = pe.startswith("kerple") and not explicit
@@ -114,10 +128,17 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     if kernel == "bwd_dkdv":
         constexprs.update(DO_DK=part in ("both", "dk"), DO_DV=part in ("both", "dv"))
     if kernel == "fwd":  # the default positive scale
-        constexprs["FOLD_SCALE"] = launch.fold_scale(kpe, 1.0)
+        constexprs.update(TMA=tma, FOLD_SCALE=launch.fold_scale(1.0))
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in DESCRIPTORS:
+            if tma:
+                rows, cols = (constexprs[n] for n in DESCRIPTORS[name])
+                signature[name] = f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"
+            else:  # the launcher passes None
+                signature[name] = "constexpr"
+                constexprs[name] = None
+        elif name in constexprs:
             signature[name] = "constexpr"
         elif name.startswith("stride_") and name.endswith("d"):
             signature[name] = "constexpr"  # the head dim is contiguous: launches specialise it to 1
@@ -139,10 +160,12 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
-                cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both"):
+                cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
+                tma=None):
     """Compile one config (see compile_kernel) and return its report row."""
+    tma = uses_tma(kernel, pe, arch) if tma is None else tma
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                      pe_grad, part)
+                                      pe_grad, part, tma)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -160,7 +183,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
                stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
-               mma_util=None)
+               mma_util=None, tma=tma)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -195,12 +218,15 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
     rows = []
     for kernel, pe, hd, causal, explicit, *grad in shipped_configs(quick, head_dims):
         pe_grad = grad[0] if grad else None
-        cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad)
-        for part in launches(kernel, cfg):  # a split dK/dV tile: each launch is checked
-            rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype, pe_grad,
-                                    part))
-            if echo:
-                echo(rows[-1])
+        # where the forward's key tiles go through TMA, unaligned inputs take the pointer path
+        # (launch.tma_ready), with the tile shipped for it: both are checked
+        for tma in (True, False) if uses_tma(kernel, pe, arch) else (False,):
+            cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma)
+            for part in launches(kernel, cfg):  # a split dK/dV tile: each launch is checked
+                rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype,
+                                        pe_grad, part, tma))
+                if echo:
+                    echo(rows[-1])
     return rows
 
 
@@ -213,7 +239,8 @@ def _print_row(r):
         pe += f" [{r['part']}]"
     print(f"sm_{r['arch']} {r['kernel']:9s} {pe:15s} D={r['head_dim']:<4d} "
           f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
-          f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}  "
+          f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
+          f"{' tma' if r.get('tma') else ''}  "
           f"regs {r['registers']:>3} stack {r['stack']} local {r['local']} smem {r['shared']:>6} "
           f"{'fp32 FMA dots' if r['dtype'] == 'fp32' else MMA[r['arch']].split('.')[0]} "
           f"{'' if r['dtype'] == 'fp32' else 'yes' if r['mma'] else 'NO'}  "
