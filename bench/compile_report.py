@@ -48,7 +48,7 @@ PES = {"none": launch.PE_NONE, "rope": launch.PE_ROPE, "alibi": launch.PE_ALIBI,
 # Pointer arguments and their element types (bf16 inputs); everything else is an int or float.
 # "io" is the input dtype (q, k, v and everything of their shape).
 POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
-            "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32",
+            "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "NLSE2": "*fp32", "DELTA": "*fp32",
             "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
             "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
             "BIAS_G": "*fp32"}

@@ -3,7 +3,7 @@
 FlashAttention-2's split: the dK/dV program owns one key block and walks the query tiles of
 every query head in its GQA group (so dK/dV are summed over the group in registers); the dQ
 program owns one query block and walks the key tiles. Both recompute P from the saved LSE
-(as LSE2, in the exp2 domain, written by the preprocess).
+(as NLSE2 = -LSE * log2(e), written by the preprocess: P = exp2(s + NLSE2)).
 
 RoPE: Q and K are rotated on load exactly as in the forward; dQ and dK are accumulated in the
 rotated frame and rotated back (transpose rotation, same cos/sin with -sin) before the store.
@@ -27,15 +27,17 @@ from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NON
 
 
 @triton.jit
-def attn_bwd_preprocess_kernel(O, DO, LSE, DELTA, LSE2,
+def attn_bwd_preprocess_kernel(O, DO, LSE, DELTA, NLSE2,
                                stride_ob, stride_oh, stride_om, stride_od,
                                stride_dob, stride_doh, stride_dom, stride_dod,
                                Hq, Sq, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_DV: tl.constexpr):
-    """DELTA (B, Hq, Sq) float32 = rowsum(O * dO), and LSE2 = LSE * log2(e) with a query that
-    saw no key (LSE -inf) mapped to +inf, so that its P = exp2(s - LSE2) is exactly 0.
+    """DELTA (B, Hq, Sq) float32 = rowsum(O * dO), and NLSE2 = -LSE * log2(e) with a query
+    that saw no key (LSE -inf) mapped to -inf, so that its P = exp2(s + NLSE2) is exactly 0.
+    Negated so that the loops add it in the FFMA that applies the scale, with no negation of
+    their own.
 
-    LSE2 once per query here rather than per query tile in the dK/dV loop, which visits every
+    NLSE2 once per query here rather than per query tile in the dK/dV loop, which visits every
     query tile once per key block: there the -inf test and its select cost ~4 instructions per
     column a thread holds, every iteration."""
     pid_m = tl.program_id(0)
@@ -53,7 +55,7 @@ def attn_bwd_preprocess_kernel(O, DO, LSE, DELTA, LSE2,
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * Sq + offs_m, delta, mask=m_mask)
     lse = tl.load(LSE + bh * Sq + offs_m, mask=m_mask, other=0.0)
-    tl.store(LSE2 + bh * Sq + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E),
+    tl.store(NLSE2 + bh * Sq + offs_m, tl.where(lse == float("-inf"), float("-inf"), -lse * LOG2E),
              mask=m_mask)
 
 
@@ -117,7 +119,7 @@ def store_grad_groups(ptr, rows, row_mask, pos, stride_row, stride_col, xa, xb, 
 
 @triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-                Q, DO, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+                Q, DO, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
                 c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -158,21 +160,23 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                              maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
         if MASKED:  # rows past Sq: P = exp2(s - inf) = 0
-            lse2 = tl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
+            nlse2 = tl.load(NLSE2 + row0 + offs_m, mask=m_mask, other=float("-inf"))
         else:  # every row of an unmasked tile is < Sq: no predicates to carry through the loop
-            lse2 = tl.load(LSE2 + row0 + offs_m)
+            nlse2 = tl.load(NLSE2 + row0 + offs_m)
         pa, pb = load_pe_params(PE, PA, PB, h)
 
-        sT = qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
+        # the exp2 argument of P^T, (BLOCK_N, BLOCK_M): scale and NLSE2 in one FFMA, a bias in
+        # one more (tl.fma: the compiler does not contract them on its own)
+        sT = tl.fma(qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC), scale_log2, nlse2[None, :])
         if PE != PE_NONE and PE != PE_ROPE:
-            sT -= (pa * LOG2E) * tile_bias(PE, BIAS_TABLE, BIAS_F + h * bias_len, kpos, qpos, q0,
-                                           EXPLICIT_POS, pb)
+            sT = tl.fma(tile_bias(PE, BIAS_TABLE, BIAS_F + h * bias_len, kpos, qpos, q0,
+                                  EXPLICIT_POS, pb), -(pa * LOG2E), sT)
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
                 visible = visible & (kpos[:, None] <= qpos[None, :])
             sT = tl.where(visible, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse2[None, :])
+        pT = tl.math.exp2(sT)
 
         if DO_DV:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
@@ -193,7 +197,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
+    Q, K, V, DO, NLSE2, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -278,7 +282,7 @@ def attn_bwd_dkdv_kernel(
     DOb = DO + b * stride_dob
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -288,7 +292,7 @@ def attn_bwd_dkdv_kernel(
         DO_DK, DO_DV)
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, LSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -307,7 +311,7 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
+def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
               Sk, k_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
@@ -333,14 +337,14 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
         s = tile_logits(qk, scale_log2, pa * LOG2E, pb, qpos, kpos, k_start + t * BLOCK_N,
-                        BIAS_F, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
-                        K.dtype.element_ty == tl.float32)
+                        BIAS_F, nlse2[:, None], PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
+                        K.dtype.element_ty == tl.float32)  # plus NLSE2: exp2(s) = P
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:
                 visible = visible & (kpos[None, :] <= qpos[:, None])
             s = tl.where(visible, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(s)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         if NEED_PE_GRAD:
@@ -356,7 +360,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos, m_mask,
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, GPA, GPB,
+    Q, K, V, DO, NLSE2, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, GPA, GPB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -416,7 +420,7 @@ def attn_bwd_dq_kernel(
     qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, PE, HAS_PASS, True, False)
     do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, True)
-    lse2 = tl.load(LSE2 + bh * Sq + offs_m, mask=m_mask, other=float("inf"))
+    nlse2 = tl.load(NLSE2 + bh * Sq + offs_m, mask=m_mask, other=float("-inf"))
     delta = tl.load(DELTA + bh * Sq + offs_m, mask=m_mask, other=0.0)
 
     # Key tiles, as in the forward: [0, n_full) unmasked, [n_full, n_tiles) masked.
@@ -427,14 +431,14 @@ def attn_bwd_dq_kernel(
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     g1 = tl.zeros([BLOCK_M], tl.float32)
     g2 = tl.zeros([BLOCK_M], tl.float32)
-    dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos,
+    dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos,
                               m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, 0, n_full,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
                               BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD)
-    dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, lse2, delta, qpos,
+    dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos,
                               m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                               Sk, k_start, rope_factor, scale_log2, pa, pb, n_full, n_tiles,

@@ -122,18 +122,22 @@ def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, PE: tl.
 
 
 @triton.jit
-def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, PE: tl.constexpr,
+def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, PE: tl.constexpr,
                 CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
                 FP32: tl.constexpr):
-    """Scores of a (query rows, key columns) tile in the exp2 domain: qk * scale_log2 minus
-    the bias. pa2 = the bias's leading parameter x log2(e), pb = r2; k0 = the tile's first key
-    position. Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD)."""
+    """Scores of a (query rows, key columns) tile in the exp2 domain, qk * scale_log2 minus the
+    bias, plus ``row_add``: the backward's NLSE2 (-LSE * log2 e) as a (BLOCK_M, 1) column, so
+    that exp2 of the result is P; 0.0 in the forward. pa2 = the bias's leading parameter x log2(e), pb = r2;
+    k0 = the tile's first key position. The scale and the shift are one FFMA, a bias one more
+    (written as tl.fma: the compiler does not contract them on its own). Causal ALiBi on
+    16-bit inputs takes alibi_causal_split (one FFMA + one FADD)."""
     if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
-        s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, kpos.shape[0])
+        s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, kpos.shape[0])
     else:
-        s = qk * scale_log2
+        s = tl.fma(qk, scale_log2, row_add)
         if PE != PE_NONE and PE != PE_ROPE:
-            s -= pa2 * tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k0, EXPLICIT_POS, pb)
+            s = tl.fma(tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k0, EXPLICIT_POS, pb),
+                       -pa2, s)
     return s
 
 
@@ -201,7 +205,8 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                 s = tl.fma(f, -pa_u, s)  # one FFMA (an FMUL and an FSUB left to the compiler)
         else:
             s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
-                            PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE, K.dtype.element_ty == tl.float32)
+                            0.0, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
+                            K.dtype.element_ty == tl.float32)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:

@@ -283,10 +283,10 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     pb = pe.pb if pe.pb is not None else q
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)  # LSE * log2(e), +inf for a query that saw no key
+    nlse2 = torch.empty_like(delta)  # -LSE * log2(e), -inf for a query that saw no key
     pre_m = 64 if arch is not None else 32
     attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), B * Hq)](
-        out, do, lse, delta, lse2, *out.stride(), *do.stride(), Hq, Sq,
+        out, do, lse, delta, nlse2, *out.stride(), *do.stride(), Hq, Sq,
         DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
     cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
@@ -295,7 +295,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
     for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
         attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
-            q, k, v, do, lse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f,
+            q, k, v, do, nlse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
             float(pe.factor), bt.length,
@@ -313,7 +313,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     else:
         gpa = gpb = delta  # never written
     attn_bwd_dq_kernel[(n_qblocks, B * Hq)](
-        q, k, v, do, lse2, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, gpa, gpb,
+        q, k, v, do, nlse2, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, gpa, gpb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor), bt.length,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,

@@ -153,9 +153,10 @@ def tile_dist(row_pos, col_pos, col0, EXPLICIT_POS: tl.constexpr):
 
 
 @triton.jit
-def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, BLOCK_N: tl.constexpr):
-    """Causal ALiBi scores in the exp2 domain, qk * scale_log2 - pa2 |q - k|, as one FFMA and
-    one FADD per element: every key a causal query sees has k <= q, so
+def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, BLOCK_N: tl.constexpr):
+    """Causal ALiBi scores in the exp2 domain, qk * scale_log2 - pa2 |q - k| + row_add (a
+    (BLOCK_M, 1) column or a scalar), as one FFMA and one FADD per element: every key a causal
+    query sees has k <= q, so
     -pa2 |q - k| = -pa2 (q - k0) + pa2 j (k = k0 + j) -- a row vector per tile plus a
     loop-invariant column vector, instead of a subtract, abs and FFMA per element.
 
@@ -166,7 +167,7 @@ def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, BLOCK_N: tl.constexpr):
     """
     row = -pa2 * (qpos - k0).to(tl.float32)
     col = pa2 * tl.arange(0, BLOCK_N).to(tl.float32)
-    return (qk * scale_log2 + row[:, None]) + col[None, :]
+    return tl.fma(qk, scale_log2, row[:, None] + row_add) + col[None, :]
 
 
 @triton.jit

@@ -184,7 +184,7 @@ _COMPILE_SCRIPT = textwrap.dedent('''
 
     POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16",
                 "DQ": "*fp16", "DK_OUT": "*fp16", "DV_OUT": "*fp16", "OUT": "*fp16",
-                "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32",
+                "LSE": "*fp32", "NLSE2": "*fp32", "DELTA": "*fp32", "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32",
                 "GPB": "*fp32", "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64",
                 "ROPE_TILES": "*fp32", "BIAS_F": "*fp32", "BIAS_G": "*fp32"}
     FLOATS = {"scale", "scale_log2", "rope_factor"}
