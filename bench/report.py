@@ -237,6 +237,8 @@ def markdown(env: dict, config: dict, rows: List[dict], targets: List[dict]) -> 
                  f"posattn {env.get('posattn')} ({env.get('git_commit')}), {env.get('date')}.")
     if env.get("tiles", "shipped") != "shipped":
         lines += ["", f"Tiles: the shipped configs except {env['tiles']}."]
+    if "tma" in env:
+        lines += ["", f"TMA key tiles in the forward: {env['tma']}."]
     lines.append("")
     lines.append(f"H={config.get('heads')} heads, B·S={config.get('tokens')} tokens, {config.get('dtype')}; "
                  "FLOPs = 4·B·H·S²·D (×0.5 causal, ×3.5 fwd+bwd); time = median of "
