@@ -135,9 +135,11 @@ def _tma_descriptor(t: torch.Tensor, rows: int, cols: int):
 
 def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the forward will load K and V through TMA (decided before its tile: with TMA
-    the ALiBi and KERPLE tiles can be larger, configs.tile_config)."""
-    return (tma_enabled(arch) and tma_applies(pe) and _tma_strides(k) is not None
-            and _tma_strides(v) is not None)
+    the ALiBi and KERPLE tiles can be larger, configs.tile_config). 16-bit inputs only: fp32
+    runs its IEEE dots on the FMA units with both operands in registers, where staging the
+    tiles through TMA took 90 -> 255 registers and spilled 248 B (sm_90, D=64)."""
+    return (tma_enabled(arch) and tma_applies(pe) and k.dtype != torch.float32
+            and _tma_strides(k) is not None and _tma_strides(v) is not None)
 
 
 def tma_descriptors(tma: bool, meta: dict, k: torch.Tensor, v: torch.Tensor, block_n: int):

@@ -117,6 +117,14 @@ def test_tma_applies_without_rope():
     assert not launch.tma_applies(launch.KernelPE(launch.PE_ROPE, rot_dim=64))
 
 
+def test_fp32_keeps_the_pointer_path():
+    """fp32 inputs run their dots on the FMA units from registers: no TMA (launch.tma_ready)."""
+    k = torch.zeros(1, 2, 40, 64, device=DEVICE)
+    assert launch._tma_strides(k) is not None
+    assert not launch.tma_ready(None, launch.KernelPE(), k, k)
+    assert launch.tma_ready(None, launch.KernelPE(), k.half(), k.half())
+
+
 def test_tma_switch(monkeypatch):
     monkeypatch.delenv("POSATTN_TMA", raising=False)
     assert launch.tma_enabled(90) and launch.tma_enabled(None)
