@@ -127,10 +127,10 @@ def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, PE: tl
                 FP32: tl.constexpr):
     """Scores of a (query rows, key columns) tile in the exp2 domain, qk * scale_log2 minus the
     bias, plus ``row_add``: the backward's NLSE2 (-LSE * log2 e) as a (BLOCK_M, 1) column, so
-    that exp2 of the result is P; 0.0 in the forward. pa2 = the bias's leading parameter x log2(e), pb = r2;
-    k0 = the tile's first key position. The scale and the shift are one FFMA, a bias one more
-    (written as tl.fma: the compiler does not contract them on its own). Causal ALiBi on
-    16-bit inputs takes alibi_causal_split (one FFMA + one FADD)."""
+    that exp2 of the result is P; 0.0 in the forward. pa2 = the bias's leading parameter x
+    log2(e), pb = r2; k0 = the tile's first key position. The scale and the shift are one
+    FFMA, a bias one more (written as tl.fma: the compiler does not contract them on its
+    own). Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD)."""
     if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
         s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, kpos.shape[0])
     else:
@@ -202,7 +202,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                 else:  # |q - k| from the invariant rows and this tile's columns (docstring)
                     f = bias_shape(PE, tl.abs(q_rel[:, None]
                                               - (kpos - q_base).to(tl.float32)[None, :]), pb)
-                s = tl.fma(f, -pa_u, s)  # one FFMA (an FMUL and an FSUB left to the compiler)
+                s = tl.fma(f, -pa_u, s)  # as tl.fma: left alone, the compiler emits FMUL + FADD
         else:
             s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
                             0.0, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
