@@ -11,14 +11,19 @@
 #   5. bench  python -m bench --quick (D=128, S=8k and 2k, every PE and peer), with
 #             POSATTN_TILES=OUTDIR/tune/tiles.json when the tuner picked any tile (bench.md
 #             says which); copy the picks into kernels/configs.py to ship them
+#   6. tma    the forward without TMA key tiles (POSATTN_TMA=0: the pointer path, and for
+#             ALiBi / KERPLE its 128x64 tile), none / ALiBi / KERPLE at D=128, S=8k, non-causal,
+#             into OUTDIR/tma_off/: set against the same rows of bench.md it says whether
+#             TMA (kernels/launch.py) earns its place
 #
 # Every step runs under `timeout`; its log is kept when it fails or times out, and the next step
 # still runs. OUTDIR gets setup.log tests.log main.log tune.log tune/{tune.md,tune.json,tiles.json}
-# bench.log bench.md bench.json bench_d128.png summary.txt; the summary is printed last. Exit
-# status 1 if any step failed. Budget (seconds, override by environment): SETUP_TIMEOUT=45
-# TESTS_TIMEOUT=140 MAIN_TIMEOUT=45 TUNE_TIMEOUT=110 (TUNE_MINUTES=1.3: stop starting
-# measurements) BENCH_TIMEOUT=190 (BENCH_MINUTES=2.3: the bench stops starting new shapes and
-# writes what it has). Worst case ~9 min, meant to fit one 600 s device call; typically less.
+# bench.log bench.md bench.json bench_d128.png tma.log tma_off/bench.md summary.txt; the summary
+# is printed last. Exit status 1 if any step failed. Budget (seconds, override by environment):
+# SETUP_TIMEOUT=45 TESTS_TIMEOUT=140 MAIN_TIMEOUT=45 TUNE_TIMEOUT=110 (TUNE_MINUTES=1.3: stop
+# starting measurements) BENCH_TIMEOUT=170 (BENCH_MINUTES=2.0: the bench stops starting new
+# shapes and writes what it has) TMA_TIMEOUT=30. Worst case ~9 min, meant to fit one 600 s
+# device call; typically less.
 # TEST_WORKERS=8 (pytest-xdist, if installed; 0 = serial), PYTEST_ARGS (extra pytest arguments),
 # PYTHON (default python3), SKIP="tests main" (steps to leave out, e.g. to rerun only the bench).
 set -u
@@ -34,8 +39,9 @@ TESTS_TIMEOUT=${TESTS_TIMEOUT:-140}
 MAIN_TIMEOUT=${MAIN_TIMEOUT:-45}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-110}
 TUNE_MINUTES=${TUNE_MINUTES:-1.3}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-190}
-BENCH_MINUTES=${BENCH_MINUTES:-2.3}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
+BENCH_MINUTES=${BENCH_MINUTES:-2.0}
+TMA_TIMEOUT=${TMA_TIMEOUT:-30}
 TEST_WORKERS=${TEST_WORKERS:-8}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 SKIP=${SKIP:-}
@@ -119,6 +125,9 @@ if [ -f "$TILES" ] && (cd "$REPO" && "$PY" -c "import sys; from posattn.kernels.
 fi
 step bench "$BENCH_TIMEOUT" "$PY" -m bench --quick --max-minutes "$BENCH_MINUTES" --out "$OUTDIR"
 unset POSATTN_TILES
+step tma "$TMA_TIMEOUT" env POSATTN_TMA=0 "$PY" -m bench --pes none,alibi,kerple --seqlens 8k \
+    --head-dims 128 --modes fwd --causal false --impls posattn --no-plot --max-minutes 0.3 \
+    --out "$OUTDIR/tma_off"
 
 {
     echo
@@ -145,6 +154,10 @@ unset POSATTN_TILES
         awk '/^## Targets/{on=1; next} /^## Results/{on=0} on && /^\|/' "$OUTDIR/bench.md"
     else
         echo "bench: no bench.md written (see bench.log)"
+    fi
+    if [ -f "$OUTDIR/tma_off/bench.md" ]; then  # compare with bench.md's posattn fwd rows
+        echo "tma:   the forward with POSATTN_TMA=0 (D=128, S=8k, non-causal):"
+        grep -E '^\| (none|alibi|kerple) +\| posattn ' "$OUTDIR/tma_off/bench.md" | sed 's/^/  /'
     fi
     echo "total $(($(date +%s) - T0)) s; logs and results in $OUTDIR"
 } >>"$SUMMARY"
