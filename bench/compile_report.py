@@ -79,7 +79,7 @@ def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
     in compile_kernel)."""
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     width = launch._layout_meta(kpe, head_dim, head_dim)[1]
-    tma = uses_tma(kernel, pe, arch, dtype) if tma is None else tma
+    tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
     return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
                        ck_pe_grad(kernel, pe, pe_grad), explicit=explicit, tma=tma)
 
@@ -89,10 +89,10 @@ def launches(kernel: str, cfg) -> tuple:
     return ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
 
 
-def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16") -> bool:
+def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: bool = False) -> bool:
     """Whether the launcher loads the loop tiles through TMA here (launch.tma_ready),
     for 16-byte-aligned inputs as every benchmark makes them."""
-    return (kernel == "fwd" and dtype != "fp32" and launch.tma_enabled(arch)
+    return (kernel == "fwd" and dtype != "fp32" and not explicit and launch.tma_enabled(arch)
             and launch.tma_applies(launch.KernelPE(PES[pe])))
 
 
@@ -115,7 +115,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
     # dQ kernel then also accumulates the parameter gradients)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
-    tma = uses_tma(kernel, pe, arch, dtype) if tma is None else tma
+    tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
     cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad, explicit, tma)
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
@@ -163,7 +163,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                 tma=None):
     """Compile one config (see compile_kernel) and return its report row."""
-    tma = uses_tma(kernel, pe, arch, dtype) if tma is None else tma
+    tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                       pe_grad, part, tma)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
@@ -195,8 +195,9 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
 
 def shipped_configs(quick: bool = False, head_dims=(64, 128)):
     """(kernel, pe, head_dim, causal, explicit[, pe_grad]) to check: every PE causal with
-    contiguous positions, plus non-causal without PE, and RoPE and KERPLE-power with explicit
-    positions (per-element cos/sin; int64 position differences); the dQ kernel also with the
+    contiguous positions, plus non-causal without PE, and no PE, RoPE and KERPLE-power with
+    explicit positions (the causal mask from position tensors; per-element cos/sin; int64
+    position differences); the dQ kernel also with the
     other gradient setting of each bias PE (trainable ALiBi, fixed KERPLE), which tile_config
     gives its own tile. quick: none / rope / kerple_power (the heaviest bias) only."""
     pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
@@ -205,6 +206,7 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
             for pe in pes:
                 yield kernel, pe, head_dim, True, False
             yield kernel, "none", head_dim, False, False
+            yield kernel, "none", head_dim, True, True
             yield kernel, "rope", head_dim, True, True
             yield kernel, "kerple_power", head_dim, True, True
             if kernel == "bwd_dq" and not quick:
@@ -220,7 +222,7 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
         pe_grad = grad[0] if grad else None
         # where the forward's key tiles go through TMA, unaligned inputs take the pointer path
         # (launch.tma_ready), with the tile shipped for it: both are checked
-        for tma in (True, False) if uses_tma(kernel, pe, arch, dtype) else (False,):
+        for tma in (True, False) if uses_tma(kernel, pe, arch, dtype, explicit) else (False,):
             cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma)
             for part in launches(kernel, cfg):  # a split dK/dV tile: each launch is checked
                 rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype,

@@ -68,7 +68,8 @@ def environment() -> dict:
         "tiles": tile_overrides(),
         # the forward's K/V load path on Hopper (posattn.kernels.launch.tma_enabled)
         "tma": "off (POSATTN_TMA=0)" if os.environ.get("POSATTN_TMA", "1") in ("", "0")
-        else "on where it applies (Hopper-class GPU, no RoPE, 16-bit 16-byte-aligned inputs)",
+        else ("on where it applies (Hopper-class GPU, no RoPE, contiguous positions, 16-bit "
+              "16-byte-aligned inputs)"),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

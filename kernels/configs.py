@@ -29,8 +29,10 @@ Why these numbers (each table is clean on triton 3.6, which CUDA torch 2.11 pins
     positions) on either triton, from the candidates in ``bench.tune.CANDIDATES``:
       forward 128 x 128 (at D=128, 64 keys for RoPE, whose per-offset cos/sin tables hold 64
       registers a thread at 128 keys, and for ALiBi and KERPLE with explicit positions or
-      without TMA key tiles -- unaligned inputs, where KERPLE takes 32; ALiBi and KERPLE with
-      TMA and contiguous positions keep 128: TMA frees the K / V address registers); dK/dV
+      without TMA key tiles -- unaligned inputs, where KERPLE takes 32 -- and for no PE with
+      explicit positions (the causal mask from int64 positions spills 8 B at 128 keys on
+      triton 3.6); ALiBi and KERPLE with TMA and contiguous positions keep 128: TMA frees the
+      K / V address registers); dK/dV
       32 x 128 at D=128, 64 x 128 at D=64 (RoPE: 32 x 128 at D=64; at D=128 every RoPE
       tile that computes S once spills --
       the rotated K tile is a register operand of wgmma, 32 registers a thread, where
@@ -145,7 +147,8 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
             tma: bool) -> TileConfig:
     # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
-        if not big or pe == "none" or (tma and not explicit and pe in ("alibi", "kerple")):
+        if not big or (pe == "none" and not explicit) or (
+                tma and not explicit and pe in ("alibi", "kerple")):
             return TileConfig(128, 128, 8, 2)
         if pe == "kerple" and not tma and not explicit:  # unaligned inputs: 64 keys spill on 3.9
             return TileConfig(128, 32, 8, 3)

@@ -133,12 +133,16 @@ def _tma_descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols])
 
 
-def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tensor) -> bool:
+def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tensor,
+              explicit: bool) -> bool:
     """Whether the forward will load K and V through TMA (decided before its tile: with TMA
     the ALiBi and KERPLE tiles can be larger, configs.tile_config). 16-bit inputs only: fp32
     runs its IEEE dots on the FMA units with both operands in registers, where staging the
-    tiles through TMA took 90 -> 255 registers and spilled 248 B (sm_90, D=64)."""
-    return (tma_enabled(arch) and tma_applies(pe) and k.dtype != torch.float32
+    tiles through TMA took 90 -> 255 registers and spilled 248 B (sm_90, D=64). Contiguous
+    positions only: with explicit ones triton 3.6's ptxas crashes (SIGSEGV) on the causal
+    no-PE forward (sm_90, D=64 and 128), and the bias PEs' tiles are no larger with TMA there."""
+    return (tma_enabled(arch) and tma_applies(pe) and not explicit
+            and k.dtype != torch.float32
             and _tma_strides(k) is not None and _tma_strides(v) is not None)
 
 
@@ -238,7 +242,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
         out = q.new_empty((B, Hq, Sq, DV))
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
-    tma = tma_ready(_arch(q), pe, k, v)
+    tma = tma_ready(_arch(q), pe, k, v, pos.explicit)
     cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe),
                       explicit=pos.explicit, tma=tma)
     qp, kp, pstrides = _pos_args(pos, q)

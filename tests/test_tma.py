@@ -40,7 +40,7 @@ def _inputs(shape, seed=0):
 
 # (pe, shape, whether the key tiles can go through TMA)
 CASES = [("none", "gqa_sq<sk_d40_bshd", True),
-         ("alibi_trainable", "explicit_pos_d64", True),
+         ("alibi_trainable", "explicit_pos_d64", False),  # explicit positions: pointers
          ("kerple_log", "mqa_sq>sk_d80", True),  # D = 80: the box's columns past 80 read 0
          ("kerple_power", "offset_pos_d32", True),
          ("rope", "offset_pos_d32", False)]
@@ -66,7 +66,7 @@ def test_tma_matches_pointer_path(pe, shape, tma, causal, monkeypatch):
             assert torch.equal(gr_t[name], gr_p[name]), name
 
 
-@pytest.mark.parametrize("pe,shape", [("none", "gqa_sq<sk_d40_bshd"), ("alibi", "explicit_pos_d64"),
+@pytest.mark.parametrize("pe,shape", [("none", "gqa_sq<sk_d40_bshd"), ("alibi", "offset_pos_d32"),
                                       ("kerple_power", "mqa_sq>sk_d80")], ids=str)
 def test_pointer_path_passes_the_rule(pe, shape, monkeypatch):
     """The pointer path (what Ampere runs) against the fp64 reference, on cases that would
@@ -121,8 +121,9 @@ def test_fp32_keeps_the_pointer_path():
     """fp32 inputs run their dots on the FMA units from registers: no TMA (launch.tma_ready)."""
     k = torch.zeros(1, 2, 40, 64, device=DEVICE)
     assert launch._tma_strides(k) is not None
-    assert not launch.tma_ready(None, launch.KernelPE(), k, k)
-    assert launch.tma_ready(None, launch.KernelPE(), k.half(), k.half())
+    assert not launch.tma_ready(None, launch.KernelPE(), k, k, False)
+    assert launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), False)
+    assert not launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), True)  # explicit
 
 
 def test_tma_switch(monkeypatch):
