@@ -267,9 +267,11 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
 
 def fold_scale(scale: float) -> bool:
     """The forward may hold its scores in units of 1/scale and take the row max over them
-    (attn_fwd._fwd_tiles; the bias is divided by the scale too): a positive scale. A zero or
-    negative one is allowed, and runs the general path."""
-    return scale > 0
+    (attn_fwd._fwd_tiles; the bias is divided by the scale too): a positive scale, and not a
+    vanishing one -- the bias parameter over the scale must stay finite (at a subnormal scale
+    a slope / scale is inf, and inf x a distance of 0 is NaN). Any other scale (zero,
+    negative, below 2**-60) is allowed and runs the general path."""
+    return scale >= 2.0 ** -60
 
 
 def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: bool,

@@ -235,13 +235,14 @@ def test_split_dkdv_tiles(pe, shape, causal, monkeypatch):
     assert seen
 
 
-@pytest.mark.parametrize("scale", [-0.3, 0.0, 8.0], ids=["neg", "zero", "large"])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-40, 8.0], ids=["neg", "zero", "subnormal", "large"])
 @pytest.mark.parametrize("pe", ["none", "rope", "alibi", "kerple_log"], ids=str)
 def test_kernel_any_scale(pe, scale):
     """The forward holds its scores in units of 1/scale (the bias divided by it) and takes the
     row max over them when the scale is positive (launch.fold_scale); zero and negative
     scales run the general path. At scale 8 the scaled logits reach ~400 (log2 units): a row
-    max left unscaled would overflow exp2."""
+    max left unscaled would overflow exp2. At a subnormal scale a bias divided by the scale
+    would be inf (NaN on the diagonal, where the distance is 0): the general path again."""
     check_case(_pes()[pe], SHAPES["mqa_sq>sk_d80"], True, torch.float16, scale=scale)
 
 
