@@ -48,7 +48,8 @@ PES = {"none": launch.PE_NONE, "rope": launch.PE_ROPE, "alibi": launch.PE_ALIBI,
 # Pointer arguments and their element types (bf16 inputs); everything else is an int or float.
 # "io" is the input dtype (q, k, v and everything of their shape).
 POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
-            "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "NLSE2": "*fp32", "DELTA": "*fp32",
+            "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "NLSE2": "*fp32",
+            "DELTA": "*fp32",
             "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
             "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
             "BIAS_G": "*fp32"}
@@ -90,10 +91,10 @@ def launches(kernel: str, cfg) -> tuple:
 
 
 def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: bool = False) -> bool:
-    """Whether the launcher loads the loop tiles through TMA here (launch.tma_ready),
+    """Whether the launcher loads the loop tiles through TMA here (launch.tma_planned),
     for 16-byte-aligned inputs as every benchmark makes them."""
-    return (kernel == "fwd" and dtype != "fp32" and not explicit and launch.tma_enabled(arch)
-            and launch.tma_applies(launch.KernelPE(PES[pe])))
+    return kernel == "fwd" and launch.tma_planned(arch, launch.KernelPE(PES[pe]), DTYPES[dtype],
+                                                  explicit)
 
 
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,

@@ -103,11 +103,16 @@ def issued_mma_flops(body_text, num_warps: int) -> float:
     return total
 
 
+def _utilisation(body_text, kernel: str, cfg, head_dim: int, part: str = "both"):
+    """Useful / issued tensor-core FLOPs of a loop body (None when it has no MMA)."""
+    issued = issued_mma_flops(body_text, cfg.num_warps)
+    return round(useful_flops(kernel, cfg, head_dim, part) / issued, 2) if issued else None
+
+
 def mma_utilisation(ck, kernel: str, cfg, head_dim: int, part: str = "both"):
     """Useful / issued tensor-core FLOPs in the hot loop of compiled kernel ``ck`` (None
     when the loop has no MMA). part: which launch of a split dK/dV tile ``ck`` is."""
-    issued = issued_mma_flops(hot_loop(sass_of(ck), raw=True), cfg.num_warps)
-    return round(useful_flops(kernel, cfg, head_dim, part) / issued, 2) if issued else None
+    return _utilisation(hot_loop(sass_of(ck), raw=True), kernel, cfg, head_dim, part)
 
 
 def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=None):
@@ -123,13 +128,11 @@ def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=N
     body = [opcode(t) for t in text]
     cls = collections.Counter(CLASSES.get(op, "other") for op in body)
     per_k = len(body) * cfg.num_warps * 1024 / (cfg.BLOCK_M * cfg.BLOCK_N)
-    useful = useful_flops(kernel, cfg, head_dim)
-    issued = issued_mma_flops(text, cfg.num_warps)
     tile = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}" + ("s" if cfg.split else "")
     return dict(arch=arch, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
                 tile=tile, num_warps=cfg.num_warps, instr=len(body),
                 mma=cls["mma"], mufu=cls["mufu"], fp64=cls["fp64"], smem=cls["smem"],
-                per_kscore=round(per_k), mma_util=round(useful / issued, 2) if issued else None)
+                per_kscore=round(per_k), mma_util=_utilisation(text, kernel, cfg, head_dim))
 
 
 def main(argv=None):

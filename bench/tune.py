@@ -228,19 +228,24 @@ def same_result(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], rtol:
 # ---------------------------------------------------------------------------------------------
 
 
+def _kernel_pe(pe: str, head_dim: int):
+    """A kernel PE record standing for the family ``pe`` (the bias PEs share their layout)."""
+    from posattn.kernels import launch
+    kind = {"none": launch.PE_NONE, "rope": launch.PE_ROPE}.get(pe, launch.PE_ALIBI)  # biases: D
+    return launch.KernelPE(kind, rot_dim=head_dim if kind == launch.PE_ROPE else 0)
+
+
 def padded_width(pe: str, head_dim: int) -> int:
     """The head width tile_config is keyed on for ``pe`` (full rotary dim for RoPE)."""
     from posattn.kernels import launch
-    kind = {"none": launch.PE_NONE, "rope": launch.PE_ROPE}.get(pe, launch.PE_ALIBI)  # biases: D
-    kpe = launch.KernelPE(kind, rot_dim=head_dim if kind == launch.PE_ROPE else 0)
-    return launch._layout_meta(kpe, head_dim, head_dim)[1]
+    return launch._layout_meta(_kernel_pe(pe, head_dim), head_dim, head_dim)[1]
 
 
 def shipped_tile(kernel: str, pe: str, head_dim: int, arch: Optional[int], dtype) -> TileTuple:
     """The tile shipped for the tuner's case: contiguous positions, aligned inputs (the
-    forward's key tiles through TMA where launch.tma_ready would take it)."""
+    forward's key tiles through TMA where launch.tma_planned takes them)."""
     from posattn.kernels import configs, launch
-    tma = kernel == "fwd" and pe != "rope" and launch.tma_enabled(arch)
+    tma = kernel == "fwd" and launch.tma_planned(arch, _kernel_pe(pe, head_dim), dtype, False)
     cfg = configs.tile_config(kernel, padded_width(pe, head_dim), False, dtype, arch, pe,
                               tma=tma)
     return (cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, cfg.num_stages, cfg.split)

@@ -133,16 +133,24 @@ def _tma_descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols])
 
 
+def tma_planned(arch: Optional[int], pe: KernelPE, dtype: torch.dtype, explicit: bool) -> bool:
+    """Whether the forward takes TMA key tiles for 16-byte-aligned inputs (tma_ready adds the
+    alignment check; bench.compile_report and bench.tune, which assume aligned inputs, ask
+    this). 16-bit inputs only: fp32 runs its IEEE dots on the FMA units with both operands in
+    registers, where staging the tiles through TMA took 90 -> 255 registers and spilled 248 B
+    (sm_90, D=64). Contiguous positions only: with explicit ones triton 3.6's ptxas crashes
+    (SIGSEGV) on the causal no-PE forward (sm_90, D=64 and 128), and the bias PEs' tiles are
+    no larger with TMA there."""
+    return (tma_enabled(arch) and tma_applies(pe) and not explicit
+            and dtype != torch.float32)
+
+
 def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tensor,
               explicit: bool) -> bool:
     """Whether the forward will load K and V through TMA (decided before its tile: with TMA
-    the ALiBi and KERPLE tiles can be larger, configs.tile_config). 16-bit inputs only: fp32
-    runs its IEEE dots on the FMA units with both operands in registers, where staging the
-    tiles through TMA took 90 -> 255 registers and spilled 248 B (sm_90, D=64). Contiguous
-    positions only: with explicit ones triton 3.6's ptxas crashes (SIGSEGV) on the causal
-    no-PE forward (sm_90, D=64 and 128), and the bias PEs' tiles are no larger with TMA there."""
-    return (tma_enabled(arch) and tma_applies(pe) and not explicit
-            and k.dtype != torch.float32
+    the ALiBi and KERPLE tiles can be larger, configs.tile_config): tma_planned, and both
+    tensors addressable by a descriptor."""
+    return (tma_planned(arch, pe, k.dtype, explicit)
             and _tma_strides(k) is not None and _tma_strides(v) is not None)
 
 
