@@ -240,14 +240,22 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def new_output(q: torch.Tensor, DV: int) -> torch.Tensor:
+    """The forward's output (B, Hq, Sq, DV), uninitialised, stored like q: bshd storage (the
+    head stride below the sequence stride) gives a bshd-contiguous output as a transposed
+    view, so flash-attn-layout callers can reshape it to (B, S, H * DV) without a copy;
+    anything else is bhsd-contiguous. (With Hq = 1 or Sq = 1 the two are the same memory.)"""
+    B, Hq, Sq, _ = q.shape
+    if q.stride(1) < q.stride(2):
+        return q.new_empty((B, Sq, Hq, DV)).transpose(1, 2)
+    return q.new_empty((B, Hq, Sq, DV))
+
+
 def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
     """Forward. Returns out (B, Hq, Sq, DV) in q's dtype and lse (B, Hq, Sq) float32."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
-    if q.stride(2) < q.stride(1):  # bshd storage: keep it for the output too
-        out = q.new_empty((B, Sq, Hq, DV)).transpose(1, 2)
-    else:
-        out = q.new_empty((B, Hq, Sq, DV))
+    out = new_output(q, DV)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos.explicit)

@@ -113,6 +113,8 @@ def attention(
 
     if backend == "reference":
         out, lse = reference.attention_bhsd(q, k, v, spec, causal=causal, scale=scale, q_pos=qpos, k_pos=kpos)
+        if layout == "bshd":  # stored bshd, as the Triton backend returns it
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
     else:
         from . import _triton  # imports triton; only now, so CPU-only machines import posattn freely
 

@@ -109,3 +109,14 @@ def test_return_shapes_and_layouts():
     assert _call(q, k, v2).shape == (2, 4, 5, 24)  # Dv != D
     out_bshd = _call(*(t.transpose(1, 2) for t in (q, k, v)), layout="bshd")
     assert out_bshd.shape == (2, 5, 4, 16)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_output_is_contiguous_in_the_callers_layout(backend):
+    """bhsd in, bhsd-contiguous out; bshd (flash-attn) storage in, bshd-contiguous out, so
+    ``out.view(B, S, H * D)`` needs no copy."""
+    q, k, v = _qkv()
+    assert posattn.attention(q, k, v, "alibi", backend=backend).is_contiguous()
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = posattn.attention(qs, ks, vs, "alibi", layout="bshd", backend=backend)
+    assert out.shape == (2, 5, 4, 16) and out.is_contiguous()
