@@ -12,6 +12,7 @@ import torch
 from ._env import check_cuda_arch, cuda_arch, interpreter_on
 from .pe import ALiBi, KERPLE, NoPE, PE, RoPE
 from .positions import Positions
+from . import _ops
 from .kernels import launch
 from .kernels.launch import KernelPE, KernelPositions
 
@@ -132,4 +133,6 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
 
     q, k, v = _stride1(q), _stride1(k), _stride1(v)
     pos = kernel_positions(q_pos, k_pos, B, q.device)
+    if torch.compiler.is_compiling():  # the same launchers as opaque graph nodes (see _ops)
+        return _ops.fwd(q, k, v, *_ops.flat_args(pe, pos), causal, scale)
     return _FusedAttention.apply(q, k, v, pe.pa, pe.pb, pe, pos, causal, scale)

@@ -109,8 +109,11 @@ def _same_device(actual: torch.device, expected) -> bool:
 
 
 def _all_true(cond: torch.Tensor) -> bool:
-    """``bool(cond.all())``; True where values cannot be read: meta tensors, and CUDA tensors while
-    a CUDA graph is being captured (a host sync is illegal then)."""
+    """``bool(cond.all())``; True where values cannot be read: meta tensors, CUDA tensors while
+    a CUDA graph is being captured (a host sync is illegal then), and under torch.compile
+    (a data-dependent branch would break the graph; the check runs on eager calls)."""
+    if torch.compiler.is_compiling():
+        return True
     if cond.device.type == "meta" or (cond.is_cuda and torch.cuda.is_current_stream_capturing()):
         return True
     return bool(cond.all())

@@ -1,0 +1,104 @@
+"""The fused kernels as torch custom ops, for code that runs under ``torch.compile``.
+
+Dynamo cannot trace a Triton launch that builds TMA descriptors, tables and tile configs in
+Python (and in the interpreter it tries to trace the interpreter itself and fails). As
+custom ops (``torch.library.custom_op``) the forward and the backward are opaque nodes of
+the graph: Dynamo traces ``posattn.attention`` up to them, the fake implementations give the
+output shapes and strides, and the registered autograd formula puts the backward op in the
+backward graph. ``fullgraph=True`` works; no graph break, no recompiles per call.
+
+Eager calls do not come through here: ``_triton.attention_bhsd`` uses its own
+autograd.Function, which costs ~15 us less per call than custom-op dispatch with autograd.
+Both call the same launchers, so the two paths compute the same bits (tests/test_compile.py).
+
+The ops take the kernel records (launch.KernelPE / KernelPositions) flattened into tensors
+and scalars, the only argument types a custom op accepts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import launch
+from .kernels.launch import KernelPE, KernelPositions
+
+
+def _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved, q_start, k_start):
+    pe = KernelPE(kind, theta=theta, factor=factor, rot_dim=rot_dim, interleaved=interleaved,
+                  pa=pa, pb=pb)
+    return pe, KernelPositions(q_start=q_start, k_start=k_start, qpos=qpos, kpos=kpos)
+
+
+def flat_args(pe: KernelPE, pos: KernelPositions) -> tuple:
+    """The records as the ops' arguments after (q, k, v): theta, pa, pb, qpos, kpos, kind,
+    factor, rot_dim, interleaved, q_start, k_start."""
+    return (pe.theta, pe.pa, pe.pb, pos.qpos, pos.kpos, int(pe.kind), float(pe.factor),
+            int(pe.rot_dim), bool(pe.interleaved), int(pos.q_start), int(pos.k_start))
+
+
+@torch.library.custom_op("posattn::fwd", mutates_args=())
+def fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], pa: Optional[Tensor],
+        pb: Optional[Tensor], qpos: Optional[Tensor], kpos: Optional[Tensor], kind: int,
+        factor: float, rot_dim: int, interleaved: bool, q_start: int, k_start: int,
+        causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """launch.attn_fwd: out (B, Hq, Sq, DV) in q's dtype, lse (B, Hq, Sq) float32."""
+    pe, pos = _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
+                       q_start, k_start)
+    return launch.attn_fwd(q, k, v, pe, pos, causal, scale)
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
+              q_start, k_start, causal, scale):
+    B, Hq, Sq, _ = q.shape
+    out = launch.new_output(q, v.shape[3])
+    return out, q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("posattn::bwd", mutates_args=())
+def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+        theta: Optional[Tensor], pa: Optional[Tensor], pb: Optional[Tensor],
+        qpos: Optional[Tensor], kpos: Optional[Tensor], kind: int, factor: float, rot_dim: int,
+        interleaved: bool, q_start: int, k_start: int, causal: bool, scale: float,
+        need_pe_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """launch.attn_bwd: dq, dk, dv like q, k, v; the PE-parameter gradients (Hq,) float32
+    when need_pe_grad, else two empty tensors (an op cannot return None)."""
+    pe, pos = _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
+                       q_start, k_start)
+    dq, dk, dv, (gpa, gpb) = launch.attn_bwd(do, q, k, v, out, lse, pe, pos, causal, scale,
+                                             need_pe_grad)
+    if not need_pe_grad:
+        gpa, gpb = (q.new_empty((0,), dtype=torch.float32) for _ in range(2))  # no aliases
+    return dq, dk, dv, gpa, gpb
+
+
+@bwd.register_fake
+def _bwd_fake(do, q, k, v, out, lse, theta, pa, pb, qpos, kpos, kind, factor, rot_dim,
+              interleaved, q_start, k_start, causal, scale, need_pe_grad):
+    n = q.shape[1] if need_pe_grad else 0
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty((n,), dtype=torch.float32), q.new_empty((n,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, theta, pa, pb, qpos, kpos = inputs[:8]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, theta, pa, pb, qpos, kpos)
+    ctx.scalars = inputs[8:]  # kind, factor, rot_dim, interleaved, q_start, k_start, causal, scale
+    ctx.mark_non_differentiable(lse)  # as in eager (_triton._FusedAttention)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, theta, pa, pb, qpos, kpos = ctx.saved_tensors
+    need_pa, need_pb = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+    if dout.stride(-1) != 1 and dout.shape[-1] != 1:  # the kernels want a unit last stride
+        dout = dout.contiguous()
+    dq, dk, dv, gpa, gpb = bwd(dout, q, k, v, out, lse, theta, pa, pb, qpos, kpos,
+                               *ctx.scalars, need_pa or need_pb)
+    return (dq, dk, dv, None, gpa.to(pa.dtype) if need_pa else None,
+            gpb.to(pb.dtype) if need_pb else None) + (None,) * 10
+
+
+fwd.register_autograd(_backward, setup_context=_setup_context)
