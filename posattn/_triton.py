@@ -33,17 +33,61 @@ def _check_runnable(q: torch.Tensor) -> None:
                      f"before triton is imported; q is on {q.device}")
 
 
+def _state(x):
+    """A hashable description of a spec's state (its attributes, recursively; tensors by value).
+    Specs are plain objects a caller may build per call or mutate, so the cache below keys on
+    what they hold, not on their identity."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", str(x.dtype), tuple(x.shape), tuple(x.detach().flatten().tolist()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_state(i) for i in x)
+    if hasattr(x, "__dict__"):
+        return (type(x).__qualname__,) + tuple((k, _state(v)) for k, v in sorted(vars(x).items()))
+    return x
+
+
+_DEVICE_CONSTANTS: dict = {}
+_DEVICE_CONSTANTS_MAX = 1024  # entries of at most 1 KiB (inv_freq at D=256)
+
+
+def _device_constant(key_fn, make):
+    """``make()`` (a tuple holding small device tensors: RoPE's inv_freq, default ALiBi slopes),
+    made once per key and kept. They are computed on the CPU, and a host-to-device copy per
+    call costs host time and is illegal inside CUDA-graph capture (a warm-up call before
+    capture fills the cache). Entries are never evicted: a captured graph may hold their
+    addresses. Once the cache is full (a length-dependent RoPE over 1000+ lengths) new keys
+    are made per call, as if uncached. Under torch.compile the graph holds them instead."""
+    if torch.compiler.is_compiling():
+        return make()
+    key = key_fn()
+    hit = _DEVICE_CONSTANTS.get(key)
+    if hit is None:
+        hit = make()
+        if len(_DEVICE_CONSTANTS) < _DEVICE_CONSTANTS_MAX:
+            _DEVICE_CONSTANTS[key] = hit
+    return hit
+
+
 def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> KernelPE:
     """Reduce a PE spec to the kernel record (inv_freq + factor, or per-head parameters)."""
     if isinstance(spec, NoPE):
         return KernelPE(launch.PE_NONE)
     if isinstance(spec, RoPE):
-        inv_freq, factor = spec.frequencies(head_dim, cur_len)
-        return KernelPE(launch.PE_ROPE, theta=inv_freq.to(device=device, dtype=torch.float64),
-                        factor=float(factor), rot_dim=2 * inv_freq.numel(),
+        def make():
+            inv_freq, factor = spec.frequencies(head_dim, cur_len)
+            return inv_freq.to(device=device, dtype=torch.float64), float(factor)
+
+        theta, factor = _device_constant(
+            lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
+        return KernelPE(launch.PE_ROPE, theta=theta, factor=factor, rot_dim=2 * theta.numel(),
                         interleaved=spec.interleaved)
     if isinstance(spec, ALiBi):
-        return KernelPE(launch.PE_ALIBI, pa=spec.get_slopes(num_heads, device))
+        if spec.slopes is None:
+            slopes, = _device_constant(lambda: ("alibi", num_heads, torch.device(device)),
+                                       lambda: (spec.get_slopes(num_heads, device),))
+        else:
+            slopes = spec.slopes
+        return KernelPE(launch.PE_ALIBI, pa=slopes)
     if isinstance(spec, KERPLE):
         r1, r2 = spec.get_params(num_heads, device)
         kind = launch.PE_KERPLE_LOG if spec.kind == "log" else launch.PE_KERPLE_POWER
