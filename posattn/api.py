@@ -32,6 +32,21 @@ def _check_tensors(q, k, v, layout):
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
+def _autocast(q, k, v):
+    """torch.autocast's policy for SDPA (a lower-precision op): inside an autocast region of
+    q's device type, floating q, k, v other than float64 run in the autocast dtype (fp32
+    activations in bf16 mixed precision take the tensor-core kernels, as SDPA would). The
+    cast is differentiable; gradients come back in the inputs' dtypes."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return q, k, v  # _check_tensors names the culprit
+    dev = q.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,6 +86,9 @@ def attention(
             on older GPUs -> the reference; CPU tensors -> Triton when TRITON_INTERPRET=1,
             else the reference).
 
+    Under ``torch.autocast`` (q's device type), q, k and v run in the autocast dtype, as in
+    torch SDPA (float64 excepted); the output then has that dtype.
+
     Returns:
         out with q's shape and dtype (Dv as last dim), or ``(out, lse)``.
     """
@@ -78,6 +96,7 @@ def attention(
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    q, k, v = _autocast(q, k, v)
     _check_tensors(q, k, v, layout)
     if layout == "bshd":  # views, no copies
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -120,3 +120,27 @@ def test_output_is_contiguous_in_the_callers_layout(backend):
     qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     out = posattn.attention(qs, ks, vs, "alibi", layout="bshd", backend=backend)
     assert out.shape == (2, 5, 4, 16) and out.is_contiguous()
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_autocast_runs_in_the_autocast_dtype(layout):
+    """Inside torch.autocast, fp32 q/k/v run in the autocast dtype like torch SDPA: the same
+    bits as casting by hand, the output in that dtype and in the caller's layout, gradients
+    back in fp32. Outside the region nothing is cast."""
+    from conftest import DEVICE
+    dev = torch.device(DEVICE).type
+    low = torch.float16 if dev == "cpu" else torch.bfloat16  # the interpreter's bf16 dot is wrong
+    q, k, v = (t.to(DEVICE) for t in _qkv())
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with torch.autocast(dev, dtype=low):
+        out = posattn.attention(q, k, v, "alibi", causal=True, layout=layout, backend="triton")
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, q, q)  # its policy
+    assert out.dtype == sdpa.dtype == low and out.is_contiguous()
+    want = posattn.attention(*(t.detach().to(low) for t in (q, k, v)), "alibi", causal=True,
+                             layout=layout, backend="triton")
+    assert torch.equal(out, want)
+    grads = torch.autograd.grad(out.float().sum(), leaves)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert posattn.attention(q, k, v, "alibi", layout=layout, backend="triton").dtype == torch.float32
