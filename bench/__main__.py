@@ -4,6 +4,7 @@
     python -m bench --quick          # D=128, S in {8k, 2k}; stops starting shapes after 4 min
     python -m bench --quick --dry-run    # print the plan (works without a GPU)
     python -m bench --pes alibi --seqlens 4k,16k --head-dims 128 --modes fwd   # any subset
+    python -m bench --pes kerple-train --modes fwd+bwd   # learnable r1, r2: their gradients too
 
 Estimated, not yet measured: the full sweep (~900 measurements) takes tens of minutes on an
 H100/H200, most of it torch.compile of FlexAttention once per shape (static shapes: the
@@ -42,7 +43,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "(explicit options still win)")
     ap.add_argument("--seqlens", help="comma list, '1k' = 1024 (default 512,1k,2k,4k,8k,16k)")
     ap.add_argument("--head-dims", help="comma list (default 64,128)")
-    ap.add_argument("--pes", default=",".join(P.PES), help="comma list of none,rope,alibi,kerple")
+    ap.add_argument("--pes", help="comma list of " + ",".join(P.ALL_PES) + " (default: all; "
+                    "quick: " + ",".join(P.PES) + "). *-train: learnable bias parameters, whose "
+                    "gradients every implementation also computes (fwd+bwd shapes only)")
     ap.add_argument("--impls", help="comma list of implementations (default all): "
                                     + ", ".join(i.name for i in IMPLS))
     ap.add_argument("--modes", default=",".join(P.MODES), help="comma list of fwd,fwd+bwd")
@@ -65,7 +68,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.seqlens = P.parse_int_list(args.seqlens) if args.seqlens else list(P.QUICK_SEQLENS if q else P.FULL_SEQLENS)
     args.head_dims = P.parse_int_list(args.head_dims) if args.head_dims else list(P.QUICK_HEAD_DIMS if q else P.FULL_HEAD_DIMS)
     try:
-        args.pes = P.parse_choices(args.pes, P.PES, "PE")
+        args.pes = P.parse_choices(args.pes or ",".join(P.PES if q else P.ALL_PES), P.ALL_PES, "PE")
         args.modes = P.parse_choices(args.modes, P.MODES, "mode")
         args.impls = P.parse_choices(args.impls, IMPLS_BY_NAME, "implementation") if args.impls else None
     except ValueError as e:
@@ -82,6 +85,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 Task = Tuple[P.Shape, str, Impl]
 
+
 def quick_skip(shape: P.Shape, pe: str, impl: Impl) -> bool:
     """--quick leaves out what no target reads and costs a torch.compile per shape:
     FlexAttention without a PE, and FlexAttention below the targets' S >= 4096."""
@@ -97,6 +101,8 @@ def tasks_for_shape(shape: P.Shape, pes: List[str], names: Optional[List[str]],
     if "none" not in pes:
         tasks += [(shape, "none", i) for i in ceilings]
     for pe in pes:
+        if P.is_trainable(pe) and shape.mode == "fwd":  # no gradient, the fixed PE's forward
+            continue
         tasks += [(shape, pe, i) for i in impls_for(pe, names) if not skip(shape, pe, i)]
     return tasks
 
@@ -122,7 +128,7 @@ def print_plan(groups: List[List[Task]], args) -> None:
     print(f"{len(groups)} shapes, {n} measurements; outputs in {args.out}/")
     for pe in dict.fromkeys(t[1] for g in groups for t in g):
         names = dict.fromkeys(t[2].name for g in groups for t in g if t[1] == pe)
-        print(f"  {pe:<7} " + ", ".join(names))
+        print(f"  {pe:<12} " + ", ".join(names))
     for g in groups:
         if g:
             print(f"  {g[0][0].describe()}  {len(g)} measurements")
@@ -130,7 +136,7 @@ def print_plan(groups: List[List[Task]], args) -> None:
 
 def progress_line(i: int, n: int, t0: float, shape: P.Shape, pe: str, row: dict) -> str:
     el = int(time.perf_counter() - t0)
-    head = f"[{i:>4}/{n}] {el // 60:>3}:{el % 60:02d}  {shape.describe()} {pe:<7} {row['impl']:<23}"
+    head = f"[{i:>4}/{n}] {el // 60:>3}:{el % 60:02d}  {shape.describe()} {pe:<12} {row['impl']:<23}"
     if row["status"] != "ok":
         return f"{head} {row['status']}: {row['reason']}"
     diff = "" if row.get("max_abs_diff") is None else f"  Δ={row['max_abs_diff']:.1e}"

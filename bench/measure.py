@@ -93,6 +93,7 @@ def measure(impl: Impl, pe: str, shape: Shape, x: Inputs, *, warmup_ms: float = 
     out = None
     fwd = step = None
     x.clear_grads()
+    x.params = []  # a trainable PE's builder sets its own
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

@@ -14,9 +14,14 @@ Roles:
   flex       ``torch.compile(flex_attention)`` with the equivalent ``score_mod``
   flash-attn ``flash_attn_func`` (ALiBi slopes); usually not installed, which its row says
 
-The PE parameters are fixed here (no gradient), the same numbers for every implementation:
-RoPE = YaRN(factor 4, original 4096) on the full head dim, half-split (Llama) pairs;
-ALiBi = the paper's slopes; KERPLE = log kind with per-head r1, r2 (:func:`kerple_params`).
+The PE parameters are the same numbers for every implementation: RoPE = YaRN(factor 4,
+original 4096) on the full head dim, half-split (Llama) pairs; ALiBi = the paper's slopes;
+KERPLE = log kind with per-head r1, r2 (:func:`kerple_params`). They are fixed (no gradient),
+except in the trainable variants ``alibi-train`` / ``kerple-train`` (plan.TRAINABLE_PES,
+fwd+bwd only): there they are leaves that require grad, so every implementation also returns
+their gradients -- posattn from its dQ kernel, SDPA through the materialised mask (built in
+the timed step, as a training step must rebuild it from the parameters), FlexAttention
+through its captured-buffer gradients; flash-attn has none (its row says so).
 Positions are token indices (Sq = Sk, so SDPA's top-left causal mask is posattn's).
 """
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 import posattn
 
-from .plan import Inputs, Shape
+from .plan import TRAINABLE_PES, Inputs, Shape, base_pe, is_trainable
 
 YARN_FACTOR = 4.0
 YARN_ORIGINAL = 4096
@@ -77,18 +82,26 @@ def rope_spec():
     return posattn.RoPE(scaling=posattn.YaRN(YARN_FACTOR, YARN_ORIGINAL))
 
 
-def pe_spec(pe: str, H: int, device):
-    """The posattn spec for a PE name, with the parameters every peer shares."""
+def pe_spec(pe: str, H: int, device, params: Optional[List[torch.Tensor]] = None):
+    """The posattn spec for a PE name, with the parameters every peer shares (or ``params``,
+    from :func:`learnable_params`, for a trainable PE)."""
     if pe == "none":
         return posattn.NoPE()
     if pe == "rope":
         return rope_spec()
-    if pe == "alibi":
-        return posattn.ALiBi(alibi_params(H, device))
-    if pe == "kerple":
-        r1, r2 = kerple_params(H, device)
+    if base_pe(pe) == "alibi":
+        return posattn.ALiBi(params[0] if params else alibi_params(H, device))
+    if base_pe(pe) == "kerple":
+        r1, r2 = params if params else kerple_params(H, device)
         return posattn.KERPLE(KERPLE_KIND, r1, r2)
     raise ValueError(f"unknown PE {pe!r}")
+
+
+def learnable_params(pe: str, H: int, device) -> List[torch.Tensor]:
+    """A trainable bias PE's parameters as fresh float32 leaves that require grad: [slopes]
+    or [r1, r2], the fixed PE's values."""
+    return [p.detach().clone().requires_grad_() for p in bias_params(base_pe(pe), H, device)
+            if p is not None]
 
 
 def bias_from_distance(pe: str, dist: torch.Tensor, p1: torch.Tensor, p2: Optional[torch.Tensor]):
@@ -128,6 +141,20 @@ def materialised_bias(pe: str, H: int, S: int, causal: bool, dtype, device) -> t
         mask[0, h].copy_(plane)
         del plane
     return mask
+
+
+def differentiable_bias(pe: str, S: int, causal: bool, dtype, p1: torch.Tensor,
+                        p2: Optional[torch.Tensor]) -> torch.Tensor:
+    """The (1, H, S, S) ``attn_mask`` as a function of learnable (H,) parameters, what a
+    training step with SDPA must build each step so that autograd reaches the parameters:
+    float32 math over all heads at once, then ``dtype`` (SDPA's mask dtype must match q)."""
+    idx = torch.arange(S, device=p1.device)
+    dist = (idx[:, None] - idx[None, :]).abs().to(torch.float32)
+    bias = bias_from_distance(base_pe(pe), dist, p1[:, None, None],
+                              None if p2 is None else p2[:, None, None])
+    if causal:
+        bias = bias.masked_fill(idx[None, :] > idx[:, None], float("-inf"))
+    return bias.to(dtype)[None]
 
 
 def rope_tables(S: int, D: int, dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -195,18 +222,26 @@ def causal_block_mask(S: int, device: str):
 
 @functools.lru_cache(maxsize=None)
 def flex_score_mod(pe: str, H: int, device: str):
-    """score_mod adding the bias to the scaled logits; one object per (pe, H, device), so
-    Dynamo sees the same function (and its captured parameter tensors) every call."""
+    """(score_mod, learnable parameters): the score_mod adds the bias to the scaled logits;
+    one object per (pe, H, device), so Dynamo sees the same function (and its captured
+    parameter tensors) every call. A trainable PE captures leaves that require grad (Flex
+    then computes their gradients); the list is empty otherwise."""
     if pe == "none":
-        return None
-    p1, p2 = bias_params(pe, H, device)
+        return None, []
+    if is_trainable(pe):
+        params = learnable_params(pe, H, device)
+        p1, p2 = (params + [None])[:2]
+    else:
+        params = []
+        p1, p2 = bias_params(pe, H, device)
+    pe = base_pe(pe)
     if p2 is None:
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias_from_distance(pe, (q_idx - kv_idx).abs(), p1[h], None)
     else:
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias_from_distance(pe, (q_idx - kv_idx).abs(), p1[h], p2[h])
-    return score_mod
+    return score_mod, params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +276,9 @@ def _sdpa_call(backend_name: str):
 
 
 def build_posattn(pe: str, shape: Shape, x: Inputs):
-    spec = pe_spec(pe, shape.H, x.q.device)
+    if is_trainable(pe):
+        x.params = learnable_params(pe, shape.H, x.q.device)
+    spec = pe_spec(pe, shape.H, x.q.device, x.params)
     causal = shape.causal
     return lambda: posattn.attention(x.q, x.k, x.v, spec, causal=causal, backend="triton")
 
@@ -256,6 +293,11 @@ def sdpa_builder(backend_name: str):
 def mask_builder(backend_name: str):
     def build(pe: str, shape: Shape, x: Inputs):
         call = _sdpa_call(backend_name)
+        if is_trainable(pe):  # rebuilt from the parameters in every step (autograd)
+            x.params = learnable_params(pe, shape.H, x.q.device)
+            p1, p2 = (x.params + [None])[:2]
+            return lambda: call(x.q, x.k, x.v, attn_mask=differentiable_bias(
+                pe, shape.S, shape.causal, x.q.dtype, p1, p2))
         mask = materialised_bias(pe, shape.H, shape.S, shape.causal, x.q.dtype, x.q.device)
         return lambda: call(x.q, x.k, x.v, attn_mask=mask)
     return build
@@ -277,12 +319,14 @@ def rope_builder(backend_name: str, compiled: bool):
 def build_flex(pe: str, shape: Shape, x: Inputs):
     flex = compiled_flex()
     device = str(x.q.device)
-    score_mod = flex_score_mod(pe, shape.H, device)
+    score_mod, x.params = flex_score_mod(pe, shape.H, device)
     block_mask = causal_block_mask(shape.S, device) if shape.causal else None
     return lambda: flex(x.q, x.k, x.v, score_mod=score_mod, block_mask=block_mask)
 
 
 def build_flash_attn(pe: str, shape: Shape, x: Inputs):
+    if is_trainable(pe):
+        raise Unavailable("unsupported", "flash-attn computes no gradient for alibi_slopes")
     if importlib.util.find_spec("flash_attn") is None:
         raise Unavailable("not installed", "flash-attn is not installed (pip install flash-attn)")
     from flash_attn import flash_attn_func
@@ -293,10 +337,10 @@ def build_flash_attn(pe: str, shape: Shape, x: Inputs):
                                    causal=shape.causal, alibi_slopes=slopes).transpose(1, 2)
 
 
-BIAS_PES = ("alibi", "kerple")
+BIAS_PES = ("alibi", "kerple") + TRAINABLE_PES
 
 IMPLS: List[Impl] = [
-    Impl("posattn", "posattn", ("none", "rope", "alibi", "kerple"), build_posattn,
+    Impl("posattn", "posattn", ("none", "rope") + BIAS_PES, build_posattn,
          "posattn.attention(backend='triton'): PE fused in the kernel"),
     Impl("sdpa-flash", "ceiling", ("none",), sdpa_builder("flash"), "SDPA, no PE, FLASH backend"),
     Impl("sdpa-cudnn", "ceiling", ("none",), sdpa_builder("cudnn"), "SDPA, no PE, CUDNN backend"),
@@ -316,7 +360,7 @@ IMPLS: List[Impl] = [
          "bias materialised as a (1, H, S, S) attn_mask, SDPA CUDNN"),
     Impl("flex", "flex", ("none",) + BIAS_PES, build_flex,
          "torch.compile(flex_attention), bias as score_mod, causal as block_mask"),
-    Impl("flash-attn", "flash-attn", ("none", "alibi"), build_flash_attn,
+    Impl("flash-attn", "flash-attn", ("none", "alibi", "alibi-train"), build_flash_attn,
          "flash_attn_func (alibi_slopes for ALiBi)"),
 ]
 

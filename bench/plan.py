@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, List, Sequence
 
 import torch
 
 PES = ("none", "rope", "alibi", "kerple")
+# The bias PEs with learnable parameters (slopes; r1, r2) that require grad: the backward also
+# returns their gradients. fwd+bwd only (a forward does not differ from the fixed PE's).
+TRAINABLE_PES = ("alibi-train", "kerple-train")
+ALL_PES = PES + TRAINABLE_PES
 MODES = ("fwd", "fwd+bwd")
 FULL_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 FULL_HEAD_DIMS = (64, 128)
@@ -58,6 +62,15 @@ def attention_flops(B: int, H: int, Sq: int, Sk: int, D: int, causal: bool, mode
     return f * MODE_FLOP_FACTOR[mode]
 
 
+def base_pe(pe: str) -> str:
+    """'kerple-train' -> 'kerple': the PE whose math a trainable variant shares."""
+    return pe[: -len("-train")] if pe.endswith("-train") else pe
+
+
+def is_trainable(pe: str) -> bool:
+    return pe in TRAINABLE_PES
+
+
 def shape_flops(shape: Shape) -> float:
     return attention_flops(shape.B, shape.H, shape.S, shape.S, shape.D, shape.causal, shape.mode)
 
@@ -80,16 +93,19 @@ def make_shapes(seqlens: Sequence[int], head_dims: Sequence[int], causals: Seque
 
 @dataclass
 class Inputs:
-    """q, k, v (B, H, S, D) and the output gradient; leaves require grad for fwd+bwd shapes."""
+    """q, k, v (B, H, S, D) and the output gradient; leaves require grad for fwd+bwd shapes.
+    ``params``: the learnable PE parameters of the implementation being timed (a trainable
+    PE's builder sets them), leaves too: their gradients are reset between calls as well."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     dout: torch.Tensor
+    params: List[torch.Tensor] = field(default_factory=list)
 
     @property
     def leaves(self) -> List[torch.Tensor]:
-        return [self.q, self.k, self.v]
+        return [self.q, self.k, self.v] + list(self.params)
 
     def clear_grads(self) -> None:
         for t in self.leaves:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from .peers import IMPLS
-from .plan import PES
+from .plan import ALL_PES, PES, TRAINABLE_PES
 
 # Targets (issue: H200, bf16, D = 128, S >= 4k).
 TARGET_D = 128
@@ -25,7 +25,7 @@ ROPE_SAME_CLASS = "rope+sdpa-flash"  # posattn is a flash-style kernel: SDPA's F
 MEMORY_EXPONENT_MAX = 0.5  # at fixed B*S, an O(S)-per-sequence method has exponent ~0
 
 _IMPL_ORDER = {i.name: n for n, i in enumerate(IMPLS)}
-_PE_ORDER = {p: n for n, p in enumerate(PES)}
+_PE_ORDER = {p: n for n, p in enumerate(ALL_PES)}
 
 
 def _key(row) -> tuple:
@@ -134,6 +134,16 @@ def check_targets(rows: List[dict], D: int = TARGET_D) -> List[dict]:
                 out.append(_target("bias PE: flex time / posattn time", pe, c, mode,
                                    [v for _, v in pairs], BIAS_VS_FLEX, "{:.2f}", "×",
                                    detail=", ".join(f"S={s}: {v:.2f}×" for s, v in pairs)))
+    for pe in TRAINABLE_PES:  # no target of the issue: the cost of learnable biases, reported
+        for c in causals:
+            if not any(r["pe"] == pe and r["causal"] == c for r in rows):
+                continue
+            for peer in ("flex", "mask+sdpa-efficient"):
+                pairs = _pair_ratios(sel, pe, c, "fwd+bwd", peer)
+                out.append(_target(f"learnable bias: {peer} time / posattn time (info)", pe, c,
+                                   "fwd+bwd", [v for _, v in pairs], BIAS_VS_FLEX, "{:.2f}", "×",
+                                   detail=", ".join(f"S={s}: {v:.2f}×" for s, v in pairs),
+                                   informational=True))
     for c in causals:
         for mode in modes:
             pairs = _pair_ratios(sel, "rope", c, mode, ROPE_SAME_CLASS)
@@ -302,7 +312,7 @@ def plot(rows: List[dict], path_for_d, title: str = "") -> List[Path]:
     for D in sorted({r["D"] for r in ok}):
         rd = [r for r in ok if r["D"] == D]
         combos = sorted({(r["causal"], r["mode"]) for r in rd}, key=lambda c: (c[1], c[0]))
-        pes = [p for p in PES if any(r["pe"] == p for r in rd)]
+        pes = [p for p in ALL_PES if any(r["pe"] == p for r in rd)]
         fig, axes = plt.subplots(len(combos), len(pes), figsize=(4.2 * len(pes), 3.2 * len(combos)),
                                  squeeze=False, sharex=True)
         for i, (causal, mode) in enumerate(combos):

@@ -62,7 +62,7 @@ def test_shapes_keep_tokens_constant():
 
 
 def test_every_pe_has_posattn_and_a_peer():
-    for pe in plan.PES:
+    for pe in plan.ALL_PES:
         impls = peers.impls_for(pe)
         assert impls[0].name == "posattn"
         assert any(i.role != "posattn" for i in impls)
@@ -128,7 +128,8 @@ def test_flex_score_mod_matches_reference(pe, causal):
     H, S, D = 2, 32, 8
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, H, S, D, generator=g) for _ in range(3))
-    score_mod = peers.flex_score_mod(pe, H, "cpu")
+    score_mod, params = peers.flex_score_mod(pe, H, "cpu")
+    assert params == []
     block_mask = fa.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cpu") if causal else None
     import warnings
 
@@ -163,13 +164,16 @@ def test_bench_run_loop_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(measure, "bench_ms", host_timer)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = cli.parse_args(["--seqlens", "64", "--head-dims", "16", "--tokens", "128", "--heads", "2",
-                           "--pes", "none,rope,alibi", "--causal", "true", "--device", "cpu", "--out", str(tmp_path),
+                           "--pes", "none,rope,alibi,alibi-train", "--causal", "true", "--device", "cpu", "--out", str(tmp_path),
                            "--impls", "posattn,sdpa-flash,sdpa-efficient,mask+sdpa-efficient,"
                                       "rope(eager)+sdpa-flash,flash-attn", "--no-plot"])
     assert cli.run(args) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["pe"], r["impl"], r["causal"], r["mode"]): r for r in data["results"]}
-    assert len(rows) == len(data["results"]) == 2 * 9  # 2 modes x (4 none + 2 rope + 3 alibi)
+    # 2 modes x (4 none + 2 rope + 3 alibi) + fwd+bwd x 3 alibi-train
+    assert len(rows) == len(data["results"]) == 2 * 9 + 3
+    assert rows[("alibi-train", "flash-attn", True, "fwd+bwd")]["status"] == "unsupported"
+    assert ("alibi-train", "posattn", True, "fwd") not in rows
     flash = rows[("none", "sdpa-flash", True, "fwd+bwd")]
     assert flash["status"] == "ok" and flash["ms"] > 0 and flash["tflops"] > 0 and flash["peak_mib"] == 1.0
     assert rows[("none", "sdpa-efficient", True, "fwd")]["status"] == "unsupported"
@@ -358,3 +362,72 @@ def test_source_checkout_finds_kernels_without_install(tmp_path):
     pkg, cfg = proc.stdout.split()
     assert pkg == str(tmp_path / "posattn" / "__init__.py")
     assert cfg == str(tmp_path / "kernels" / "configs.py")
+
+
+def _train_inputs(H, S, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, H, S, D, generator=g, dtype=torch.float64).requires_grad_()
+            for _ in range(3)]
+
+
+def _grads(out, leaves, seed):
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, leaves, dout)
+
+
+@pytest.mark.parametrize("pe", plan.TRAINABLE_PES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_trainable_peers_match_reference_gradients(pe, causal):
+    """*-train: the mask SDPA rebuilds per step and Flex's captured buffers give the same
+    output and the same gradients for q, k, v and the bias parameters as posattn's reference."""
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+
+    H, S, D = 2, 32, 8
+    q, k, v = _train_inputs(H, S, D, 5)
+    want_params = peers.learnable_params(pe, H, "cpu")
+    assert all(p.requires_grad and p.is_leaf and p.dtype == torch.float32 for p in want_params)
+    assert len(want_params) == (1 if pe.startswith("alibi") else 2)
+    ref_params = [p.detach().double().requires_grad_() for p in want_params]
+    want = _ref(q, k, v, peers.pe_spec(pe, H, "cpu", ref_params), causal)
+    want_g = _grads(want, [q, k, v] + ref_params, 6)
+
+    p64 = [p.detach().double().requires_grad_() for p in want_params]
+    mask = peers.differentiable_bias(pe, S, causal, torch.float64, *(p64 + [None])[:2])
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for a, b in zip(_grads(got, [q, k, v] + p64, 6), want_g):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+    # Flex: its forward here; its backward has no CPU implementation, so the gradient that
+    # reaches the captured parameters is checked through the score_mod evaluated on the
+    # whole (H, S, S) index grid (the function Flex differentiates), fed to SDPA
+    score_mod, params = peers.flex_score_mod(pe, H, "cpu")
+    assert len(params) == len(want_params) and all(p.requires_grad for p in params)
+    block_mask = fa.create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cpu") if causal else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fa.flex_attention(*(t.detach().float() for t in (q, k, v)), score_mod=score_mod,
+                                block_mask=block_mask)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    idx = torch.arange(S)
+    bias = score_mod(torch.zeros(H, S, S), 0, torch.arange(H)[:, None, None], idx[None, :, None],
+                     idx[None, None, :]).double()
+    if causal:
+        bias = bias.masked_fill(idx[None, :] > idx[:, None], float("-inf"))
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+    for a, b in zip(_grads(got, [q, k, v] + params, 6), want_g):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_pes_plan_fwd_bwd_only():
+    import bench.__main__ as cli
+
+    args = cli.parse_args(["--seqlens", "1k", "--head-dims", "64", "--pes", "kerple-train",
+                           "--dry-run"])
+    tasks = [t for g in cli.make_plan(args) for t in g]
+    assert {s.mode for s, pe, _ in tasks if pe == "kerple-train"} == {"fwd+bwd"}
+    assert {i.name for s, pe, i in tasks if pe == "kerple-train"} == {
+        "posattn", "mask+sdpa-efficient", "mask+sdpa-cudnn", "flex"}
+    assert cli.parse_args([]).pes == list(plan.ALL_PES)
+    assert cli.parse_args(["--quick"]).pes == list(plan.PES)
