@@ -122,6 +122,25 @@ def _detached(pe: KernelPE, pa, pb) -> KernelPE:
                                pb=pb.detach() if pb is not None else None)
 
 
+_TWICE = ("posattn's fused backward is not differentiable (a second derivative through it, e.g. "
+          "a gradient penalty with create_graph=True); use backend='reference' for that")
+
+
+def _no_double_backward(grads):
+    """With create_graph=True (grad mode on during backward) the kernels' gradients would be
+    constants to autograd, and a second derivative through them silently 0. Give them a
+    grad_fn that raises instead, as @once_differentiable would if dout required grad (here
+    it usually does not: a gradient penalty differentiates dq with respect to q)."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = [g for g in grads if isinstance(g, torch.Tensor)]
+    if not live:
+        return grads
+    err = torch._C._functions.DelayedError(_TWICE, len(live))
+    wrapped = iter(err(*[g.detach().requires_grad_() for g in live]))
+    return tuple(next(wrapped) if isinstance(g, torch.Tensor) else g for g in grads)
+
+
 class _NoLaunch(torch.autograd.Function):
     """Sk == 0 or an empty batch: output 0, LSE -inf, zero gradients; no kernel launch."""
 
@@ -136,7 +155,7 @@ class _NoLaunch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+        return _no_double_backward((torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None))
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -158,7 +177,7 @@ class _FusedAttention(torch.autograd.Function):
                                                  ctx.causal, ctx.scale, need_pe_grad)
         dpa = gpa.to(pa.dtype) if need_pe_grad and ctx.needs_input_grad[3] else None
         dpb = gpb.to(pb.dtype) if need_pe_grad and ctx.needs_input_grad[4] else None
-        return dq, dk, dv, dpa, dpb, None, None, None, None
+        return _no_double_backward((dq, dk, dv, dpa, dpb, None, None, None, None))
 
 
 def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Positions, k_pos: Positions):

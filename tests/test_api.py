@@ -144,3 +144,18 @@ def test_autocast_runs_in_the_autocast_dtype(layout):
     grads = torch.autograd.grad(out.float().sum(), leaves)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert posattn.attention(q, k, v, "alibi", layout=layout, backend="triton").dtype == torch.float32
+
+
+@pytest.mark.parametrize("Sk", [7, 0], ids=["launch", "no_launch"])
+def test_double_backward_raises_instead_of_dropping_terms(Sk):
+    """create_graph=True: the first-order gradients are the usual values, but differentiating
+    them again (a gradient penalty) raises -- their second derivative is not implemented, and
+    silently treating dq as a constant would drop that term from the loss."""
+    q, k, v = (t.requires_grad_() for t in _qkv(Sk=Sk))
+    out = posattn.attention(q, k, v, "alibi", backend="triton")
+    plain = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    graph = torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)
+    for a, b in zip(plain, graph):
+        assert torch.equal(a, b) and b.requires_grad and not a.requires_grad
+    with pytest.raises(RuntimeError, match="not differentiable.*backend='reference'"):
+        (graph[0].pow(2).sum() + out.sum()).backward()
