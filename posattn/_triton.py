@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from ._env import check_cuda_arch, cuda_arch, interpreter_on
+from ._env import MIN_CUDA_ARCH, check_cuda_arch, cuda_arch, interpreter_on
 from .pe import ALiBi, KERPLE, NoPE, PE, RoPE
 from .positions import Positions
 from . import _ops
@@ -25,7 +25,9 @@ def _check_runnable(q: torch.Tensor) -> None:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype} "
                         "(use backend='reference' for float64)")
     if q.device.type == "cuda":
-        check_cuda_arch(cuda_arch(q.device), torch.cuda.get_device_name(q.device))
+        arch = cuda_arch(q.device)
+        if arch < MIN_CUDA_ARCH:  # the name only for the message: Dynamo cannot trace it
+            check_cuda_arch(arch, torch.cuda.get_device_name(q.device))
         return
     if q.device.type == "cpu" and interpreter_on():
         return
