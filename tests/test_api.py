@@ -5,6 +5,8 @@ import torch
 
 import posattn
 
+from conftest import DEVICE
+
 
 def _qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=7, D=16, dtype=torch.float32):
     return (torch.randn(B, Hq, Sq, D, dtype=dtype), torch.randn(B, Hkv, Sk, D, dtype=dtype),
@@ -115,7 +117,7 @@ def test_return_shapes_and_layouts():
 def test_output_is_contiguous_in_the_callers_layout(backend):
     """bhsd in, bhsd-contiguous out; bshd (flash-attn) storage in, bshd-contiguous out, so
     ``out.view(B, S, H * D)`` needs no copy."""
-    q, k, v = _qkv()
+    q, k, v = (t.to(DEVICE) for t in _qkv())
     assert posattn.attention(q, k, v, "alibi", backend=backend).is_contiguous()
     qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     out = posattn.attention(qs, ks, vs, "alibi", layout="bshd", backend=backend)
@@ -127,7 +129,6 @@ def test_autocast_runs_in_the_autocast_dtype(layout):
     """Inside torch.autocast, fp32 q/k/v run in the autocast dtype like torch SDPA: the same
     bits as casting by hand, the output in that dtype and in the caller's layout, gradients
     back in fp32. Outside the region nothing is cast."""
-    from conftest import DEVICE
     dev = torch.device(DEVICE).type
     low = torch.float16 if dev == "cpu" else torch.bfloat16  # the interpreter's bf16 dot is wrong
     q, k, v = (t.to(DEVICE) for t in _qkv())
@@ -151,7 +152,7 @@ def test_double_backward_raises_instead_of_dropping_terms(Sk):
     """create_graph=True: the first-order gradients are the usual values, but differentiating
     them again (a gradient penalty) raises -- their second derivative is not implemented, and
     silently treating dq as a constant would drop that term from the loss."""
-    q, k, v = (t.requires_grad_() for t in _qkv(Sk=Sk))
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in _qkv(Sk=Sk))
     out = posattn.attention(q, k, v, "alibi", backend="triton")
     plain = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
     graph = torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)

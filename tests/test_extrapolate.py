@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import posattn
 from posattn import extrapolate as ex
 
+from conftest import DEVICE
+
 
 @pytest.fixture(scope="module")
 def corpus():
@@ -142,9 +144,10 @@ def test_models_differ_only_in_pe():
 
 @pytest.mark.parametrize("pe", ex.PE_NAMES)
 def test_triton_backend_matches_reference(pe):
-    """The --large path (backend="triton"): on CPU this runs the kernels in the interpreter."""
-    cfg = tiny(n_layers=1, d_model=32, n_heads=2, train_len=12)
-    x = torch.randint(0, ex.VOCAB, (2, 13))
+    """The --large path (backend="triton"): on CPU this runs the kernels in the interpreter,
+    with CUDA compiled (backend="triton" takes CUDA tensors there)."""
+    cfg = tiny(n_layers=1, d_model=32, n_heads=2, train_len=12, device=DEVICE)
+    x = torch.randint(0, ex.VOCAB, (2, 13)).to(DEVICE)
     out = {}
     for backend in ("reference", "triton"):
         cfg.backend = backend

@@ -14,25 +14,25 @@ from helpers import assert_rule, leaf, naive_attention, pe_leaves, run_attention
 
 
 def _pes():
-    """PE name -> factory of a spec for head dim D (fresh trainable leaves on every call)."""
+    """PE name -> factory of a spec for head dim D and H query heads (fresh trainable leaves
+    on every call)."""
     g = torch.Generator().manual_seed(7)
-    H = 4  # query heads of every shape below
 
-    def param(lo, hi):
+    def param(H, lo, hi):
         return (lo + (hi - lo) * torch.rand(H, generator=g)).to(DEVICE).requires_grad_()
 
     return {
-        "none": lambda D: "none",
-        "rope": lambda D: "rope",
+        "none": lambda D, H: "none",
+        "rope": lambda D, H: "rope",
         # partial rotary, GPT-J pairs: rotate 3/4 of the head dim (rounded to even)
-        "rope_interleaved_partial": lambda D: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8),
+        "rope_interleaved_partial": lambda D, H: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8),
                                                            interleaved=True),
-        "rope_yarn_partial": lambda D: posattn.RoPE(base=500000.0, scaling=posattn.YaRN(4.0, 32),
+        "rope_yarn_partial": lambda D, H: posattn.RoPE(base=500000.0, scaling=posattn.YaRN(4.0, 32),
                                                     rotary_dim=2 * max(1, D // 4)),
-        "alibi": lambda D: "alibi",
-        "alibi_trainable": lambda D: posattn.ALiBi(param(0.05, 0.5)),
-        "kerple_log": lambda D: posattn.KERPLE("log", param(0.2, 2.0), param(0.05, 1.0)),
-        "kerple_power": lambda D: posattn.KERPLE("power", param(0.2, 1.0), param(0.3, 1.5)),
+        "alibi": lambda D, H: "alibi",
+        "alibi_trainable": lambda D, H: posattn.ALiBi(param(H, 0.05, 0.5)),
+        "kerple_log": lambda D, H: posattn.KERPLE("log", param(H, 0.2, 2.0), param(H, 0.05, 1.0)),
+        "kerple_power": lambda D, H: posattn.KERPLE("power", param(H, 0.2, 1.0), param(H, 0.3, 1.5)),
     }
 
 
@@ -67,7 +67,7 @@ def _positions(kind, B, Sq, Sk):
 
 def check_case(pe, shape, causal, dtype, seed=0, scale=None):
     B, Hq, Hkv, Sq, Sk, D, layout, pos_kind = shape
-    pe = pe(D)
+    pe = pe(D, Hq)
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*s):
@@ -143,7 +143,7 @@ def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
     shp = (lambda H, S: (B, H, S, D)) if layout == "bhsd" else (lambda H, S: (B, S, H, D))
     q, k, v = (torch.randn(*shp(H, S), generator=g).to(DEVICE, torch.float16).requires_grad_()
                for H, S in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
-    spec = _pes()[pe](D)
+    spec = _pes()[pe](D, Hq)
     dout = torch.randn(*q.shape, generator=g).to(DEVICE, torch.float16)
     kw = dict(causal=causal, layout=layout, **_positions(pos_kind, B, Sq, Sk))
     results = []
@@ -206,7 +206,8 @@ def test_forward_128_key_tiles(pe, causal, monkeypatch):
 
     monkeypatch.setattr(launch, "tile_config", spy)
     family = "alibi" if pe.startswith("alibi") else "kerple"
-    with configs.override({("fwd", family, 64, None): configs.TileConfig(32, 128, 4, 1)}):
+    arch = launch._arch(torch.empty(0, device=DEVICE))  # None in the interpreter
+    with configs.override({("fwd", family, 64, arch): configs.TileConfig(32, 128, 4, 1)}):
         check_case(_pes()[pe], SHAPES["gqa_sq<sk_d40_bshd"], causal, torch.float16)
     assert ("fwd", 128) in seen
 
@@ -264,7 +265,7 @@ def test_value_head_dim_differs(pe):
     sized by Dv independently of the q.k dot groups."""
     torch.manual_seed(1)
     B, Hq, Hkv, Sq, Sk, D, Dv = 1, 4, 2, 37, 41, 32, 48
-    spec = _pes()[pe](D)
+    spec = _pes()[pe](D, Hq)
     q = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
     k = torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
     v = torch.randn(B, Hkv, Sk, Dv, device=DEVICE, dtype=torch.float16, requires_grad=True)

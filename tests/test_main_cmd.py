@@ -209,6 +209,31 @@ def test_bench_interrupted_run_keeps_every_row(monkeypatch, tmp_path):
     assert {r["reason"] for r in rows if r["status"] == "skipped"} == {"interrupted"}
 
 
+def test_bench_budget_is_checked_before_every_measurement(monkeypatch, tmp_path):
+    """--max-minutes stops mid-shape: one slow measurement (a torch.compile build) must not
+    run the whole rest of its shape past gpu_check's timeout."""
+    import bench.__main__ as cli
+    from bench import measure
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+
+    def fake_measure(impl, pe, shape, x, **kw):
+        clock[0] += 25.0  # seconds per measurement
+        return dict(cli.skipped_row(shape, pe, impl, ""), status="ok", ms=1.0, tflops=1.0,
+                    peak_mib=1.0, build_s=0.0, out=None)
+
+    monkeypatch.setattr(measure, "measure", fake_measure)
+    args = cli.parse_args(["--seqlens", "32", "--head-dims", "16", "--tokens", "64", "--heads", "2",
+                           "--device", "cpu", "--out", str(tmp_path), "--no-plot",
+                           "--max-minutes", "1"])
+    assert cli.run(args) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert len(rows) == sum(len(g) for g in cli.make_plan(args)) > len(cli.make_plan(args)[0])
+    assert sum(r["status"] == "ok" for r in rows) == 3  # 25, 50, 75 s: the third crosses 60 s
+    assert {r["reason"] for r in rows if r["status"] != "ok"} == {"time budget (1 min) used up"}
+
+
 def test_classify_failure():
     assert classify_failure(peers.Unavailable("not installed", "no flash-attn")) == ("not installed", "no flash-attn")
     assert classify_failure(RuntimeError("CUDA out of memory. Tried to allocate"))[0] == "oom"

@@ -52,7 +52,7 @@ def test_tma_matches_pointer_path(pe, shape, tma, causal, monkeypatch):
     taken = _spy_tma(monkeypatch)
     q, k, v, dout = _inputs(SHAPES[shape])
     B, Hq, Hkv, Sq, Sk, D, layout, pos_kind = SHAPES[shape]
-    spec = _pes()[pe](D)
+    spec = _pes()[pe](D, Hq)
     kw = dict(causal=causal, layout=layout, **_positions(pos_kind, B, Sq, Sk))
     results = []
     for env in ("1", "0"):
