@@ -188,15 +188,21 @@ def run(args) -> int:
     deadline = t0 + args.max_minutes * 60 if args.max_minutes else None
     stop_reason = None
     i = 0
+
+    def out_of_time() -> bool:
+        """Checked before every measurement (one fwd+bwd shape with its torch.compile builds
+        can take a minute): past the deadline, the rest get 'skipped' rows."""
+        nonlocal stop_reason
+        if stop_reason is None and deadline and time.perf_counter() > deadline:
+            stop_reason = f"time budget ({args.max_minutes:g} min) used up"
+            print(f"{stop_reason}: {n - i} measurements not started (rows say 'skipped')", flush=True)
+        return stop_reason is not None
+
     try:
         for group in groups:
             if not group:
                 continue
-            if stop_reason is None and deadline and time.perf_counter() > deadline:
-                stop_reason = f"time budget ({args.max_minutes:g} min) used up"
-                left = sum(len(g) for g in groups) - i
-                print(f"{stop_reason}: {left} measurements not started (rows say 'skipped')", flush=True)
-            if stop_reason:
+            if out_of_time():
                 rows += [skipped_row(s, pe, impl, stop_reason) for s, pe, impl in group]
                 i += len(group)
                 continue
@@ -204,6 +210,10 @@ def run(args) -> int:
             x = P.make_inputs(shape, args.device)
             refs = {}
             for s, pe, impl in group:
+                if out_of_time():
+                    rows.append(skipped_row(s, pe, impl, stop_reason))
+                    i += 1
+                    continue
                 i += 1
                 row = measure(impl, pe, s, x, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
                               reference=refs.get(pe))
