@@ -52,7 +52,7 @@ POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
             "DELTA": "*fp32",
             "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
             "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
-            "BIAS_G": "*fp32"}
+            "BIAS_G": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
 FLOATS = {"scale", "scale_log2", "rope_factor"}
 # The forward's TMA descriptor arguments (launch.tma_descriptors): (rows, columns) of a block
 DESCRIPTORS = {"KD": ("BLOCK_N", "BLOCK_A"), "VD": ("BLOCK_N", "BLOCK_DV")}
@@ -90,6 +90,13 @@ def launches(kernel: str, cfg) -> tuple:
     return ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
 
 
+def variants(kernel: str, cfg, causal: bool, explicit: bool) -> tuple:
+    """The parts report() compiles for a config: its launches, and for the causal forward
+    with contiguous positions (a decode step) also its split-K variant."""
+    extra = ("split",) if kernel == "fwd" and causal and not explicit else ()
+    return launches(kernel, cfg) + extra
+
+
 def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: bool = False) -> bool:
     """Whether the launcher loads the loop tiles through TMA here (launch.tma_planned),
     for 16-byte-aligned inputs as every benchmark makes them."""
@@ -105,7 +112,8 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
     dtype: the input dtype, a key of DTYPES. pe_grad: compile the dQ kernel with the bias
     parameters' gradients (default: KERPLE yes, ALiBi no, as most use them). part: for dK/dV,
-    "both" or one launch of a split tile, "dv" or "dk" (configs.TileConfig.split).
+    "both" or one launch of a split tile, "dv" or "dk" (configs.TileConfig.split); for the
+    forward, "split" is its split-K variant (launch.split_count: decode steps).
     tma: load the loop tiles through TMA descriptors; default: where the launcher would
     (uses_tma). False on sm_90 compiles the pointer path its unaligned inputs take.
     Returns (compiled kernel, TileConfig, seconds).
@@ -128,8 +136,8 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
         constexprs["NEED_PE_GRAD"] = pe_grad
     if kernel == "bwd_dkdv":
         constexprs.update(DO_DK=part in ("both", "dk"), DO_DV=part in ("both", "dv"))
-    if kernel == "fwd":  # the default positive scale
-        constexprs.update(TMA=tma, FOLD_SCALE=launch.fold_scale(1.0))
+    if kernel == "fwd":  # the default positive scale; part "split": a split-K launch
+        constexprs.update(TMA=tma, FOLD_SCALE=launch.fold_scale(1.0), SPLIT=part == "split")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in DESCRIPTORS:
@@ -225,7 +233,7 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
         # (launch.tma_ready), with the tile shipped for it: both are checked
         for tma in (True, False) if uses_tma(kernel, pe, arch, dtype, explicit) else (False,):
             cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma)
-            for part in launches(kernel, cfg):  # a split dK/dV tile: each launch is checked
+            for part in variants(kernel, cfg, causal, explicit):  # every launch is checked
                 rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype,
                                         pe_grad, part, tma))
                 if echo:
@@ -239,7 +247,7 @@ def _print_row(r):
                     "-grad" if r["pe"].startswith("kerple") and not r.get("pe_grad")
                     and r["kernel"] == "bwd_dq" else "")
     if r.get("part", "both") != "both":
-        pe += f" [{r['part']}]"
+        pe += f" [{r['part']}-K]" if r["part"] == "split" else f" [{r['part']}]"
     print(f"sm_{r['arch']} {r['kernel']:9s} {pe:15s} D={r['head_dim']:<4d} "
           f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
           f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"

@@ -84,7 +84,7 @@ def hot_loop(sass: str, raw: bool = False):
 GEMMS = {"fwd": 2, "bwd_dkdv": 4, "bwd_dq": 3}  # BLOCK_M x BLOCK_N x D products per tile
 # a split dK/dV tile (configs.TileConfig.split): the dV launch does S and P^T dO, the dK launch
 # S, dP and dS^T Q; together they are the 4 products (S twice is the price of the split)
-PART_GEMMS = {"both": None, "dv": 2, "dk": 3}
+PART_GEMMS = {"both": None, "dv": 2, "dk": 3, "split": None}
 
 
 def useful_flops(kernel: str, cfg, head_dim: int, part: str = "both") -> float:

@@ -15,6 +15,10 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
     BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
     see pe_helpers.bias_table_kernel)
+    O_PART (B * Hq, n_splits, Sq, DV), LSE_PART (B * Hq, n_splits, Sq) float32: with SPLIT,
+    program (m, bh, s) walks only the s-th run of tiles_per_split key tiles and writes its
+    normalised partial output and LSE there; attn_combine_kernel merges the splits into O and
+    LSE (flash-decoding: a decode step has too few query blocks to fill the GPU otherwise)
 """
 import triton
 import triton.language as tl
@@ -228,19 +232,19 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, KD, VD,
+    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, KD, VD, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_qpb, stride_qpm, stride_kpb, stride_kpn,
-    Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor, bias_len,
+    Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor, bias_len, tiles_per_split,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, TMA: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -296,29 +300,83 @@ def attn_fwd_kernel(
                          maskA, colC, maskC, PE, HAS_PASS, True, False)
 
     n_full, n_tiles = key_tiles(pid_m, Sk, q_start, k_start, CAUSAL, EXPLICIT_POS, BLOCK_M, BLOCK_N)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
-                               THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                               Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
-                               colA, colB, maskA, colC, maskC, colV, maskV,
-                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
-                               THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                               Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
-                               colA, colB, maskA, colC, maskC, colV, maskV,
-                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
+    if SPLIT:  # this program's run of key tiles only (may be empty), all through the masked
+        # loop: one loop body instead of two (registers), and a decode step is memory-bound
+        run_lo = tl.program_id(2) * tiles_per_split
+        run_hi = tl.minimum(run_lo + tiles_per_split, n_tiles)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
+                                   THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                                   Sk, k_start, rope_factor, scale_log2, pa2, pb, run_lo, run_hi,
+                                   colA, colB, maskA, colC, maskC, colV, maskV,
+                                   PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                                   BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
+                                   THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                                   Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, n_full,
+                                   colA, colB, maskA, colC, maskC, colV, maskV,
+                                   PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                                   BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
+                                   THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                                   Sk, k_start, rope_factor, scale_log2, pa2, pb, n_full, n_tiles,
+                                   colA, colB, maskA, colC, maskC, colV, maskV,
+                                   PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
+                                   BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_om + colV[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & maskV[None, :])
-    tl.store(LSE + offs_m, lse, mask=m_mask)
+    if SPLIT:
+        row = (bh * tl.num_programs(2) + tl.program_id(2)) * Sq + offs_m
+        o_ptrs = O_PART + row.to(tl.int64)[:, None] * DV + colV[None, :]
+        tl.store(o_ptrs, out, mask=m_mask[:, None] & maskV[None, :])
+        tl.store(LSE_PART + row, lse, mask=m_mask)
+    else:
+        o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_om + colV[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & maskV[None, :])
+        tl.store(LSE + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def attn_combine_kernel(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_om, stride_od,
+                        Hq, Sq, n_splits, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_DV: tl.constexpr):
+    """Merge the SPLIT partials of attn_fwd_kernel: lse = log sum_s exp(lse_s), out = sum_s
+    exp(lse_s - lse) out_s, in split order (deterministic). A query no split saw gets 0 and
+    -inf; a NaN in any split reaches the sum. One program per (query block, b * Hq + h)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Sq
+    colV = tl.arange(0, BLOCK_DV)
+    mask = m_mask[:, None] & (colV < DV)[None, :]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(n_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + (bh * n_splits + s) * Sq + offs_m, mask=m_mask,
+                                  other=float("-inf")))
+    m_shift = tl.where(m == float("-inf"), 0.0, m)  # no split saw the query: weights 0, not NaN
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for s in range(n_splits):
+        row = (bh * n_splits + s) * Sq + offs_m
+        w = tl.exp(tl.load(LSE_PART + row, mask=m_mask, other=float("-inf")) - m_shift)
+        part = tl.load(O_PART + row.to(tl.int64)[:, None] * DV + colV[None, :], mask=mask, other=0.0)
+        l += w
+        acc += w[:, None] * part
+    seen = l != 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, m_shift + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    b = bh // Hq
+    h = bh % Hq
+    o_ptrs = (O + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om
+              + colV[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + bh * Sq + offs_m, lse, mask=m_mask)

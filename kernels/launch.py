@@ -3,6 +3,7 @@
 All tensors are (B, H, S, D) *views* with arbitrary strides (bhsd and bshd storage both work);
 the last dim should have stride 1 for speed (the caller makes sure).
 """
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -12,7 +13,7 @@ import triton
 
 from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
-from .attn_fwd import attn_fwd_kernel
+from .attn_fwd import attn_combine_kernel, attn_fwd_kernel
 from .configs import HOPPER_CLASS, tile_config
 from .pe_helpers import TILE_STEP, bias_table_kernel, rope_tile_table_kernel
 
@@ -264,21 +265,67 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     qp, kp, pstrides = _pos_args(pos, q)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
-    grid = (triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)
+    n_qblocks, n_ktiles = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
+    splits = split_count(q, n_qblocks * B * Hq, n_ktiles)
+    per_split = triton.cdiv(n_ktiles, splits)
+    if splits > 1:  # partials (B * Hq, splits, Sq, DV) and (B * Hq, splits, Sq), merged below
+        o_part = torch.empty((B * Hq, splits, Sq, DV), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((B * Hq, splits, Sq), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = lse  # never touched
     kd, vd = tma_descriptors(tma, meta, k, v, cfg.BLOCK_N)
-    attn_fwd_kernel[grid](
+    attn_fwd_kernel[(n_qblocks, B * Hq, splits)](
         q, k, v, out, lse, qp, kp,
         pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
-        pe.pb if pe.pb is not None else q, bt.f, kd, vd,
+        pe.pb if pe.pb is not None else q, bt.f, kd, vd, o_part, lse_part,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
-        float(pe.factor), bt.length,
+        float(pe.factor), bt.length, per_split,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
-        FOLD_SCALE=fold_scale(scale), TMA=tma,
+        FOLD_SCALE=fold_scale(scale), TMA=tma, SPLIT=splits > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        attn_combine_kernel[(triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq)](
+            o_part, lse_part, out, lse, *out.stride(), Hq, Sq, splits, DV=DV,
+            BLOCK_M=COMBINE_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"], num_warps=4)
     return out, lse
+
+
+# Split-K forward (flash-decoding). A launch with fewer (query block, head) programs than
+# half the GPU's SMs -- a decode step (Sq = 1) or a short chunk against a long cache -- leaves
+# most SMs idle while each program streams the whole K/V of its head. It then splits the key
+# tiles into runs, one program each (attn_fwd_kernel's SPLIT), and attn_combine_kernel merges
+# the partial outputs by their LSEs: up to one program per SM, each run at least
+# SPLIT_MIN_TILES key tiles (the merge reads the partials once more). Deterministic: fixed
+# runs, merged in order. The backward reads only the merged out and LSE.
+SPLIT_MIN_TILES = 4
+COMBINE_BLOCK_M = 16
+FORCE_SPLITS: Optional[int] = None  # tests: this many splits wherever the forward runs
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def splits_for(sms: int, n_programs: int, n_ktiles: int) -> int:
+    """Runs of key tiles per (query block, head) for a GPU with ``sms`` SMs: 1 when the
+    programs already fill half of them, else as many as fit one wave, each run at least
+    SPLIT_MIN_TILES tiles long."""
+    if 2 * n_programs > sms:
+        return 1
+    return max(1, min(sms // n_programs, n_ktiles // SPLIT_MIN_TILES))
+
+
+def split_count(q: torch.Tensor, n_programs: int, n_ktiles: int) -> int:
+    """How many runs the forward splits the key tiles into (1: no split; never on CPU)."""
+    if FORCE_SPLITS is not None:
+        return max(1, FORCE_SPLITS)
+    if q.device.type != "cuda":
+        return 1
+    return splits_for(_sm_count(q.device.index), n_programs, n_ktiles)
 
 
 def fold_scale(scale: float) -> bool:

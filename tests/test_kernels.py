@@ -281,3 +281,60 @@ def test_value_head_dim_differs(pe):
     assert_rule("out", out, out64, outn, 2, torch.float16)
     for name, gn in zip("qkv", (gq, gk, gv)):
         assert_rule(f"d{name}", grads[name], grads64[name], gn, 3, torch.float16)
+
+
+# Split-K forward (flash-decoding, launch.split_count). The interpreter has no SM count, so the
+# split is forced; 8 runs over these shapes' few key tiles leave some runs empty.
+SPLIT_CASES = [("rope_yarn_partial", "decode_d128_bshd", 3), ("kerple_log", "decode_d128_bshd", 8),
+               ("alibi_trainable", "gqa_sq<sk_d40_bshd", 3), ("none", "mqa_sq>sk_d80", 8),
+               ("kerple_power", "explicit_pos_d64", 3), ("rope_interleaved_partial", "explicit_pos_d64", 8)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pe,shape,splits", SPLIT_CASES, ids=[f"{p}-{s}-{n}" for p, s, n in SPLIT_CASES])
+def test_split_k_forward(pe, shape, splits, causal, monkeypatch):
+    """The rule on out, LSE and every gradient (the backward reads the merged out and LSE), with
+    the key tiles split into runs and merged by attn_combine_kernel; queries that see no key
+    (mqa_sq>sk causal) still get 0 and -inf."""
+    from posattn.kernels import launch
+
+    merges = []
+    real = launch.attn_combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(launch, "FORCE_SPLITS", splits)
+    monkeypatch.setattr(launch, "attn_combine_kernel", Spy())
+    check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
+    assert merges, "the split path did not run"
+
+
+@pytest.mark.parametrize("where", ["v", "k"])
+def test_split_k_propagates_nan(where, monkeypatch):
+    """A NaN in one run's keys (k: its scores and LSE; v: its output) reaches the merged
+    result wherever the reference has one."""
+    from posattn.kernels import launch
+
+    monkeypatch.setattr(launch, "FORCE_SPLITS", 4)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, S, 32, generator=g).to(DEVICE, torch.float16) for S in (3, 130, 130))
+    (k if where == "k" else v)[0, 1, 70] = float("nan")
+    out, lse = posattn.attention(q, k, v, "alibi", return_lse=True, backend="triton")
+    ref, ref_lse = posattn.attention(q.double(), k.double(), v.double(), "alibi", return_lse=True,
+                                     backend="reference")
+    assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(lse.isnan(), ref_lse.isnan())
+
+
+def test_split_count_heuristic():
+    from posattn.kernels.launch import split_count, splits_for
+
+    assert splits_for(132, 32, 1000) == 4  # decode, B=1, 32 heads: one wave of 128 programs
+    assert splits_for(132, 1, 1000) == 132
+    assert splits_for(132, 1, 10) == 2  # runs of at least SPLIT_MIN_TILES = 4 tiles
+    assert splits_for(132, 1, 3) == 1
+    assert splits_for(132, 67, 1000) == 1  # programs fill half the SMs already
+    assert split_count(torch.empty(1), 1, 1000) == 1  # never on CPU unless forced

@@ -179,14 +179,15 @@ _COMPILE_SCRIPT = textwrap.dedent('''
     from posattn.kernels import launch
     from posattn.kernels.attn_bwd import (attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
                                           attn_bwd_preprocess_kernel)
-    from posattn.kernels.attn_fwd import attn_fwd_kernel
+    from posattn.kernels.attn_fwd import attn_combine_kernel, attn_fwd_kernel
     from posattn.kernels.configs import tile_config
 
     POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16",
                 "DQ": "*fp16", "DK_OUT": "*fp16", "DV_OUT": "*fp16", "OUT": "*fp16",
                 "LSE": "*fp32", "NLSE2": "*fp32", "DELTA": "*fp32", "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32",
                 "GPB": "*fp32", "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64",
-                "ROPE_TILES": "*fp32", "BIAS_F": "*fp32", "BIAS_G": "*fp32"}
+                "ROPE_TILES": "*fp32", "BIAS_F": "*fp32", "BIAS_G": "*fp32",
+                "O_PART": "*fp32", "LSE_PART": "*fp32"}
     FLOATS = {"scale", "scale_log2", "rope_factor"}
 
     def ttir(fn, constexprs, num_warps=4, num_stages=2):
@@ -213,7 +214,7 @@ _COMPILE_SCRIPT = textwrap.dedent('''
         backend.add_stages(stages, options, src.language)
         return str(stages["ttir"](mod, {}))
 
-    def attention(kernel, fn, pe, explicit, causal=True, head_dim=64):
+    def attention(kernel, fn, pe, explicit, causal=True, head_dim=64, split=False):
         """TTIR of one attention kernel with the tile config it ships for sm_90."""
         kpe = launch.KernelPE(pe, rot_dim=head_dim if pe == launch.PE_ROPE else 0)
         meta, width = launch._layout_meta(kpe, head_dim, head_dim)
@@ -224,7 +225,7 @@ _COMPILE_SCRIPT = textwrap.dedent('''
         every = dict(meta, PE=pe, CAUSAL=causal, EXPLICIT_POS=explicit, BLOCK_M=cfg.BLOCK_M,
                      BLOCK_N=cfg.BLOCK_N, PREC="tf32", GROUP_P2=4,
                      NEED_PE_GRAD=pe not in (launch.PE_NONE, launch.PE_ROPE),
-                     FOLD_SCALE=True, TMA=False, DO_DK=True, DO_DV=True,
+                     FOLD_SCALE=True, TMA=False, DO_DK=True, DO_DV=True, SPLIT=split,
                      BIAS_TABLE=pe in (launch.PE_KERPLE_LOG, launch.PE_KERPLE_POWER) and not explicit)
         wanted = [p.name for p in fn.params if p.is_constexpr]
         missing = [n for n in wanted if n not in every]
@@ -249,6 +250,9 @@ _COMPILE_SCRIPT = textwrap.dedent('''
     for name, fn in kernels.items():
         out[name + "/rope_explicit"] = attention(name, fn, launch.PE_ROPE, True)
         out[name + "/kerple_power"] = attention(name, fn, launch.PE_KERPLE_POWER, False)
+    out["fwd/split_kerple_power"] = attention("fwd", attn_fwd_kernel, launch.PE_KERPLE_POWER,
+                                              False, split=True)
+    out["fwd_combine"] = ttir(attn_combine_kernel, dict(DV=64, BLOCK_M=16, BLOCK_DV=64))
     out["bwd_preprocess"] = ttir(attn_bwd_preprocess_kernel, dict(DV=64, BLOCK_M=64, BLOCK_DV=64))
     out["control/bad"] = ttir(bad_kernel, {})
     out["control/good"] = ttir(good_kernel, {})
@@ -330,7 +334,16 @@ def test_offset_checker_flags_int32_stride_products(sm90_ttir):
     assert good == []
 
 
-@pytest.mark.parametrize("name", ["fwd/rope_explicit", "fwd/kerple_power", "bwd_dkdv/rope_explicit",
+def test_split_combine_offsets_are_64_bit(sm90_ttir):
+    """The split-K merge (launch.split_count): its three output strides and the batch*head id
+    in 64 bits (the partials' rows are formed from the int64 id too)."""
+    violations, sources = wide_offset_violations(sm90_ttir["fwd_combine"])
+    assert {s for s in sources if s.startswith("%stride_")} == {"%stride_ob", "%stride_oh", "%stride_om"}
+    assert violations == []
+
+
+@pytest.mark.parametrize("name", ["fwd/rope_explicit", "fwd/kerple_power", "fwd/split_kerple_power",
+                                  "bwd_dkdv/rope_explicit",
                                   "bwd_dkdv/kerple_power", "bwd_dq/rope_explicit",
                                   "bwd_dq/kerple_power", "bwd_preprocess"])
 def test_compiled_offsets_are_64_bit(sm90_ttir, name):
