@@ -15,15 +15,18 @@
 #             ALiBi / KERPLE its 128x64 tile), none / ALiBi / KERPLE at D=128, S=8k, non-causal,
 #             into OUTDIR/tma_off/: set against the same rows of bench.md it says whether
 #             TMA (kernels/launch.py) earns its place
+#   7. decode python -m bench.decode (Sq = 1 against 8k-128k caches, none / ALiBi, with and
+#             without split-K, vs SDPA): OUTDIR/decode.md
 #
 # Every step runs under `timeout`; its log is kept when it fails or times out, and the next step
 # still runs. OUTDIR gets setup.log tests.log main.log tune.log tune/{tune.md,tune.json,tiles.json}
-# bench.log bench.md bench.json bench_d128.png tma.log tma_off/bench.md summary.txt; the summary
+# bench.log bench.md bench.json bench_d128.png tma.log tma_off/bench.md decode.log decode.md
+# summary.txt; the summary
 # is printed last. Exit status 1 if any step failed. Budget (seconds, override by environment):
-# SETUP_TIMEOUT=30 TESTS_TIMEOUT=170 MAIN_TIMEOUT=75 TUNE_TIMEOUT=80 (TUNE_MINUTES=0.9: stop
+# SETUP_TIMEOUT=30 TESTS_TIMEOUT=170 MAIN_TIMEOUT=75 TUNE_TIMEOUT=70 (TUNE_MINUTES=0.8: stop
 # starting measurements) BENCH_TIMEOUT=170 (BENCH_MINUTES=2.0: the bench stops starting new
-# measurements and writes what it has) TMA_TIMEOUT=30. Worst case ~9.3 min, meant to fit one
-# 600 s device call; typically less. Compiling dominates the first three steps: the suite
+# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30. Worst case ~9.5 min,
+# meant to fit one 600 s device call; typically less. Compiling dominates the first three steps: the suite
 # reaches ~1,100 kernel specialisations (1-2 s each), `python -m posattn` ~43 (its checks and
 # its D=128 timing table, which also warms the bench's kernels).
 # TEST_WORKERS (pytest-xdist, if installed; default nproc - 2, at most 14; 0 = serial),
@@ -40,11 +43,12 @@ PY=${PYTHON:-python3}
 SETUP_TIMEOUT=${SETUP_TIMEOUT:-30}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-170}
 MAIN_TIMEOUT=${MAIN_TIMEOUT:-75}
-TUNE_TIMEOUT=${TUNE_TIMEOUT:-80}
-TUNE_MINUTES=${TUNE_MINUTES:-0.9}
+TUNE_TIMEOUT=${TUNE_TIMEOUT:-70}
+TUNE_MINUTES=${TUNE_MINUTES:-0.8}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
 BENCH_MINUTES=${BENCH_MINUTES:-2.0}
-TMA_TIMEOUT=${TMA_TIMEOUT:-30}
+TMA_TIMEOUT=${TMA_TIMEOUT:-25}
+DECODE_TIMEOUT=${DECODE_TIMEOUT:-30}
 NPROC=$(nproc 2>/dev/null || echo 4)
 TEST_WORKERS=${TEST_WORKERS:-$(( NPROC > 16 ? 14 : (NPROC > 3 ? NPROC - 2 : 1) ))}
 PYTEST_ARGS=${PYTEST_ARGS:-}
@@ -137,6 +141,7 @@ unset POSATTN_TILES
 step tma "$TMA_TIMEOUT" env POSATTN_TMA=0 "$PY" -m bench --pes none,alibi,kerple --seqlens 8k \
     --head-dims 128 --modes fwd --causal false --impls posattn --no-plot --max-minutes 0.3 \
     --out "$OUTDIR/tma_off"
+step decode "$DECODE_TIMEOUT" "$PY" -m bench.decode --pes none,alibi --max-seconds 20 --out "$OUTDIR"
 
 {
     echo
@@ -167,6 +172,10 @@ step tma "$TMA_TIMEOUT" env POSATTN_TMA=0 "$PY" -m bench --pes none,alibi,kerple
     if [ -f "$OUTDIR/tma_off/bench.md" ]; then  # compare with bench.md's posattn fwd rows
         echo "tma:   the forward with POSATTN_TMA=0 (D=128, S=8k, non-causal):"
         grep -E '^\| (none|alibi|kerple) +\| posattn ' "$OUTDIR/tma_off/bench.md" | sed 's/^/  /'
+    fi
+    if [ -f "$OUTDIR/decode.md" ]; then
+        echo "decode: Sq=1, GB/s of K+V read (posattn with / without split-K, SDPA):"
+        grep -E '^\| [0-9]' "$OUTDIR/decode.md" | sed 's/^/  /'
     fi
     echo "total $(($(date +%s) - T0)) s; logs and results in $OUTDIR"
 } >>"$SUMMARY"

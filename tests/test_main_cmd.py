@@ -456,3 +456,28 @@ def test_trainable_pes_plan_fwd_bwd_only():
         "posattn", "mask+sdpa-efficient", "mask+sdpa-cudnn", "flex"}
     assert cli.parse_args([]).pes == list(plan.ALL_PES)
     assert cli.parse_args(["--quick"]).pes == list(plan.PES)
+
+
+def test_decode_bench_rows(monkeypatch):
+    """python -m bench.decode's loop on a tiny shape (interpreter on CPU, compiled with CUDA):
+    posattn rows for each PE, with and without split-K, and SDPA rows that run or say why;
+    past the time budget the rest are 'skipped'."""
+    from conftest import DEVICE
+
+    from bench import decode
+
+    items = decode.plan(shapes=[(1, 4, 2, 70)], pes=["none", "alibi"])
+    assert len(items) == 2 * 2 + len(decode.SDPA_BACKENDS)
+    rows = decode.measure_all(items, DEVICE, timer=lambda fn: 0.5, echo=None)
+    by = {(r["impl"], r["pe"]): r for r in rows}
+    for pe in ("none", "alibi"):
+        for impl in ("posattn", "posattn (no split)"):
+            r = by[(impl, pe)]
+            assert r["status"] == "ok", r
+            assert r["gbps"] == decode.kv_bytes(1, 2, 70) / 0.5e-3 / 1e9
+    assert all(r["status"] in ("ok", "unsupported", "error") for r in rows)
+    assert "| 1 | 4/2 | 70 | posattn | alibi |" in decode.markdown(rows, {})
+    late = decode.measure_all(items, DEVICE, timer=lambda fn: 0.5, out_of_time=lambda: True, echo=None)
+    assert {r["status"] for r in late} == {"skipped"}
+    res = _run(["-m", "bench.decode", "--dry-run"], timeout=120)
+    assert res.returncode == 0 and "Sk=131072" in res.stdout and "sdpa-flash" in res.stdout

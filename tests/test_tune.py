@@ -208,6 +208,8 @@ def test_gpu_check_reports_tune_and_bench_without_a_gpu(tmp_path, tiles):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "tune   FAILED    rc=2" in summary and "bench  FAILED    rc=2" in summary, summary
     assert "tma    FAILED    rc=2" in summary, summary  # the POSATTN_TMA=0 forward A/B
+    assert "decode FAILED    rc=2" in summary, summary
+    assert "needs a CUDA GPU" in (tmp_path / "decode.log").read_text()
     assert "needs a CUDA GPU" in (tmp_path / "tune.log").read_text()
     assert ("bench runs with POSATTN_TILES" in summary) == (tiles == "valid"), summary
 

@@ -1,0 +1,167 @@
+"""python -m bench.decode: one decode step (Sq = 1) against a long KV cache, posattn vs SDPA.
+
+    python -m bench.decode               # on a GPU: the shapes below, every PE, OUT/decode.{md,json}
+    python -m bench.decode --dry-run     # the plan, without a GPU
+
+A decode step reads the whole K/V cache once and does almost no arithmetic, so it is measured
+in GB/s of K+V read (2 * B * Hkv * Sk * D * 2 bytes) against the GPU's HBM bandwidth. With
+B * Hq programs, too few to fill the GPU, posattn splits the key tiles into runs and merges
+them (launch.split_count); the "posattn (no split)" rows force one run, so the pair shows
+what the split is worth. SDPA rows have no PE (its ceiling); posattn rows run each PE with
+the benchmark's parameters (bench.peers), causal, the query at the end of the cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+# (B, Hq, Hkv, Sk): Llama-3-8B-like heads (32 query, 8 KV), one sequence and a small batch
+SHAPES = [(1, 32, 8, 8192), (1, 32, 8, 32768), (1, 32, 8, 131072), (8, 32, 8, 32768)]
+D = 128
+PES = ("none", "rope", "alibi", "kerple")
+SDPA_BACKENDS = ("flash", "efficient", "cudnn")
+
+
+def kv_bytes(B: int, Hkv: int, Sk: int, d: int = D, itemsize: int = 2) -> int:
+    return 2 * B * Hkv * Sk * d * itemsize
+
+
+def plan(shapes=SHAPES, pes=PES) -> List[tuple]:
+    """(shape, implementation, pe) in the order they are measured."""
+    out = []
+    for shape in shapes:
+        for pe in pes:
+            out.append((shape, "posattn", pe))
+            out.append((shape, "posattn (no split)", pe))
+        for backend in SDPA_BACKENDS:
+            out.append((shape, f"sdpa-{backend}", "none"))
+    return out
+
+
+def _call(impl: str, pe: str, q, k, v) -> Callable[[], torch.Tensor]:
+    """The timed step: posattn with the PE (split-K as the launcher decides, or forced off), or
+    SDPA on one backend with no PE (GQA through enable_gqa, no mask: one query at the end
+    sees every key)."""
+    import torch.nn.functional as F
+
+    import posattn
+    from posattn.kernels import launch
+
+    from .peers import _sdpa_backend, pe_spec
+
+    if impl.startswith("posattn"):
+        spec = pe_spec(pe, q.shape[1], q.device)
+        forced = 1 if impl.endswith("(no split)") else None
+
+        def run():
+            old, launch.FORCE_SPLITS = launch.FORCE_SPLITS, forced
+            try:
+                return posattn.attention(q, k, v, spec, causal=True, backend="triton")
+            finally:
+                launch.FORCE_SPLITS = old
+        return run
+
+    from torch.nn.attention import sdpa_kernel
+
+    backend = _sdpa_backend(impl.split("-", 1)[1])
+
+    def run():
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return run
+
+
+def measure_all(items, device, timer: Callable, out_of_time=lambda: False, echo=print) -> List[dict]:
+    """One row per item: ms and GB/s, or the status and reason it did not run."""
+    from .measure import classify_failure, free_memory
+
+    rows, cache = [], {}
+    for (B, Hq, Hkv, Sk), impl, pe in items:
+        row = dict(B=B, Hq=Hq, Hkv=Hkv, Sk=Sk, D=D, impl=impl, pe=pe, status="ok", reason="",
+                   ms=None, gbps=None)
+        if out_of_time():
+            rows.append(dict(row, status="skipped", reason="time budget used up"))
+            continue
+        key = (B, Hq, Hkv, Sk)
+        try:
+            if key not in cache:
+                cache.clear()
+                free_memory()
+                g = torch.Generator(device=device).manual_seed(Sk + B)
+                dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
+                cache[key] = [torch.randn(s, generator=g, device=device, dtype=dt)
+                              for s in ((B, Hq, 1, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D))]
+            q, k, v = cache[key]
+            fn = _call(impl, pe, q, k, v)
+            with torch.no_grad():
+                fn()  # compile / warm up
+                ms = timer(fn)
+            row.update(ms=ms, gbps=kv_bytes(B, Hkv, Sk) / (ms * 1e-3) / 1e9)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+            row["status"], row["reason"] = classify_failure(exc)
+        rows.append(row)
+        if echo:
+            echo(_line(row))
+    return rows
+
+
+def _line(r: dict) -> str:
+    head = f"B={r['B']} Hq={r['Hq']} Hkv={r['Hkv']} Sk={r['Sk']:<6} {r['impl']:<20} {r['pe']:<7}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r['reason']}"
+    return f"{head} {r['ms'] * 1e3:9.1f} us {r['gbps']:7.0f} GB/s"
+
+
+def markdown(rows: List[dict], env: dict) -> str:
+    lines = [f"# Decode step (Sq = 1), D={D}, bf16, causal, query at the end of the cache", "",
+             f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}; "
+             "GB/s = K+V bytes read / time.", "",
+             "| B | Hq/Hkv | Sk | impl | PE | µs | GB/s | status |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        us = "—" if r["ms"] is None else f"{r['ms'] * 1e3:.1f}"
+        gb = "—" if r["gbps"] is None else f"{r['gbps']:.0f}"
+        st = "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        lines.append(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['Sk']} | {r['impl']} | {r['pe']} | "
+                     f"{us} | {gb} | {st} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="out/bench", help="folder for decode.md / decode.json")
+    ap.add_argument("--pes", default=",".join(PES))
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop starting measurements after this long (the rest are not run)")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    items = plan(pes=[p for p in args.pes.split(",") if p])
+    if args.dry_run:
+        for (B, Hq, Hkv, Sk), impl, pe in items:
+            print(f"B={B} Hq={Hq} Hkv={Hkv} Sk={Sk:<6} {impl:<20} {pe}")
+        return 0
+    if not torch.cuda.is_available():
+        print("python -m bench.decode needs a CUDA GPU (none found); --dry-run prints the plan")
+        return 2
+    from .envinfo import environment
+    from .measure import bench_ms
+
+    t0 = time.perf_counter()
+    env = environment()
+    rows = measure_all(items, "cuda", lambda fn: bench_ms(fn, [], 10, 40)[0],
+                       lambda: bool(args.max_seconds) and time.perf_counter() - t0 > args.max_seconds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.md").write_text(markdown(rows, env))
+    (out / "decode.json").write_text(json.dumps(dict(environment=env, results=rows), indent=1))
+    print(f"wrote {out}/decode.md, decode.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
