@@ -90,11 +90,12 @@ def launches(kernel: str, cfg) -> tuple:
     return ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
 
 
-def variants(kernel: str, cfg, causal: bool, explicit: bool) -> tuple:
-    """The parts report() compiles for a config: its launches, and for the causal forward
-    with contiguous positions (a decode step) also its split-K variant."""
-    extra = ("split",) if kernel == "fwd" and causal and not explicit else ()
-    return launches(kernel, cfg) + extra
+def variants(kernel: str, pe: str, cfg, explicit: bool) -> tuple:
+    """The parts report() compiles for a config: its launches, and for the forward also its
+    split-K variant where the launcher may split it (launch.split_allowed)."""
+    split = kernel == "fwd" and launch.split_allowed(
+        launch.KernelPE(PES[pe]), launch.KernelPositions(qpos=torch.empty(0) if explicit else None))
+    return launches(kernel, cfg) + (("split",) if split else ())
 
 
 def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: bool = False) -> bool:
@@ -233,7 +234,7 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
         # (launch.tma_ready), with the tile shipped for it: both are checked
         for tma in (True, False) if uses_tma(kernel, pe, arch, dtype, explicit) else (False,):
             cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma)
-            for part in variants(kernel, cfg, causal, explicit):  # every launch is checked
+            for part in variants(kernel, pe, cfg, explicit):  # every launch is checked
                 rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype,
                                         pe_grad, part, tma))
                 if echo:

@@ -4,7 +4,9 @@
     python -m bench.decode --dry-run     # the plan, without a GPU
 
 A decode step reads the whole K/V cache once and does almost no arithmetic, so it is measured
-in GB/s of K+V read (2 * B * Hkv * Sk * D * 2 bytes) against the GPU's HBM bandwidth. With
+in GB/s of K+V read (2 * B * Hkv * Sk * D * 2 bytes) against the GPU's HBM bandwidth, with
+each step captured in a CUDA graph (triton.testing.do_bench_cudagraph): GPU time, as a
+serving engine replays it, not the Python dispatch around a few microseconds of kernels. With
 B * Hq programs, too few to fill the GPU, posattn splits the key tiles into runs and merges
 them (launch.split_count); the "posattn (no split)" rows force one run, so the pair shows
 what the split is worth. SDPA rows have no PE (its ceiling); posattn rows run each PE with
@@ -77,35 +79,44 @@ def _call(impl: str, pe: str, q, k, v) -> Callable[[], torch.Tensor]:
     return run
 
 
-def measure_all(items, device, timer: Callable, out_of_time=lambda: False, echo=print) -> List[dict]:
-    """One row per item: ms and GB/s, or the status and reason it did not run."""
+def measure_all(items, device, timer: Callable, out_of_time=lambda: False, echo=print,
+                each=lambda rows: None) -> List[dict]:
+    """One row per item: ms and GB/s, or the status and reason it did not run; each SDPA row
+    also has max |out - posattn's|, no PE (a fast but wrong ceiling would show). ``each``
+    gets the rows after every measurement (to write them as they come)."""
     from .measure import classify_failure, free_memory
 
-    rows, cache = [], {}
+    rows, cache, ref = [], {}, {}
     for (B, Hq, Hkv, Sk), impl, pe in items:
         row = dict(B=B, Hq=Hq, Hkv=Hkv, Sk=Sk, D=D, impl=impl, pe=pe, status="ok", reason="",
-                   ms=None, gbps=None)
-        if out_of_time():
-            rows.append(dict(row, status="skipped", reason="time budget used up"))
-            continue
+                   ms=None, gbps=None, max_abs_diff=None)
         key = (B, Hq, Hkv, Sk)
-        try:
-            if key not in cache:
-                cache.clear()
-                free_memory()
-                g = torch.Generator(device=device).manual_seed(Sk + B)
-                dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
-                cache[key] = [torch.randn(s, generator=g, device=device, dtype=dt)
-                              for s in ((B, Hq, 1, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D))]
-            q, k, v = cache[key]
-            fn = _call(impl, pe, q, k, v)
-            with torch.no_grad():
-                fn()  # compile / warm up
-                ms = timer(fn)
-            row.update(ms=ms, gbps=kv_bytes(B, Hkv, Sk) / (ms * 1e-3) / 1e9)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a row
-            row["status"], row["reason"] = classify_failure(exc)
+        if out_of_time():
+            row.update(status="skipped", reason="time budget used up")
+        else:
+            try:
+                if key not in cache:
+                    cache.clear()
+                    ref.clear()
+                    free_memory()
+                    g = torch.Generator(device=device).manual_seed(Sk + B)
+                    dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
+                    cache[key] = [torch.randn(s, generator=g, device=device, dtype=dt)
+                                  for s in ((B, Hq, 1, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D))]
+                q, k, v = cache[key]
+                fn = _call(impl, pe, q, k, v)
+                with torch.no_grad():
+                    out = fn()  # compile / warm up
+                    if impl == "posattn" and pe == "none":
+                        ref[key] = out
+                    elif impl.startswith("sdpa") and key in ref:
+                        row["max_abs_diff"] = float((out.float() - ref[key].float()).abs().max())
+                    ms = timer(fn)
+                row.update(ms=ms, gbps=kv_bytes(B, Hkv, Sk) / (ms * 1e-3) / 1e9)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+                row["status"], row["reason"] = classify_failure(exc)
         rows.append(row)
+        each(rows)
         if echo:
             echo(_line(row))
     return rows
@@ -115,20 +126,24 @@ def _line(r: dict) -> str:
     head = f"B={r['B']} Hq={r['Hq']} Hkv={r['Hkv']} Sk={r['Sk']:<6} {r['impl']:<20} {r['pe']:<7}"
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r['reason']}"
-    return f"{head} {r['ms'] * 1e3:9.1f} us {r['gbps']:7.0f} GB/s"
+    diff = "" if r.get("max_abs_diff") is None else f"  Δ={r['max_abs_diff']:.1e}"
+    return f"{head} {r['ms'] * 1e3:9.1f} us {r['gbps']:7.0f} GB/s{diff}"
 
 
 def markdown(rows: List[dict], env: dict) -> str:
     lines = [f"# Decode step (Sq = 1), D={D}, bf16, causal, query at the end of the cache", "",
              f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}; "
-             "GB/s = K+V bytes read / time.", "",
-             "| B | Hq/Hkv | Sk | impl | PE | µs | GB/s | status |", "|---|---|---|---|---|---|---|---|"]
+             "GB/s = K+V bytes read / time; each step timed inside a CUDA graph (GPU time, not "
+             "Python dispatch); Δ = max |out − posattn's| (no PE).", "",
+             "| B | Hq/Hkv | Sk | impl | PE | µs | GB/s | Δ | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         us = "—" if r["ms"] is None else f"{r['ms'] * 1e3:.1f}"
         gb = "—" if r["gbps"] is None else f"{r['gbps']:.0f}"
+        diff = "—" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.1e}"
         st = "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         lines.append(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['Sk']} | {r['impl']} | {r['pe']} | "
-                     f"{us} | {gb} | {st} |")
+                     f"{us} | {gb} | {diff} | {st} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,17 +163,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("python -m bench.decode needs a CUDA GPU (none found); --dry-run prints the plan")
         return 2
+    from triton.testing import do_bench_cudagraph
+
     from .envinfo import environment
-    from .measure import bench_ms
 
     t0 = time.perf_counter()
     env = environment()
-    rows = measure_all(items, "cuda", lambda fn: bench_ms(fn, [], 10, 40)[0],
-                       lambda: bool(args.max_seconds) and time.perf_counter() - t0 > args.max_seconds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.md").write_text(markdown(rows, env))
-    (out / "decode.json").write_text(json.dumps(dict(environment=env, results=rows), indent=1))
+
+    def write(rows):  # after every row: a step cut short by its timeout keeps what it measured
+        (out / "decode.md").write_text(markdown(rows, env))
+        (out / "decode.json").write_text(json.dumps(dict(environment=env, results=rows), indent=1))
+
+    # Inside a CUDA graph: a decode step's kernels take microseconds, less than the Python
+    # around them, which do_bench would time too (its L2 flush does not hide 100+ us).
+    measure_all(items, "cuda", lambda fn: float(do_bench_cudagraph(fn, rep=20, return_mode="median")),
+                lambda: bool(args.max_seconds) and time.perf_counter() - t0 > args.max_seconds,
+                each=write)
     print(f"wrote {out}/decode.md, decode.json")
     return 0
 

@@ -230,7 +230,9 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
     return acc, l_i, m_i
 
 
-@triton.jit
+# tiles_per_split varies with Sk under a split; specialising it (== 1, % 16) would add
+# compiles in the middle of a generation as the cache grows
+@triton.jit(do_not_specialize=["tiles_per_split"])
 def attn_fwd_kernel(
     Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, KD, VD, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -266,8 +266,10 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
     n_qblocks, n_ktiles = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
-    splits = split_count(q, n_qblocks * B * Hq, n_ktiles)
+    splits = split_count(q, n_qblocks * B * Hq, n_ktiles) if split_allowed(pe, pos) else 1
     per_split = triton.cdiv(n_ktiles, splits)
+    if FORCE_SPLITS is None:  # no program for a run that rounding left without tiles
+        splits = triton.cdiv(n_ktiles, per_split)
     if splits > 1:  # partials (B * Hq, splits, Sq, DV) and (B * Hq, splits, Sq), merged below
         o_part = torch.empty((B * Hq, splits, Sq, DV), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((B * Hq, splits, Sq), device=q.device, dtype=torch.float32)
@@ -302,12 +304,19 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
 # runs, merged in order. The backward reads only the merged out and LSE.
 SPLIT_MIN_TILES = 4
 COMBINE_BLOCK_M = 16
-FORCE_SPLITS: Optional[int] = None  # tests: this many splits wherever the forward runs
+FORCE_SPLITS: Optional[int] = None  # tests: this many splits wherever split_allowed
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: Optional[int]) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_allowed(pe: KernelPE, pos: KernelPositions) -> bool:
+    """Every forward may split except RoPE with explicit positions: its split variant (per-
+    element cos/sin, all tiles masked, fp32 partial stores) spills 8 B at D=128 on triton 3.6,
+    on sm_90 and sm_80 alike; it runs unsplit, as before split-K existed."""
+    return not (pe.kind == PE_ROPE and pos.explicit)
 
 
 def splits_for(sms: int, n_programs: int, n_ktiles: int) -> int:

@@ -468,8 +468,13 @@ def test_decode_bench_rows(monkeypatch):
 
     items = decode.plan(shapes=[(1, 4, 2, 70)], pes=["none", "alibi"])
     assert len(items) == 2 * 2 + len(decode.SDPA_BACKENDS)
-    rows = decode.measure_all(items, DEVICE, timer=lambda fn: 0.5, echo=None)
+    written = []
+    rows = decode.measure_all(items, DEVICE, timer=lambda fn: 0.5, echo=None,
+                              each=lambda rows: written.append(len(rows)))
+    assert written == list(range(1, len(items) + 1))  # the files follow every measurement
     by = {(r["impl"], r["pe"]): r for r in rows}
+    flash = by[("sdpa-flash", "none")]
+    assert flash["status"] != "ok" or flash["max_abs_diff"] < 1e-2  # checked against posattn
     for pe in ("none", "alibi"):
         for impl in ("posattn", "posattn (no split)"):
             r = by[(impl, pe)]
