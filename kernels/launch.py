@@ -266,10 +266,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
     n_qblocks, n_ktiles = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
-    splits = split_count(q, n_qblocks * B * Hq, n_ktiles) if split_allowed(pe, pos) else 1
-    per_split = triton.cdiv(n_ktiles, splits)
-    if FORCE_SPLITS is None:  # no program for a run that rounding left without tiles
-        splits = triton.cdiv(n_ktiles, per_split)
+    splits, per_split = split_runs(q, pe, pos, n_qblocks * B * Hq, n_ktiles)
     if splits > 1:  # partials (B * Hq, splits, Sq, DV) and (B * Hq, splits, Sq), merged below
         o_part = torch.empty((B * Hq, splits, Sq, DV), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((B * Hq, splits, Sq), device=q.device, dtype=torch.float32)
@@ -335,6 +332,17 @@ def split_count(q: torch.Tensor, n_programs: int, n_ktiles: int) -> int:
     if q.device.type != "cuda":
         return 1
     return splits_for(_sm_count(q.device.index), n_programs, n_ktiles)
+
+
+def split_runs(q: torch.Tensor, pe: KernelPE, pos: KernelPositions, n_programs: int,
+               n_ktiles: int):
+    """(runs, key tiles per run) of a forward launch: split_count where split_allowed, and
+    no run that rounding would leave without tiles (forced splits keep theirs: tests)."""
+    splits = split_count(q, n_programs, n_ktiles) if split_allowed(pe, pos) else 1
+    per_split = triton.cdiv(n_ktiles, splits)
+    if FORCE_SPLITS is None:
+        splits = triton.cdiv(n_ktiles, per_split)
+    return splits, per_split
 
 
 def fold_scale(scale: float) -> bool:
