@@ -1,7 +1,9 @@
 """posattn: positional encodings fused into FlashAttention-style Triton kernels.
 
 `kernels/` is installed as the subpackage `posattn.kernels` (never as a top-level `kernels`
-module: that name belongs to another PyPI distribution).
+module: that name belongs to Hugging Face's distribution, which transformers imports). It has
+no __init__.py, so that run from the repository root it cannot shadow that distribution
+(posattn/__init__.py says how).
 """
 from setuptools import setup
 
@@ -23,8 +25,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        # transformers: the RoPE-scaling parity tests compare against its own rope utilities
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers>=4.57"],
+        # transformers: the RoPE-scaling parity tests compare against its own rope utilities,
+        # and the BLOOM test against its eager model. kernels (Hugging Face's): the test that
+        # this repository's kernels/ folder never shadows it. matplotlib: the study's plots.
+        # ruff: .ci/run's lint step.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers>=4.57",
+                 "kernels", "matplotlib", "ruff"],
         "bench": ["matplotlib"],
     },
 )

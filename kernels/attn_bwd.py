@@ -142,7 +142,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
     # i % tiles_per_head: an integer division by a runtime value is ~20 instructions a tile.
     h = h0
     j = 0
-    for i in range(0, n_iters):
+    for _ in range(0, n_iters):
         t = tl.where(j < t_split, t_lo + j, t_jump + j - t_split)
         Qh = Q + h * stride_qh
         DOh = DO + h * stride_doh

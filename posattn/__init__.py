@@ -7,6 +7,14 @@ Importing posattn never queries CUDA and never imports Triton; the kernels load 
 """
 import os as _os
 
+# The Triton code lives in the repository's top-level kernels/ folder and is only ever the
+# subpackage `posattn.kernels`. That folder has no __init__.py on purpose: run from the
+# repository root (python -m posattn, python -m pytest), the root is first on sys.path, and a
+# regular package named `kernels` there would shadow Hugging Face's `kernels` distribution
+# (which transformers imports). A folder without __init__.py is at most a PEP 420 namespace
+# portion, and the import system takes any regular package of that name over it, wherever
+# it sits on sys.path (tests/test_kernels_name.py). Importing posattn.kernels imports Triton:
+# set TRITON_INTERPRET=1 before that to run on CPU.
 # setup.py installs ../kernels as posattn.kernels. A source checkout used without installing
 # (python -m posattn from the repository root, or a machine where pip cannot build) has no
 # posattn/kernels: there the repository root joins this package's search path, so that

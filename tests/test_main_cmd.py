@@ -256,7 +256,7 @@ def _rows():
                 shape = plan.Shape(B=16384 // S, H=16, S=S, D=128, causal=causal, mode=mode)
                 base = plan.shape_flops(shape) / 500e12 * 1e3 * (1 if mode == "fwd" else 500 / 310)
 
-                def row(pe, impl, ms, mib, status="ok", reason=""):
+                def row(pe, impl, ms, mib, status="ok", reason="", shape=shape):
                     r = dict(shape.as_dict(), pe=pe, impl=impl, role=peers.IMPLS_BY_NAME[impl].role,
                              status=status, reason=reason, ms=ms, tflops=None, peak_mib=mib,
                              max_abs_diff=1e-3)
