@@ -38,6 +38,14 @@ class KernelPE:
     pa: Optional[torch.Tensor] = None
     pb: Optional[torch.Tensor] = None
 
+    def __post_init__(self):
+        # The kernels read element h of a per-head vector at ``PA + h`` (no stride argument):
+        # a strided view must never reach them as is (it would be read as if contiguous).
+        for name in ("theta", "pa", "pb"):
+            t = getattr(self, name)
+            if t is not None and not t.is_contiguous():
+                setattr(self, name, t.contiguous())
+
 
 @dataclass
 class KernelPositions:
