@@ -52,7 +52,7 @@ POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
             "DELTA": "*fp32",
             "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
             "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
-            "BIAS_G": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+            "BIAS_G": "*fp32", "DREF": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
 FLOATS = {"scale", "scale_log2", "rope_factor"}
 # The forward's TMA descriptor arguments (launch.tma_descriptors): (rows, columns) of a block
 DESCRIPTORS = {"KD": ("BLOCK_N", "BLOCK_A"), "VD": ("BLOCK_N", "BLOCK_DV")}
@@ -75,14 +75,19 @@ def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
 
 
 def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
-                 dtype: str = "bf16", pe_grad=None, explicit: bool = False, tma=None):
-    """The TileConfig tile_config ships for this compile (pe: a key of PES; pe_grad, tma as
-    in compile_kernel)."""
+                 dtype: str = "bf16", pe_grad=None, explicit: bool = False, tma=None,
+                 center=None):
+    """The TileConfig tile_config ships for this compile (pe: a key of PES; pe_grad, tma,
+    center as in compile_kernel)."""
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     width = launch._layout_meta(kpe, head_dim, head_dim)[1]
     tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
+    roomy = launch.roomy_tile(kpe, launch.KernelPositions(
+        qpos=torch.empty(0) if explicit else None), centred(pe, explicit, center))
+    if kernel != "fwd":
+        roomy = explicit
     return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
-                       ck_pe_grad(kernel, pe, pe_grad), explicit=explicit, tma=tma)
+                       ck_pe_grad(kernel, pe, pe_grad), explicit=roomy, tma=tma)
 
 
 def launches(kernel: str, cfg) -> tuple:
@@ -105,9 +110,18 @@ def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: boo
                                                   explicit)
 
 
+def centred(pe: str, explicit: bool, center=None) -> bool:
+    """Whether the compile centres its bias rows (launch.bias_refs): always for a bias PE with
+    explicit positions; with contiguous ones only when queries lie outside the key range
+    (int offsets), which the shipped rows do not assume unless ``center`` says so."""
+    if center is None:
+        center = explicit
+    return bool(center) and pe not in ("none", "rope")
+
+
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                   tma=None):
+                   tma=None, center=None):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
 
     explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
@@ -117,6 +131,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     forward, "split" is its split-K variant (launch.split_count: decode steps).
     tma: load the loop tiles through TMA descriptors; default: where the launcher would
     (uses_tma). False on sm_90 compiles the pointer path its unaligned inputs take.
+    center: centre the bias rows (see centred; default: with explicit positions).
     Returns (compiled kernel, TileConfig, seconds).
     """
     fn = KERNELS[kernel]
@@ -126,13 +141,15 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     # dQ kernel then also accumulates the parameter gradients)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
-    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad, explicit, tma)
+    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad, explicit, tma,
+                              center)
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
     table = pe.startswith("kerple") and not explicit
     constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table)
+                      PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table,
+                      CENTER=centred(pe, explicit, center))
     if kernel == "bwd_dq":
         constexprs["NEED_PE_GRAD"] = pe_grad
     if kernel == "bwd_dkdv":
@@ -171,11 +188,11 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                tma=None):
+                tma=None, center=None):
     """Compile one config (see compile_kernel) and return its report row."""
     tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                      pe_grad, part, tma)
+                                      pe_grad, part, tma, center)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -193,7 +210,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
                stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
-               mma_util=None, tma=tma)
+               mma_util=None, tma=tma, center=centred(pe, explicit, center))
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -204,12 +221,14 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
 
 
 def shipped_configs(quick: bool = False, head_dims=(64, 128)):
-    """(kernel, pe, head_dim, causal, explicit[, pe_grad]) to check: every PE causal with
-    contiguous positions, plus non-causal without PE, and no PE, RoPE and KERPLE-power with
-    explicit positions (the causal mask from position tensors; per-element cos/sin; int64
-    position differences); the dQ kernel also with the
-    other gradient setting of each bias PE (trainable ALiBi, fixed KERPLE), which tile_config
-    gives its own tile. quick: none / rope / kerple_power (the heaviest bias) only."""
+    """(kernel, pe, head_dim, causal, explicit[, pe_grad[, center]]) to check: every PE causal
+    with contiguous positions, plus non-causal without PE, and no PE, RoPE and KERPLE-power
+    with explicit positions (the causal mask from position tensors; per-element cos/sin; int64
+    position differences; centred bias rows); ALiBi and KERPLE-power with contiguous positions
+    and centred rows (int offsets that put queries past the keys: launch.bias_refs); the dQ
+    kernel also with the other gradient setting of each bias PE (trainable ALiBi, fixed
+    KERPLE), which tile_config gives its own tile. quick: none / rope / kerple_power (the
+    heaviest bias) only."""
     pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
     for kernel in KERNELS:
         for head_dim in head_dims:
@@ -219,6 +238,9 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
             yield kernel, "none", head_dim, True, True
             yield kernel, "rope", head_dim, True, True
             yield kernel, "kerple_power", head_dim, True, True
+            if not quick:
+                yield kernel, "alibi", head_dim, True, False, None, True
+                yield kernel, "kerple_power", head_dim, True, False, None, True
             if kernel == "bwd_dq" and not quick:
                 yield kernel, "alibi", head_dim, True, False, True
                 yield kernel, "alibi", head_dim, True, True, True
@@ -228,15 +250,15 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
 def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf16", echo=None):
     """Compile every shipped config for ``arch``; returns the rows. echo: called with each row."""
     rows = []
-    for kernel, pe, hd, causal, explicit, *grad in shipped_configs(quick, head_dims):
-        pe_grad = grad[0] if grad else None
+    for kernel, pe, hd, causal, explicit, *extra in shipped_configs(quick, head_dims):
+        pe_grad, center = (list(extra) + [None, None])[:2]
         # where the forward's key tiles go through TMA, unaligned inputs take the pointer path
         # (launch.tma_ready), with the tile shipped for it: both are checked
         for tma in (True, False) if uses_tma(kernel, pe, arch, dtype, explicit) else (False,):
-            cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma)
+            cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma, center)
             for part in variants(kernel, pe, cfg, explicit):  # every launch is checked
                 rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype,
-                                        pe_grad, part, tma))
+                                        pe_grad, part, tma, center))
                 if echo:
                     echo(rows[-1])
     return rows
@@ -247,6 +269,8 @@ def _print_row(r):
     pe = r["pe"] + ("+grad" if r.get("pe_grad") and r["pe"] == "alibi" else
                     "-grad" if r["pe"].startswith("kerple") and not r.get("pe_grad")
                     and r["kernel"] == "bwd_dq" else "")
+    if r.get("center") and not r["explicit"]:
+        pe += " centred"
     if r.get("part", "both") != "both":
         pe += f" [{r['part']}-K]" if r["part"] == "split" else f" [{r['part']}]"
     print(f"sm_{r['arch']} {r['kernel']:9s} {pe:15s} D={r['head_dim']:<4d} "

@@ -16,14 +16,17 @@ KERPLE with contiguous positions reads f and df/dr2 from per-distance tables BIA
 
 dS below is the gradient of the natural-unit scaled logits s = scale * q.k + bias:
 dS = P * (dP - Delta), dQ = scale * dS @ K, dK = scale * dS^T @ Q, dV = P^T @ dO.
+With CENTER the bias rows are centred as in the forward (pe_helpers, "Centring"): the same
+f - f_ref, and NLSE2 from the centred LSE the forward stored, so P sums to 1 over each row to
+fp32 rounding however far the keys are; the parameter gradients use the centred f and df/dr2.
 """
 import triton
 import triton.language as tl
 
 from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_logits, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_grad_terms, qk_columns, rope_angle_cos_sin,
-                         rope_rotate, tile_bias, tile_bias_grad_inputs)
+                         bias_grad_terms, bias_r2_term, bias_row_ref, centred, qk_columns,
+                         rope_angle_cos_sin, rope_rotate, tile_bias, tile_bias_grad_inputs)
 
 
 @triton.jit
@@ -119,7 +122,7 @@ def store_grad_groups(ptr, rows, row_mask, pos, stride_row, stride_col, xa, xb, 
 
 @triton.jit
 def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-                Q, DO, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+                Q, DO, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, DREF, bias_len,
                 c_tab, s_tab,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
@@ -129,7 +132,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr,
                 PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, DO_DK: tl.constexpr,
-                DO_DV: tl.constexpr):
+                DO_DV: tl.constexpr, CENTER: tl.constexpr):
     """Accumulate dK, dV of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
@@ -169,8 +172,9 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
         # one more (tl.fma: the compiler does not contract them on its own)
         sT = tl.fma(qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC), scale_log2, nlse2[None, :])
         if PE != PE_NONE and PE != PE_ROPE:
-            sT = tl.fma(tile_bias(PE, BIAS_TABLE, BIAS_F + h * bias_len, kpos, qpos, q0,
-                                  EXPLICIT_POS, pb), -(pa * LOG2E), sT)
+            _, fref = bias_row_ref(PE, CENTER, DREF, offs_m, m_mask, pb)  # this tile's queries
+            fT = tile_bias(PE, BIAS_TABLE, BIAS_F + h * bias_len, kpos, qpos, q0, EXPLICIT_POS, pb)
+            sT = tl.fma(centred(fT, fref, CENTER, 1), -(pa * LOG2E), sT)
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
@@ -198,15 +202,17 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, NLSE2, DELTA, DK_OUT, DV_OUT, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F,
+    DREF,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn, stride_drb,
     Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
+    CENTER: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -226,6 +232,7 @@ def attn_bwd_dkdv_kernel(
     DV_OUT += b * stride_dvb + hk * stride_dvh
     QPOS += b * stride_qpb
     KPOS += b * stride_kpb
+    DREF += b * stride_drb
     scale_log2 = scale * LOG2E
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -282,24 +289,24 @@ def attn_bwd_dkdv_kernel(
     DOb = DO + b * stride_dob
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, DREF, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * n_masked, tl.maximum(n_masked, 1), lo, u0 - lo, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
         PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE,
-        DO_DK, DO_DV)
+        DO_DK, DO_DV, CENTER)
     dka, dkb, dkc, dv = _dkdv_tiles(
         dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, bias_len,
+        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, DREF, bias_len,
         c_tab, s_tab,
         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
         Sq, q_start, rope_factor, scale_log2, lse_row0, h0,
         GROUP * (u1 - u0), tl.maximum(u1 - u0, 1), u0, u1 - u0, u1,
         colA, colB, maskA, colC, maskC, colV, maskV,
         PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A, BLOCK_M, PREC, BIAS_TABLE,
-        DO_DK, DO_DV)
+        DO_DK, DO_DV, CENTER)
 
     if DO_DK:
         store_grad_groups(DK_OUT, offs_n, n_mask, kpos, stride_dkn, stride_dkd, dka, dkb, dkc,
@@ -314,12 +321,12 @@ def attn_bwd_dkdv_kernel(
 def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-              Sk, k_start, rope_factor, scale_log2, pa, pb, tile_lo, tile_hi,
+              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, gref, tile_lo, tile_hi,
               colA, colB, maskA, colC, maskC, colV, maskV,
               PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
               BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-              BIAS_TABLE: tl.constexpr, NEED_PE_GRAD: tl.constexpr):
+              BIAS_TABLE: tl.constexpr, NEED_PE_GRAD: tl.constexpr, CENTER: tl.constexpr):
     """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi), and with
     NEED_PE_GRAD the per-query sums g1, g2 (BLOCK_M,) of dS * d(bias)/d(param)."""
     for t in range(tile_lo, tile_hi):
@@ -337,8 +344,8 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
         s = tile_logits(qk, scale_log2, pa * LOG2E, pb, qpos, kpos, k_start + t * BLOCK_N,
-                        BIAS_F, nlse2[:, None], PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
-                        K.dtype.element_ty == tl.float32)  # plus NLSE2: exp2(s) = P
+                        BIAS_F, nlse2[:, None], dref, fref, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
+                        K.dtype.element_ty == tl.float32, CENTER)  # plus NLSE2: exp2(s) = P
         if MASKED:
             visible = n_mask[None, :] & m_mask[:, None]
             if CAUSAL:
@@ -351,7 +358,8 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
             # f re-read / recomputed rather than kept live across the dots (registers)
             f, r2_term = tile_bias_grad_inputs(PE, BIAS_TABLE, BIAS_F, BIAS_G, qpos, kpos,
                                                k_start + t * BLOCK_N, EXPLICIT_POS, pb)
-            t1, t2 = bias_grad_terms(PE, ds, f, r2_term, pa)
+            t1, t2 = bias_grad_terms(PE, ds, centred(f, fref, CENTER, 0),
+                                     centred(r2_term, gref, CENTER, 0), pa)
             g1 += t1
             g2 += t2
         dqa, dqb, dqc = grad_dot(ds.to(qa.dtype), ka, kb, kc, dqa, dqb, dqc, PE, HAS_PASS, PREC)
@@ -360,15 +368,17 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, NLSE2, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, GPA, GPB,
+    Q, K, V, DO, NLSE2, DELTA, DQ, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, BIAS_G, DREF,
+    GPA, GPB,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn, stride_drb,
     Hq, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
+    CENTER: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -409,6 +419,10 @@ def attn_bwd_dq_kernel(
     else:
         qpos = q_start + offs_m
     pa, pb = load_pe_params(PE, PA, PB, h)
+    dref, fref = bias_row_ref(PE, CENTER, DREF + b * stride_drb, offs_m, m_mask, pb)
+    gref = 0.0
+    if CENTER and NEED_PE_GRAD:
+        gref = bias_r2_term(PE, fref, dref)
     c_q = 0.0
     s_q = 0.0
     c_tab = 0.0
@@ -434,17 +448,19 @@ def attn_bwd_dq_kernel(
     dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos,
                               m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                              Sk, k_start, rope_factor, scale_log2, pa, pb, 0, n_full,
+                              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, gref,
+                              0, n_full,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                              BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD)
+                              BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD, CENTER)
     dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos,
                               m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                              Sk, k_start, rope_factor, scale_log2, pa, pb, n_full, n_tiles,
+                              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, gref,
+                              n_full, n_tiles,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                              BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD)
+                              BLOCK_N, PREC, BIAS_TABLE, NEED_PE_GRAD, CENTER)
     store_grad_groups(DQ, offs_m, m_mask, qpos, stride_dqm, stride_dqd, dqa, dqb, dqc, scale,
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, PE, HAS_PASS, ROT_HALF,
                       BLOCK_A)

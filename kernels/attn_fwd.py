@@ -15,6 +15,9 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
     BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
     see pe_helpers.bias_table_kernel)
+    DREF (B|1, Sq) float32: with CENTER, each query's distance to its nearest visible key; the
+    bias PE's rows are centred on the bias there (pe_helpers, "Centring"), and LSE holds the
+    centred rows' log-sum-exp (the launcher subtracts a f_ref for the caller)
     O_PART (B * Hq, n_splits, Sq, DV), LSE_PART (B * Hq, n_splits, Sq) float32: with SPLIT,
     program (m, bh, s) walks only the s-th run of tiles_per_split key tiles and writes its
     normalised partial output and LSE there; attn_combine_kernel merges the splits into O and
@@ -24,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         alibi_causal_split, bias_shape, qk_columns, rope_angle_cos_sin,
-                         rope_rotate, rope_tile_start, tile_bias)
+                         alibi_causal_split, bias_row_ref, bias_shape, centred, qk_columns,
+                         rope_angle_cos_sin, rope_rotate, rope_tile_start, tile_bias)
 
 
 @triton.jit
@@ -126,22 +129,23 @@ def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, PE: tl.
 
 
 @triton.jit
-def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, PE: tl.constexpr,
-                CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
-                FP32: tl.constexpr):
+def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, dref, fref,
+                PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+                BIAS_TABLE: tl.constexpr, FP32: tl.constexpr, CENTER: tl.constexpr):
     """Scores of a (query rows, key columns) tile in the exp2 domain, qk * scale_log2 minus the
     bias, plus ``row_add``: the backward's NLSE2 (-LSE * log2 e) as a (BLOCK_M, 1) column, so
     that exp2 of the result is P; 0.0 in the forward. pa2 = the bias's leading parameter x
     log2(e), pb = r2; k0 = the tile's first key position. The scale and the shift are one
     FFMA, a bias one more (written as tl.fma: the compiler does not contract them on its
-    own). Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD)."""
+    own). Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD).
+    dref, fref: the rows' centring (pe_helpers.bias_row_ref; used with CENTER)."""
     if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
-        s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, kpos.shape[0])
+        s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, dref, kpos.shape[0])
     else:
         s = tl.fma(qk, scale_log2, row_add)
         if PE != PE_NONE and PE != PE_ROPE:
-            s = tl.fma(tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k0, EXPLICIT_POS, pb),
-                       -pa2, s)
+            f = tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k0, EXPLICIT_POS, pb)
+            s = tl.fma(centred(f, fref, CENTER, 0), -pa2, s)
     return s
 
 
@@ -149,12 +153,13 @@ def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, PE: tl
 def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA, ROPE_TILES,
                BIAS_F, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-               Sk, k_start, rope_factor, scale_log2, pa2, pb, tile_lo, tile_hi,
+               Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, tile_lo, tile_hi,
                colA, colB, maskA, colC, maskC, colV, maskV,
                PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
                BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-               BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr, TMA: tl.constexpr):
+               BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr, TMA: tl.constexpr,
+               CENTER: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi).
 
     MASKED=False tiles are fully inside the keys and fully visible (no per-element mask).
@@ -206,11 +211,12 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                 else:  # |q - k| from the invariant rows and this tile's columns (docstring)
                     f = bias_shape(PE, tl.abs(q_rel[:, None]
                                               - (kpos - q_base).to(tl.float32)[None, :]), pb)
-                s = tl.fma(f, -pa_u, s)  # as tl.fma: left alone, the compiler emits FMUL + FADD
+                # as tl.fma: left alone, the compiler emits FMUL + FADD
+                s = tl.fma(centred(f, fref, CENTER, 0), -pa_u, s)
         else:
             s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
-                            0.0, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
-                            K.dtype.element_ty == tl.float32)
+                            0.0, dref, fref, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
+                            K.dtype.element_ty == tl.float32, CENTER)
         if MASKED:
             visible = n_mask[None, :]
             if CAUSAL:
@@ -234,14 +240,16 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
 # compiles in the middle of a generation as the cache grows
 @triton.jit(do_not_specialize=["tiles_per_split"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, KD, VD, O_PART, LSE_PART,
+    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, DREF, KD, VD, O_PART,
+    LSE_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn, stride_drb,
     Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor, bias_len, tiles_per_split,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
+    CENTER: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -288,6 +296,7 @@ def attn_fwd_kernel(
     elif PE == PE_KERPLE_LOG or PE == PE_KERPLE_POWER:
         pa2 = tl.load(PA + h).to(tl.float32) * LOG2E
         pb = tl.load(PB + h).to(tl.float32)
+    dref, fref = bias_row_ref(PE, CENTER, DREF + b * stride_drb, offs_m, m_mask, pb)
 
     # RoPE: rotate the Q tile once; build the per-offset table for the key tiles.
     c_q = 0.0
@@ -317,17 +326,19 @@ def attn_fwd_kernel(
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
                                THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                               Sk, k_start, rope_factor, scale_log2, pa2, pb, 0, full_hi,
+                               Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
+                               0, full_hi,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
+                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA, CENTER)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
                                THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                               Sk, k_start, rope_factor, scale_log2, pa2, pb, masked_lo, masked_hi,
+                               Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
+                               masked_lo, masked_hi,
                                colA, colB, maskA, colC, maskC, colV, maskV,
                                PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA)
+                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA, CENTER)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

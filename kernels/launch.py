@@ -15,7 +15,7 @@ from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_combine_kernel, attn_fwd_kernel
 from .configs import HOPPER_CLASS, tile_config
-from .pe_helpers import TILE_STEP, bias_table_kernel, rope_tile_table_kernel
+from .pe_helpers import TILE_STEP, bias_ref_kernel, bias_table_kernel, rope_tile_table_kernel
 
 # PE kinds, the values of the kernels' PE constexpr (see pe_helpers.py)
 PE_NONE, PE_ROPE, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER = 0, 1, 2, 3, 4
@@ -239,6 +239,73 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
     return BiasTables(f, g, length)
 
 
+# Row centring of the bias PEs (pe_helpers, "Centring": why, and the error analysis).
+BIAS_KINDS = (PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER)
+
+
+def bias_refs(pe: KernelPE, pos: KernelPositions, causal: bool, Sq: int, Sk: int,
+              device) -> Optional[torch.Tensor]:
+    """DREF (Bp, Sq) float32, each query's distance to its nearest visible key, when some row
+    of a bias PE must be centred; None when none must (no bias PE, or contiguous positions
+    where every query lies inside the key range: d_ref = 0, f_ref = 0, the kernels unchanged).
+    Explicit positions: one small kernel (pe_helpers.bias_ref_kernel), Bp = the positions'
+    batch. Contiguous: d_ref = distance from the query to [k_start, k_last], (1, Sq)."""
+    if pe.kind not in BIAS_KINDS or Sq == 0 or Sk == 0:
+        return None
+    if pos.explicit:
+        qp, kp = pos.qpos, pos.kpos
+        bp = max(qp.shape[0], kp.shape[0])
+        dref = torch.empty((bp, Sq), device=device, dtype=torch.float32)
+        _, _, strides = _pos_args(pos, dref)
+        block_m, block_n = (64, 128) if device.type == "cuda" else (32, 64)
+        bias_ref_kernel[(triton.cdiv(Sq, block_m), bp)](
+            qp, kp, dref, *strides, Sq, Sk, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n)
+        return dref
+    k_last = pos.k_start + Sk - 1
+    right = pos.q_start + Sq - 1 > k_last  # queries past the last key
+    left = not causal and pos.q_start < pos.k_start  # (causal: such a query sees no key)
+    if not (right or left):
+        return None
+    q = pos.q_start + torch.arange(Sq, device=device, dtype=torch.int64)
+    d = (pos.k_start - q).clamp_min(0) + (q - k_last).clamp_min(0)
+    if causal:
+        d = torch.where(q < pos.k_start, 0, d)
+    return d.to(torch.float32)[None]
+
+
+def roomy_tile(pe: KernelPE, pos: KernelPositions, center: bool) -> bool:
+    """Whether the forward takes the explicit-position tile (configs.tile_config's
+    ``explicit``): explicit positions, or KERPLE with centred rows, whose live f_ref made the
+    128 x 128 TMA tile spill 8 B at D=128 on sm_90 (triton 3.9; centred ALiBi does not)."""
+    return pos.explicit or (center and pe.kind in (PE_KERPLE_LOG, PE_KERPLE_POWER))
+
+
+def _dref_args(dref: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(DREF, stride_drb, CENTER) kernel arguments."""
+    if dref is None:
+        return dummy, 0, False
+    return dref, (dref.stride(0) if dref.shape[0] > 1 else 0), True
+
+
+def caller_lse(row_lse: torch.Tensor, pe: KernelPE, dref: Optional[torch.Tensor]) -> torch.Tensor:
+    """The log-sum-exp of the true logits, (B, Hq, Sq) float32, from the kernels' centred one:
+    LSE = LSE_centred - a f(d_ref) (the bias at the nearest visible key). Mirrors
+    pe_helpers.bias_shape in torch; only the caller sees it (the backward keeps row_lse)."""
+    if dref is None:
+        return row_lse
+    d = dref[:, None, :]  # (Bp, 1, Sq)
+    a = pe.pa.float()[:, None]  # (Hq, 1)
+    if pe.kind == PE_ALIBI:
+        f = d
+    else:
+        b = pe.pb.float()[:, None]
+        if pe.kind == PE_KERPLE_LOG:
+            f = torch.log(1.0 + b * d)
+        else:
+            f = torch.where(d > 0, torch.exp2(b * torch.log2(d.clamp_min(1.0))), 0.0)
+    return row_lse - a * f
+
+
 def _family(pe: KernelPE) -> str:
     """The tile-config family (configs.FAMILIES)."""
     return {PE_NONE: "none", PE_ROPE: "rope", PE_ALIBI: "alibi"}.get(pe.kind, "kerple")
@@ -261,15 +328,19 @@ def new_output(q: torch.Tensor, DV: int) -> torch.Tensor:
 
 
 def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
-    """Forward. Returns out (B, Hq, Sq, DV) in q's dtype and lse (B, Hq, Sq) float32."""
+    """Forward. Returns out (B, Hq, Sq, DV) in q's dtype, lse (B, Hq, Sq) float32 (the
+    caller's) and row_lse, what attn_bwd takes: the LSE of the centred rows of a bias PE
+    (bias_refs), the same tensor as lse when no row is centred."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
     out = new_output(q, DV)
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos.explicit)
+    dref = bias_refs(pe, pos, causal, Sq, Sk, q.device)
+    DREF, stride_drb, center = _dref_args(dref, lse)
     cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe),
-                      explicit=pos.explicit, tma=tma)
+                      explicit=roomy_tile(pe, pos, center), tma=tma)
     qp, kp, pstrides = _pos_args(pos, q)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
@@ -284,12 +355,12 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     attn_fwd_kernel[(n_qblocks, B * Hq, splits)](
         q, k, v, out, lse, qp, kp,
         pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
-        pe.pb if pe.pb is not None else q, bt.f, kd, vd, o_part, lse_part,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
+        pe.pb if pe.pb is not None else q, bt.f, DREF, kd, vd, o_part, lse_part,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides, stride_drb,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
         float(pe.factor), bt.length, per_split,
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
+        CENTER=center, **meta, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         FOLD_SCALE=fold_scale(scale), TMA=tma, SPLIT=splits > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -297,7 +368,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
         attn_combine_kernel[(triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq)](
             o_part, lse_part, out, lse, *out.stride(), Hq, Sq, splits, DV=DV,
             BLOCK_M=COMBINE_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"], num_warps=4)
-    return out, lse
+    return out, caller_lse(lse, pe, dref), lse
 
 
 # Split-K forward (flash-decoding). A launch with fewer (query block, head) programs than
@@ -364,7 +435,8 @@ def fold_scale(scale: float) -> bool:
 
 def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: bool,
              scale: float, need_pe_grad: bool):
-    """Backward. Returns dq, dk, dv and, when need_pe_grad, the PE-parameter gradients
+    """Backward from the forward's row_lse (``lse``; see attn_fwd). Returns dq, dk, dv and,
+    when need_pe_grad, the PE-parameter gradients
     (pa_grad, pb_grad) each (Hq,) float32 (summed deterministically over per-program partials)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -388,14 +460,16 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta)
+    DREF, stride_drb, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), delta)
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
     for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
         attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
-            q, k, v, do, nlse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f,
+            q, k, v, do, nlse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f, DREF,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
+            *pstrides, stride_drb, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
             float(pe.factor), bt.length,
-            PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
+            PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
+            CENTER=center, **meta,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
             DO_DK=do_dk, DO_DV=do_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -409,10 +483,13 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     else:
         gpa = gpb = delta  # never written
     attn_bwd_dq_kernel[(n_qblocks, B * Hq)](
-        q, k, v, do, nlse2, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, gpa, gpb,
+        q, k, v, do, nlse2, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, DREF,
+        gpa, gpb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
-        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor), bt.length,
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used, **meta,
+        stride_drb, Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor),
+        bt.length,
+        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
+        CENTER=center, **meta,
         NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

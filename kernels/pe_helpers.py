@@ -153,7 +153,7 @@ def tile_dist(row_pos, col_pos, col0, EXPLICIT_POS: tl.constexpr):
 
 
 @triton.jit
-def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, BLOCK_N: tl.constexpr):
+def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, dref, BLOCK_N: tl.constexpr):
     """Causal ALiBi scores in the exp2 domain, qk * scale_log2 - pa2 |q - k| + row_add (a
     (BLOCK_M, 1) column or a scalar), as one FFMA and one FADD per element: every key a causal
     query sees has k <= q, so
@@ -164,8 +164,9 @@ def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, BLOCK_N: tl.const
     16-bit inputs only: the split rounds at the scale of pa2 * (tile span), ~1e-5 relative
     to the diagonal tile's scores, far below 16-bit rounding but not below fp32's.
     qk (BLOCK_M, BLOCK_N) float32, qpos (BLOCK_M,) contiguous positions, k0 the tile's first key.
+    dref: the rows' centring distances (0.0 when not centred): |q - k| - d_ref = (q - k0 - d_ref) - j.
     """
-    row = -pa2 * (qpos - k0).to(tl.float32)
+    row = -pa2 * ((qpos - k0).to(tl.float32) - dref)
     col = pa2 * tl.arange(0, BLOCK_N).to(tl.float32)
     return tl.fma(qk, scale_log2, row[:, None] + row_add) + col[None, :]
 
@@ -198,6 +199,72 @@ def bias_r2_term(PE: tl.constexpr, f, dist):
         return f
 
 
+# Centring a bias PE's rows (the far-positions error analysis)
+# ------------------------------------------------------------
+# The softmax of a row is unchanged when a row constant is subtracted from its logits. A bias
+# PE's logits are s = scale * q.k - a f(|q - k|); when every key a query sees is far away
+# (int offsets, sparse or randomized positions, chunks of a context-parallel ring) the bias is
+# large -- a f ~ 1e3 at 4000 positions -- and s, formed in fp32 at that magnitude, keeps only
+# ~6e-5 of q.k's absolute precision. The forward and the backward form s in different orders
+# (the forward in units of 1/scale, the backward with -LSE folded in), so at that magnitude
+# their roundings differ per element: the backward's P = exp(s - LSE) no longer sums to 1 over
+# the row, the rows of dS = P (dP - Delta) no longer sum to 0, and a parameter gradient
+# -sum(dS f) multiplies that residual by f ~ |q - k|: 100-350x the naive fp32 error. The LSE
+# itself, stored at magnitude ~1e3, also carries a row-constant error of ~ulp(1e3) into every
+# P, hence into dV.
+# So such rows are centred on the bias of their nearest visible key: f_ref = f(d_ref), d_ref =
+# min |q - k| over the keys the query sees, and the kernels use f - f_ref throughout. Every
+# visible key then has 0 <= f - f_ref (f grows with distance), the keys that carry the softmax
+# have small centred logits, both passes round them at that small magnitude, and the LSE they
+# share (the centred one, kept for the backward) is exact to its own ulp. Distances are exact
+# integers in fp32 below 2**24, so ALiBi's f - f_ref is exact; KERPLE's is a difference of the
+# same fp32 values in both passes. The parameter gradients use the centred f (and df/dr2) as
+# well: sum_j dS_ij = 0, so -sum dS (f - f_ref) is the same gradient, without the residual
+# times a large f. The caller gets the true LSE back: LSE_centred - a f_ref (launch).
+
+
+@triton.jit
+def bias_ref_kernel(QPOS, KPOS, DREF, stride_qpb, stride_qpm, stride_kpb, stride_kpn, Sq, Sk,
+                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DREF (Bp, Sq) float32: the distance from each query to its nearest visible key (0 for a
+    query that sees none), for explicit positions QPOS (Bp|1, Sq), KPOS (Bp|1, Sk) (strides
+    passed; stride 0 broadcasts). O(Sq * Sk) integer work, no matmul: a small fraction of the
+    attention's own cost. Grid (cdiv(Sq, BLOCK_M), Bp)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < Sq
+    qpos = tl.load(QPOS + b * stride_qpb + offs_m.to(tl.int64) * stride_qpm, mask=m_mask,
+                   other=0).to(tl.int64)
+    none = 0x3FFFFFFFFFFFFFFF  # "no visible key yet"
+    best = tl.full([BLOCK_M], none, tl.int64)
+    for t in range(0, tl.cdiv(Sk, BLOCK_N)):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < Sk
+        kpos = tl.load(KPOS + b * stride_kpb + offs_n.to(tl.int64) * stride_kpn, mask=n_mask,
+                       other=0).to(tl.int64)
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (kpos[None, :] <= qpos[:, None])
+        d = tl.where(visible, tl.abs(qpos[:, None] - kpos[None, :]), none)
+        best = tl.minimum(best, tl.min(d, 1))
+    dref = tl.where(best == none, 0, best).to(tl.float32)
+    tl.store(DREF + b * Sq + offs_m, dref, mask=m_mask)
+
+
+@triton.jit
+def bias_row_ref(PE: tl.constexpr, CENTER: tl.constexpr, DREF, rows, row_mask, b):
+    """(d_ref, f_ref) of ``rows`` (queries): their nearest visible key's distance, read from
+    DREF (already offset to the batch row), and f there (:func:`bias_shape`, with b = r2) --
+    what a centred row subtracts from every f. (0.0, 0.0) without CENTER."""
+    dref = 0.0
+    fref = 0.0
+    if CENTER:
+        dref = tl.load(DREF + rows, mask=row_mask, other=0.0)
+        fref = bias_shape(PE, dref, b)
+    return dref, fref
+
+
 @triton.jit
 def bias_table_kernel(F, G, PB, L, PE: tl.constexpr, NEED_G: tl.constexpr, BLOCK: tl.constexpr):
     """Per-distance KERPLE tables, F and G (Hq, L) float32: F[h, d] = f(d) (:func:`bias_shape`)
@@ -224,11 +291,24 @@ def tile_bias(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, row_pos, col_pos, 
               EXPLICIT_POS: tl.constexpr, b):
     """f of a tile (bias = -a f), (BLOCK_R, BLOCK_C) float32: read from head's row FT of the
     per-distance table when BIAS_TABLE (contiguous int32 positions, distance < its length by
-    construction), else computed from :func:`tile_dist`."""
+    construction), else computed from :func:`tile_dist`. Not centred (see centred)."""
     if BIAS_TABLE:
         return tl.load(FT + tl.abs(row_pos[:, None] - col_pos[None, :]))
     else:
         return bias_shape(PE, tile_dist(row_pos, col_pos, col0, EXPLICIT_POS), b)
+
+
+@triton.jit
+def centred(f, fref, CENTER: tl.constexpr, QUERY_AXIS: tl.constexpr):
+    """f - f_ref of a tile when CENTER (the row-centring above), f otherwise. fref is per query:
+    QUERY_AXIS 0 when queries are the tile's rows (forward, dQ), 1 when they are its columns
+    (dK/dV)."""
+    if CENTER:
+        if QUERY_AXIS == 0:
+            return f - fref[:, None]
+        else:
+            return f - fref[None, :]
+    return f
 
 
 @triton.jit

@@ -42,11 +42,14 @@ def flat_args(pe: KernelPE, pos: KernelPositions) -> tuple:
 def fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], pa: Optional[Tensor],
         pb: Optional[Tensor], qpos: Optional[Tensor], kpos: Optional[Tensor], kind: int,
         factor: float, rot_dim: int, interleaved: bool, q_start: int, k_start: int,
-        causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """launch.attn_fwd: out (B, Hq, Sq, DV) in q's dtype, lse (B, Hq, Sq) float32."""
+        causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """launch.attn_fwd: out (B, Hq, Sq, DV) in q's dtype, lse and row_lse (B, Hq, Sq) float32
+    (the caller's LSE, and the one the backward takes; a copy when they are the same tensor:
+    an op's outputs may not alias)."""
     pe, pos = _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
                        q_start, k_start)
-    return launch.attn_fwd(q, k, v, pe, pos, causal, scale)
+    out, lse, row_lse = launch.attn_fwd(q, k, v, pe, pos, causal, scale)
+    return out, lse, (row_lse.clone() if row_lse is lse else row_lse)
 
 
 @fwd.register_fake
@@ -54,7 +57,8 @@ def _fwd_fake(q, k, v, theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interle
               q_start, k_start, causal, scale):
     B, Hq, Sq, _ = q.shape
     out = launch.new_output(q, v.shape[3])
-    return out, q.new_empty((B, Hq, Sq), dtype=torch.float32)
+    return (out, q.new_empty((B, Hq, Sq), dtype=torch.float32),
+            q.new_empty((B, Hq, Sq), dtype=torch.float32))
 
 
 @torch.library.custom_op("posattn::bwd", mutates_args=())
@@ -84,13 +88,13 @@ def _bwd_fake(do, q, k, v, out, lse, theta, pa, pb, qpos, kpos, kind, factor, ro
 
 def _setup_context(ctx, inputs, output):
     q, k, v, theta, pa, pb, qpos, kpos = inputs[:8]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, theta, pa, pb, qpos, kpos)
+    out, lse, row_lse = output
+    ctx.save_for_backward(q, k, v, out, row_lse, theta, pa, pb, qpos, kpos)
     ctx.scalars = inputs[8:]  # kind, factor, rot_dim, interleaved, q_start, k_start, causal, scale
-    ctx.mark_non_differentiable(lse)  # as in eager (_triton._FusedAttention)
+    ctx.mark_non_differentiable(lse, row_lse)  # as in eager (_triton._FusedAttention)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, _dlse, _drow_lse):
     q, k, v, out, lse, theta, pa, pb, qpos, kpos = ctx.saved_tensors
     need_pa, need_pb = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
     if dout.stride(-1) != 1 and dout.shape[-1] != 1:  # the kernels want a unit last stride

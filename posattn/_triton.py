@@ -170,8 +170,8 @@ class _NoLaunch(torch.autograd.Function):
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pa, pb, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
-        out, lse = launch.attn_fwd(q, k, v, _detached(pe, pa, pb), pos, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, pa, pb)
+        out, lse, row_lse = launch.attn_fwd(q, k, v, _detached(pe, pa, pb), pos, causal, scale)
+        ctx.save_for_backward(q, k, v, out, row_lse, pa, pb)
         ctx.pe, ctx.pos, ctx.causal, ctx.scale = pe, pos, causal, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -206,5 +206,6 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     q, k, v = _stride1(q), _stride1(k), _stride1(v)
     pos = kernel_positions(q_pos, k_pos, B, q.device)
     if torch.compiler.is_compiling():  # the same launchers as opaque graph nodes (see _ops)
-        return _ops.fwd(q, k, v, *_ops.flat_args(pe, pos), causal, scale)
+        out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos), causal, scale)
+        return out, lse
     return _FusedAttention.apply(q, k, v, pe.pa, pe.pb, pe, pos, causal, scale)

@@ -121,9 +121,10 @@ def _op_args(layout, need_pe_grad):
     pe = posattn._triton.kernel_pe(posattn.KERPLE("log", r1, r2), 16, 2, DEVICE, None)
     pos = posattn._triton.KernelPositions(q_start=6, k_start=0)
     flat = _ops.flat_args(pe, pos)
-    out, lse = _ops.fwd(q, k, v, *flat, True, 0.25)
+    out, _, row_lse = _ops.fwd(q, k, v, *flat, True, 0.25)  # the backward takes row_lse
     do = _rand(*out.shape, seed=8).half()
-    return (q, k, v, *flat, True, 0.25), (do, q, k, v, out, lse, *flat, True, 0.25, need_pe_grad)
+    return (q, k, v, *flat, True, 0.25), (do, q, k, v, out, row_lse, *flat, True, 0.25,
+                                          need_pe_grad)
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])

@@ -186,7 +186,7 @@ _COMPILE_SCRIPT = textwrap.dedent('''
                 "DQ": "*fp16", "DK_OUT": "*fp16", "DV_OUT": "*fp16", "OUT": "*fp16",
                 "LSE": "*fp32", "NLSE2": "*fp32", "DELTA": "*fp32", "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32",
                 "GPB": "*fp32", "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64",
-                "ROPE_TILES": "*fp32", "BIAS_F": "*fp32", "BIAS_G": "*fp32",
+                "ROPE_TILES": "*fp32", "BIAS_F": "*fp32", "BIAS_G": "*fp32", "DREF": "*fp32",
                 "O_PART": "*fp32", "LSE_PART": "*fp32"}
     FLOATS = {"scale", "scale_log2", "rope_factor"}
 
@@ -226,7 +226,8 @@ _COMPILE_SCRIPT = textwrap.dedent('''
                      BLOCK_N=cfg.BLOCK_N, PREC="tf32", GROUP_P2=4,
                      NEED_PE_GRAD=pe not in (launch.PE_NONE, launch.PE_ROPE),
                      FOLD_SCALE=True, TMA=False, DO_DK=True, DO_DV=True, SPLIT=split,
-                     BIAS_TABLE=pe in (launch.PE_KERPLE_LOG, launch.PE_KERPLE_POWER) and not explicit)
+                     BIAS_TABLE=pe in (launch.PE_KERPLE_LOG, launch.PE_KERPLE_POWER) and not explicit,
+                     CENTER=explicit and pe in launch.BIAS_KINDS)
         wanted = [p.name for p in fn.params if p.is_constexpr]
         missing = [n for n in wanted if n not in every]
         if missing:
