@@ -158,7 +158,10 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
         constexprs.update(TMA=tma, FOLD_SCALE=launch.fold_scale(1.0), SPLIT=part == "split")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in DESCRIPTORS:
+        if name == "DREF" and not constexprs["CENTER"]:  # the launcher passes None
+            signature[name] = "constexpr"
+            constexprs[name] = None
+        elif name in DESCRIPTORS:
             if tma:
                 rows, cols = (constexprs[n] for n in DESCRIPTORS[name])
                 signature[name] = f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"

@@ -209,7 +209,7 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_qpb, stride_qpm, stride_kpb, stride_kpn, stride_drb,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
     Hq, Hkv, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     CENTER: tl.constexpr,
@@ -232,7 +232,8 @@ def attn_bwd_dkdv_kernel(
     DV_OUT += b * stride_dvb + hk * stride_dvh
     QPOS += b * stride_qpb
     KPOS += b * stride_kpb
-    DREF += b * stride_drb
+    if CENTER:  # DREF (B, Sq), or None without CENTER
+        DREF += b * Sq
     scale_log2 = scale * LOG2E
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -375,7 +376,7 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_qpb, stride_qpm, stride_kpb, stride_kpn, stride_drb,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
     Hq, GROUP, Sq, Sk, q_start, k_start, scale, rope_factor, bias_len,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     CENTER: tl.constexpr,
@@ -419,7 +420,7 @@ def attn_bwd_dq_kernel(
     else:
         qpos = q_start + offs_m
     pa, pb = load_pe_params(PE, PA, PB, h)
-    dref, fref = bias_row_ref(PE, CENTER, DREF + b * stride_drb, offs_m, m_mask, pb)
+    dref, fref = bias_row_ref(PE, CENTER, DREF, b * Sq + offs_m, m_mask, pb)
     gref = 0.0
     if CENTER and NEED_PE_GRAD:
         gref = bias_r2_term(PE, fref, dref)

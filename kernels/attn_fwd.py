@@ -15,9 +15,10 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
     BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
     see pe_helpers.bias_table_kernel)
-    DREF (B|1, Sq) float32: with CENTER, each query's distance to its nearest visible key; the
+    DREF (B, Sq) float32: with CENTER, each query's distance to its nearest visible key; the
     bias PE's rows are centred on the bias there (pe_helpers, "Centring"), and LSE holds the
-    centred rows' log-sum-exp (the launcher subtracts a f_ref for the caller)
+    centred rows' log-sum-exp (the launcher subtracts a f_ref for the caller); None otherwise
+    (a constexpr: the kernel without CENTER has exactly its former arguments)
     O_PART (B * Hq, n_splits, Sq, DV), LSE_PART (B * Hq, n_splits, Sq) float32: with SPLIT,
     program (m, bh, s) walks only the s-th run of tiles_per_split key tiles and writes its
     normalised partial output and LSE there; attn_combine_kernel merges the splits into O and
@@ -140,7 +141,10 @@ def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, dref, 
     own). Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD).
     dref, fref: the rows' centring (pe_helpers.bias_row_ref; used with CENTER)."""
     if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
-        s = alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, dref, kpos.shape[0])
+        q_rel = (qpos - k0).to(tl.float32)
+        if CENTER:
+            q_rel = q_rel - dref
+        s = alibi_causal_split(qk, scale_log2, pa2, q_rel, row_add, kpos.shape[0])
     else:
         s = tl.fma(qk, scale_log2, row_add)
         if PE != PE_NONE and PE != PE_ROPE:
@@ -246,7 +250,7 @@ def attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_qpb, stride_qpm, stride_kpb, stride_kpn, stride_drb,
+    stride_qpb, stride_qpm, stride_kpb, stride_kpn,
     Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor, bias_len, tiles_per_split,
     PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
     CENTER: tl.constexpr,
@@ -296,7 +300,7 @@ def attn_fwd_kernel(
     elif PE == PE_KERPLE_LOG or PE == PE_KERPLE_POWER:
         pa2 = tl.load(PA + h).to(tl.float32) * LOG2E
         pb = tl.load(PB + h).to(tl.float32)
-    dref, fref = bias_row_ref(PE, CENTER, DREF + b * stride_drb, offs_m, m_mask, pb)
+    dref, fref = bias_row_ref(PE, CENTER, DREF, b * Sq + offs_m, m_mask, pb)
 
     # RoPE: rotate the Q tile once; build the per-offset table for the key tiles.
     c_q = 0.0

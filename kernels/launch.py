@@ -280,11 +280,14 @@ def roomy_tile(pe: KernelPE, pos: KernelPositions, center: bool) -> bool:
     return pos.explicit or (center and pe.kind in (PE_KERPLE_LOG, PE_KERPLE_POWER))
 
 
-def _dref_args(dref: Optional[torch.Tensor], dummy: torch.Tensor):
-    """(DREF, stride_drb, CENTER) kernel arguments."""
+def _dref_args(dref: Optional[torch.Tensor], B: int):
+    """(DREF, CENTER) kernel arguments: DREF (B, Sq) contiguous, or None without centring --
+    a constexpr None drops the argument, so the kernels without CENTER compile exactly as
+    before it existed (two more arguments alone tipped the sm_90 D=128 ALiBi dQ tile, at
+    255 registers, into an 8 B spill on triton 3.6)."""
     if dref is None:
-        return dummy, 0, False
-    return dref, (dref.stride(0) if dref.shape[0] > 1 else 0), True
+        return None, False
+    return dref.expand(B, dref.shape[1]).contiguous(), True
 
 
 def caller_lse(row_lse: torch.Tensor, pe: KernelPE, dref: Optional[torch.Tensor]) -> torch.Tensor:
@@ -338,7 +341,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos.explicit)
     dref = bias_refs(pe, pos, causal, Sq, Sk, q.device)
-    DREF, stride_drb, center = _dref_args(dref, lse)
+    DREF, center = _dref_args(dref, B)
     cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe),
                       explicit=roomy_tile(pe, pos, center), tma=tma)
     qp, kp, pstrides = _pos_args(pos, q)
@@ -356,7 +359,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
         q, k, v, out, lse, qp, kp,
         pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
         pe.pb if pe.pb is not None else q, bt.f, DREF, kd, vd, o_part, lse_part,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides, stride_drb,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
         Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
         float(pe.factor), bt.length, per_split,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
@@ -460,13 +463,13 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
     cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta)
-    DREF, stride_drb, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), delta)
+    DREF, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), B)
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
     for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
         attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
             q, k, v, do, nlse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f, DREF,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *pstrides, stride_drb, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
+            *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
             float(pe.factor), bt.length,
             PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
             CENTER=center, **meta,
@@ -486,8 +489,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         q, k, v, do, nlse2, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, DREF,
         gpa, gpb,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
-        stride_drb, Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor),
-        bt.length,
+        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor), bt.length,
         PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
         CENTER=center, **meta,
         NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),

@@ -153,7 +153,7 @@ def tile_dist(row_pos, col_pos, col0, EXPLICIT_POS: tl.constexpr):
 
 
 @triton.jit
-def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, dref, BLOCK_N: tl.constexpr):
+def alibi_causal_split(qk, scale_log2, pa2, q_rel, row_add, BLOCK_N: tl.constexpr):
     """Causal ALiBi scores in the exp2 domain, qk * scale_log2 - pa2 |q - k| + row_add (a
     (BLOCK_M, 1) column or a scalar), as one FFMA and one FADD per element: every key a causal
     query sees has k <= q, so
@@ -163,10 +163,10 @@ def alibi_causal_split(qk, scale_log2, pa2, qpos, k0, row_add, dref, BLOCK_N: tl
     Keys past the diagonal get a wrong bias here; the caller's causal mask discards them.
     16-bit inputs only: the split rounds at the scale of pa2 * (tile span), ~1e-5 relative
     to the diagonal tile's scores, far below 16-bit rounding but not below fp32's.
-    qk (BLOCK_M, BLOCK_N) float32, qpos (BLOCK_M,) contiguous positions, k0 the tile's first key.
-    dref: the rows' centring distances (0.0 when not centred): |q - k| - d_ref = (q - k0 - d_ref) - j.
+    qk (BLOCK_M, BLOCK_N) float32; q_rel (BLOCK_M,) float32: q - k0, the rows' distances to the
+    tile's first key (centred rows: q - k0 - d_ref, since |q - k| - d_ref = (q - k0 - d_ref) - j).
     """
-    row = -pa2 * ((qpos - k0).to(tl.float32) - dref)
+    row = -pa2 * q_rel
     col = pa2 * tl.arange(0, BLOCK_N).to(tl.float32)
     return tl.fma(qk, scale_log2, row[:, None] + row_add) + col[None, :]
 
@@ -254,8 +254,8 @@ def bias_ref_kernel(QPOS, KPOS, DREF, stride_qpb, stride_qpm, stride_kpb, stride
 
 @triton.jit
 def bias_row_ref(PE: tl.constexpr, CENTER: tl.constexpr, DREF, rows, row_mask, b):
-    """(d_ref, f_ref) of ``rows`` (queries): their nearest visible key's distance, read from
-    DREF (already offset to the batch row), and f there (:func:`bias_shape`, with b = r2) --
+    """(d_ref, f_ref) of ``rows`` (queries; offsets into DREF, the batch row included): their
+    nearest visible key's distance, read from DREF, and f there (:func:`bias_shape`, with b = r2) --
     what a centred row subtracts from every f. (0.0, 0.0) without CENTER."""
     dref = 0.0
     fref = 0.0
