@@ -145,7 +145,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
                               center)
     # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
     # at the sequence lengths that matter; explicit positions evaluate f in the tile.
-    table = pe.startswith("kerple") and not explicit
+    table = pe.startswith("kerple") and not explicit and not centred(pe, explicit, center)
     constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
                       BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                       PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table,

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .attn_fwd import key_tiles, load_qk, load_tile, qk_dot, tile_logits, tile_rope
 from .pe_helpers import (LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         bias_grad_terms, bias_r2_term, bias_row_ref, centred, qk_columns,
-                         rope_angle_cos_sin, rope_rotate, tile_bias, tile_bias_grad_inputs)
+                         bias_grad_terms, bias_row_ref, qk_columns, rope_angle_cos_sin,
+                         rope_rotate, tile_bias_centred, tile_bias_grad_inputs)
 
 
 @triton.jit
@@ -172,9 +172,10 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
         # one more (tl.fma: the compiler does not contract them on its own)
         sT = tl.fma(qk_dot(ka, kb, kc, qa, qb, qc, PE, HAS_PASS, PREC), scale_log2, nlse2[None, :])
         if PE != PE_NONE and PE != PE_ROPE:
-            _, fref = bias_row_ref(PE, CENTER, DREF, offs_m, m_mask, pb)  # this tile's queries
-            fT = tile_bias(PE, BIAS_TABLE, BIAS_F + h * bias_len, kpos, qpos, q0, EXPLICIT_POS, pb)
-            sT = tl.fma(centred(fT, fref, CENTER, 1), -(pa * LOG2E), sT)
+            dref, fref = bias_row_ref(PE, CENTER, DREF, offs_m, m_mask, pb)  # tile's queries
+            fT = tile_bias_centred(PE, BIAS_TABLE, CENTER, 1, BIAS_F + h * bias_len, kpos, qpos,
+                                   q0, EXPLICIT_POS, pb, dref, fref)
+            sT = tl.fma(fT, -(pa * LOG2E), sT)
         if MASKED:
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
@@ -322,7 +323,7 @@ def attn_bwd_dkdv_kernel(
 def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, gref, tile_lo, tile_hi,
+              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, tile_lo, tile_hi,
               colA, colB, maskA, colC, maskC, colV, maskV,
               PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
@@ -357,10 +358,10 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
         ds = p * (dp - delta[:, None])
         if NEED_PE_GRAD:
             # f re-read / recomputed rather than kept live across the dots (registers)
-            f, r2_term = tile_bias_grad_inputs(PE, BIAS_TABLE, BIAS_F, BIAS_G, qpos, kpos,
-                                               k_start + t * BLOCK_N, EXPLICIT_POS, pb)
-            t1, t2 = bias_grad_terms(PE, ds, centred(f, fref, CENTER, 0),
-                                     centred(r2_term, gref, CENTER, 0), pa)
+            f, r2_term = tile_bias_grad_inputs(PE, BIAS_TABLE, CENTER, BIAS_F, BIAS_G, qpos,
+                                               kpos, k_start + t * BLOCK_N, EXPLICIT_POS, pb,
+                                               dref, fref)
+            t1, t2 = bias_grad_terms(PE, ds, f, r2_term, pa)
             g1 += t1
             g2 += t2
         dqa, dqb, dqc = grad_dot(ds.to(qa.dtype), ka, kb, kc, dqa, dqb, dqc, PE, HAS_PASS, PREC)
@@ -421,9 +422,6 @@ def attn_bwd_dq_kernel(
         qpos = q_start + offs_m
     pa, pb = load_pe_params(PE, PA, PB, h)
     dref, fref = bias_row_ref(PE, CENTER, DREF, b * Sq + offs_m, m_mask, pb)
-    gref = 0.0
-    if CENTER and NEED_PE_GRAD:
-        gref = bias_r2_term(PE, fref, dref)
     c_q = 0.0
     s_q = 0.0
     c_tab = 0.0
@@ -449,7 +447,7 @@ def attn_bwd_dq_kernel(
     dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos,
                               m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, gref,
+                              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref,
                               0, n_full,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
@@ -457,7 +455,7 @@ def attn_bwd_dq_kernel(
     dqa, dqb, dqc, g1, g2 = _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos,
                               m_mask, K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, gref,
+                              Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref,
                               n_full, n_tiles,
                               colA, colB, maskA, colC, maskC, colV, maskV,
                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,

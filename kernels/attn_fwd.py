@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         alibi_causal_split, bias_row_ref, bias_shape, centred, qk_columns,
-                         rope_angle_cos_sin, rope_rotate, rope_tile_start, tile_bias)
+                         alibi_causal_split, bias_row_ref, bias_shape, qk_columns,
+                         rope_angle_cos_sin, rope_rotate, rope_tile_start, tile_bias_centred)
 
 
 @triton.jit
@@ -148,8 +148,9 @@ def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, dref, 
     else:
         s = tl.fma(qk, scale_log2, row_add)
         if PE != PE_NONE and PE != PE_ROPE:
-            f = tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k0, EXPLICIT_POS, pb)
-            s = tl.fma(centred(f, fref, CENTER, 0), -pa2, s)
+            f = tile_bias_centred(PE, BIAS_TABLE, CENTER, 0, BIAS_F, qpos, kpos, k0,
+                                  EXPLICIT_POS, pb, dref, fref)
+            s = tl.fma(f, -pa2, s)
     return s
 
 
@@ -209,14 +210,14 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
         if FOLD_SCALE:  # in units of 1/scale: see the docstring
             s = qk
             if PE != PE_NONE and PE != PE_ROPE:
-                if BIAS_TABLE or EXPLICIT_POS or BLOCK_N < 128:
-                    f = tile_bias(PE, BIAS_TABLE, BIAS_F, qpos, kpos, k_start + t * BLOCK_N,
-                                  EXPLICIT_POS, pb)
+                if CENTER or BIAS_TABLE or EXPLICIT_POS or BLOCK_N < 128:
+                    f = tile_bias_centred(PE, BIAS_TABLE, CENTER, 0, BIAS_F, qpos, kpos,
+                                          k_start + t * BLOCK_N, EXPLICIT_POS, pb, dref, fref)
                 else:  # |q - k| from the invariant rows and this tile's columns (docstring)
                     f = bias_shape(PE, tl.abs(q_rel[:, None]
                                               - (kpos - q_base).to(tl.float32)[None, :]), pb)
                 # as tl.fma: left alone, the compiler emits FMUL + FADD
-                s = tl.fma(centred(f, fref, CENTER, 0), -pa_u, s)
+                s = tl.fma(f, -pa_u, s)
         else:
             s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
                             0.0, dref, fref, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,

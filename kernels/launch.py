@@ -220,9 +220,10 @@ class BiasTables:
 
 
 def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: bool,
-                 dummy: torch.Tensor) -> BiasTables:
+                 dummy: torch.Tensor, centred: bool = False) -> BiasTables:
     unused = BiasTables(dummy, dummy, 0)
-    if pe.kind not in (PE_KERPLE_LOG, PE_KERPLE_POWER) or pos.explicit:
+    # centred rows compute f - f_ref in the tile (pe_helpers, "Centring"): no table
+    if pe.kind not in (PE_KERPLE_LOG, PE_KERPLE_POWER) or pos.explicit or centred:
         return unused
     if min(Sq, Sk) < BIAS_TABLE_MIN_LEN:
         return unused
@@ -292,21 +293,20 @@ def _dref_args(dref: Optional[torch.Tensor], B: int):
 
 def caller_lse(row_lse: torch.Tensor, pe: KernelPE, dref: Optional[torch.Tensor]) -> torch.Tensor:
     """The log-sum-exp of the true logits, (B, Hq, Sq) float32, from the kernels' centred one:
-    LSE = LSE_centred - a f(d_ref) (the bias at the nearest visible key). Mirrors
-    pe_helpers.bias_shape in torch; only the caller sees it (the backward keeps row_lse)."""
+    LSE = LSE_centred - a f(d_ref) (the bias at the nearest visible key), formed in float64 and
+    rounded once (the fp32 exp2(r2 log2 d) of the kernels is ~20 ulps off at d ~ 1e3, which
+    the LSE, of that magnitude, would show). Only the caller sees it (the backward keeps
+    row_lse). -inf (a query that sees no key) and NaN pass through."""
     if dref is None:
         return row_lse
-    d = dref[:, None, :]  # (Bp, 1, Sq)
-    a = pe.pa.float()[:, None]  # (Hq, 1)
+    d = dref.double()[:, None, :]  # (Bp, 1, Sq)
+    a = pe.pa.double()[:, None]  # (Hq, 1)
     if pe.kind == PE_ALIBI:
         f = d
     else:
-        b = pe.pb.float()[:, None]
-        if pe.kind == PE_KERPLE_LOG:
-            f = torch.log(1.0 + b * d)
-        else:
-            f = torch.where(d > 0, torch.exp2(b * torch.log2(d.clamp_min(1.0))), 0.0)
-    return row_lse - a * f
+        b = pe.pb.double()[:, None]
+        f = torch.log1p(b * d) if pe.kind == PE_KERPLE_LOG else torch.pow(d, b)  # 0^r2 = 0
+    return (row_lse.double() - a * f).float()
 
 
 def _family(pe: KernelPE) -> str:
@@ -346,7 +346,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
                       explicit=roomy_tile(pe, pos, center), tma=tma)
     qp, kp, pstrides = _pos_args(pos, q)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
-    bt = _bias_tables(pe, pos, Sq, Sk, False, lse)
+    bt = _bias_tables(pe, pos, Sq, Sk, False, lse, center)
     n_qblocks, n_ktiles = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
     splits, per_split = split_runs(q, pe, pos, n_qblocks * B * Hq, n_ktiles)
     if splits > 1:  # partials (B * Hq, splits, Sq, DV) and (B * Hq, splits, Sq), merged below
@@ -462,8 +462,8 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
 
     cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
-    bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta)
     DREF, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), B)
+    bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta, center)
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
     for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
         attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](

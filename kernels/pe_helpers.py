@@ -216,11 +216,20 @@ def bias_r2_term(PE: tl.constexpr, f, dist):
 # min |q - k| over the keys the query sees, and the kernels use f - f_ref throughout. Every
 # visible key then has 0 <= f - f_ref (f grows with distance), the keys that carry the softmax
 # have small centred logits, both passes round them at that small magnitude, and the LSE they
-# share (the centred one, kept for the backward) is exact to its own ulp. Distances are exact
-# integers in fp32 below 2**24, so ALiBi's f - f_ref is exact; KERPLE's is a difference of the
-# same fp32 values in both passes. The parameter gradients use the centred f (and df/dr2) as
-# well: sum_j dS_ij = 0, so -sum dS (f - f_ref) is the same gradient, without the residual
-# times a large f. The caller gets the true LSE back: LSE_centred - a f_ref (launch).
+# share (the centred one, kept for the backward) is exact to its own ulp. The parameter
+# gradients use the centred f (and df/dr2) as well: sum_j dS_ij = 0, so -sum dS (f - f_ref) is
+# the same gradient, without the residual times a large f. The caller gets the true LSE back:
+# LSE_centred - a f_ref (launch).
+# f - f_ref is never formed as a difference of two large fp32 values (each off by an ulp of
+# itself): x = d - d_ref is an exact integer (fp32, below 2**24), and
+#   ALiBi        x
+#   KERPLE log   log(1 + r2 d) - log(1 + r2 d_ref) = log1p(r2 x / (1 + r2 d_ref))
+#   KERPLE power d^r2 - d_ref^r2 = f_ref expm1(r2 log1p(x / d_ref))          (d_ref > 0)
+# and df/dr2 likewise: x / ((1 + r2 d)(1 + r2 d_ref)) (log); f_ref log1p(x / d_ref) +
+# (f - f_ref) ln d (power). Each is accurate to a few ulps of its own (small) value, as
+# torch's correctly rounded pow and log are in the naive math: exp2(r2 log2 d) at d = 4000
+# alone is ~20 ulps off, 10x the naive error (tests/test_far_positions.py found it). These
+# cost a log, an exp and a division per element, only in centred launches.
 
 
 @triton.jit
@@ -299,23 +308,89 @@ def tile_bias(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, row_pos, col_pos, 
 
 
 @triton.jit
-def centred(f, fref, CENTER: tl.constexpr, QUERY_AXIS: tl.constexpr):
-    """f - f_ref of a tile when CENTER (the row-centring above), f otherwise. fref is per query:
-    QUERY_AXIS 0 when queries are the tile's rows (forward, dQ), 1 when they are its columns
-    (dK/dV)."""
-    if CENTER:
-        if QUERY_AXIS == 0:
-            return f - fref[:, None]
-        else:
-            return f - fref[None, :]
-    return f
+def log1p_pos(x):
+    """log(1 + x) for x >= 0, accurate to a few ulps also for tiny x (Goldberg's trick: the
+    rounding of 1 + x cancels in log(u) * x / (u - 1)). Pure tl ops: libdevice's log1p does
+    not run in the interpreter."""
+    u = 1.0 + x
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
-def tile_bias_grad_inputs(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, GT, row_pos, col_pos,
-                          col0, EXPLICIT_POS: tl.constexpr, b):
-    """(f, df/dr2) of a tile for :func:`bias_grad_terms`: from the tables or computed."""
-    if BIAS_TABLE:
+def expm1_acc(y):
+    """exp(y) - 1, accurate to a few ulps for small |y| (Kahan's trick); finite y only."""
+    u = tl.exp(y)
+    exact = u == 1.0
+    r = tl.where(exact, y, (u - 1.0) * (y / tl.where(exact | (u == 0.0), 1.0, tl.log(u))))
+    return tl.where(u == 0.0, -1.0, r)
+
+
+@triton.jit
+def query_axis(v, QUERY_AXIS: tl.constexpr):
+    """A per-query vector broadcast against a tile: queries are the tile's rows (QUERY_AXIS 0:
+    forward, dQ) or its columns (1: dK/dV)."""
+    if QUERY_AXIS == 0:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def centred_shape(PE: tl.constexpr, dist, dref, fref, b):
+    """f(dist) - f(d_ref) of a tile (see "Centring" above for the closed forms), dref / fref
+    broadcast to it (query_axis). Invisible keys may lie nearer than d_ref: x is clamped at 0,
+    so every entry stays finite (the caller masks them)."""
+    x = tl.maximum(dist - dref, 0.0)
+    if PE == PE_ALIBI:
+        return dist - dref
+    elif PE == PE_KERPLE_LOG:
+        return log1p_pos(b * x / (1.0 + b * dref))
+    else:  # PE_KERPLE_POWER; a row with d_ref = 0 has f_ref = 0: plain f
+        fc = fref * expm1_acc(b * log1p_pos(x / tl.maximum(dref, 1.0)))
+        return tl.where(dref > 0, fc, bias_shape(PE, dist, b))
+
+
+@triton.jit
+def centred_r2_term(PE: tl.constexpr, dist, dref, fref, fc, b):
+    """df/dr2 (d) - df/dr2 (d_ref) of a tile for KERPLE (closed forms under "Centring"); fc =
+    centred_shape of the tile. ALiBi: fc (never read)."""
+    x = tl.maximum(dist - dref, 0.0)
+    if PE == PE_KERPLE_LOG:
+        return x / ((1.0 + b * dist) * (1.0 + b * dref))
+    elif PE == PE_KERPLE_POWER:
+        gc = fref * log1p_pos(x / tl.maximum(dref, 1.0)) + fc * tl.log(tl.maximum(dist, 1.0))
+        return tl.where(dref > 0, gc, bias_r2_term(PE, fc, dist))
+    else:
+        return fc
+
+
+@triton.jit
+def tile_bias_centred(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl.constexpr,
+                      QUERY_AXIS: tl.constexpr, FT, row_pos, col_pos, col0,
+                      EXPLICIT_POS: tl.constexpr, b, dref, fref):
+    """f of a tile, centred on the queries' nearest visible keys when CENTER (centred_shape,
+    computed in the tile: no table), else :func:`tile_bias`. dref, fref (per query, see
+    bias_row_ref) and QUERY_AXIS as in query_axis."""
+    if CENTER:
+        dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
+        return centred_shape(PE, dist, query_axis(dref, QUERY_AXIS),
+                             query_axis(fref, QUERY_AXIS), b)
+    else:
+        return tile_bias(PE, BIAS_TABLE, FT, row_pos, col_pos, col0, EXPLICIT_POS, b)
+
+
+@triton.jit
+def tile_bias_grad_inputs(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl.constexpr, FT,
+                          GT, row_pos, col_pos, col0, EXPLICIT_POS: tl.constexpr, b, dref, fref):
+    """(f, df/dr2) of a tile (queries are its rows) for :func:`bias_grad_terms`: centred on the
+    queries' nearest visible keys when CENTER (computed in the tile), else from the tables or
+    computed."""
+    if CENTER:
+        dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
+        fc = centred_shape(PE, dist, dref[:, None], fref[:, None], b)
+        return fc, centred_r2_term(PE, dist, dref[:, None], fref[:, None], fc, b)
+    elif BIAS_TABLE:
         d = tl.abs(row_pos[:, None] - col_pos[None, :])
         return tl.load(FT + d), tl.load(GT + d)
     else:
