@@ -15,6 +15,7 @@ rule in float32 (e.g. Sq = Sk = 1: the true dK is 0, the naive gets exactly 0, t
 import torch
 
 import posattn
+from posattn import reference
 from posattn.pe import resolve_pe
 from posattn.positions import parse_positions
 from conftest import DEVICE
@@ -185,9 +186,15 @@ class FlashSlack:
             P = posattn.attention(q, k, eye, self.spec, causal=causal, scale=scale,
                                   q_positions=q_positions, k_positions=k_positions, backend="reference")
         lse = lse64.detach().double()[..., None]  # (B, Hq, Sq, 1)
-        logits = torch.where(P > 0, torch.log(P) + lse, torch.zeros_like(P))  # s = log P + LSE
+        # The kernels centre a bias PE's row on the bias of its nearest visible key (a row
+        # constant c_i; kernels/pe_helpers.py, "Centring"), so their rounding scales with the
+        # centred logits s - c_i, not with the raw ones: a row whose keys are all far away
+        # must not earn a slack the size of its bias (that slack hid the far-positions bug).
+        c = self._row_centre(Hq, Sk, causal, lse)
+        logits = torch.where(P > 0, torch.log(P) + lse - c, torch.zeros_like(P))  # s - c
         L = torch.maximum(logits.abs().amax(-1, keepdim=True) if Sk else torch.zeros_like(lse),
-                          torch.where(torch.isfinite(lse), lse.abs(), torch.zeros_like(lse))).clamp(min=1.0)
+                          torch.where(torch.isfinite(lse), (lse - c).abs(),
+                                      torch.zeros_like(lse))).clamp(min=1.0)
         V = v.repeat_interleave(g, 1)
         spread = (P[..., None] * (V[:, :, None] - out[:, :, :, None]).abs()).sum(-2)  # (B, Hq, Sq, Dv)
         self.out = 2 * eps * L * spread.amax(-1, keepdim=True)
@@ -210,24 +217,44 @@ class FlashSlack:
         self.k = abs(scale) * rot * mx(q) * mx(self.PW.sum(-2)) * g
         self.v = mx((4 * eps * L * P).transpose(-1, -2) @ dout.abs()) * g
 
+    def _row_centre(self, Hq, Sk, causal, lse):
+        """(B, Hq, Sq, 1) float64: each row's bias at its nearest visible key for a bias PE
+        (the largest bias it sees: every bias here is -a f(|q - k|), f increasing), else 0."""
+        bias = reference.bias(self.spec, Hq, self.qp, self.kp, torch.float64)
+        if bias is None or Sk == 0:
+            return torch.zeros_like(lse)
+        if causal:
+            visible = (self.kp[:, None, :] <= self.qp[:, :, None])[:, None]
+            bias = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
+        c = bias.amax(-1, keepdim=True)
+        return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+
     def pe(self, name):
         spec = self.spec
         dS = torch.finfo(torch.float32).eps * self.dS + self.PW
         dist = (self.qp[:, :, None] - self.kp[:, None, :]).abs().double()[:, None]  # (B, 1, Sq, Sk)
+        # the kernels' parameter gradients are sums of dS times the *centred* d(bias)/d(param)
+        # (its value at the row's nearest visible key subtracted; see _row_centre)
+        seen = dS > 0
+        dref = torch.where(seen, dist, torch.full_like(dist, float("inf"))).amin(-1, keepdim=True)
+        dref = torch.where(torch.isfinite(dref), dref, torch.zeros_like(dref))
 
         def per_head(f):
-            return (dS * f).sum(dim=(0, 2, 3))
+            f = f(dist) - f(dref) if callable(f) else f
+            return (dS * f.abs()).sum(dim=(0, 2, 3))
 
         if isinstance(spec, posattn.ALiBi):
-            return per_head(dist)
+            return per_head(lambda d: d)
         r1, r2 = (t[:, None, None] if isinstance(t, torch.Tensor) else t for t in (spec.r1, spec.r2))
         if spec.kind == "log":
-            return per_head(torch.log1p(r2 * dist) if name == "r1" else abs(r1) * dist / (1 + r2 * dist))
-        powd = torch.where(dist > 0, dist ** r2, torch.zeros_like(dist))
+            return per_head((lambda d: torch.log1p(r2 * d)) if name == "r1" else
+                            (lambda d: abs(r1) * d / (1 + r2 * d)))
+
+        def powd(d):
+            return torch.where(d > 0, d ** r2, torch.zeros_like(d))
         if name == "r1":
             return per_head(powd)
-        logd = torch.log(torch.where(dist > 0, dist, torch.ones_like(dist)))
-        return per_head(abs(r1) * powd * logd)
+        return per_head(lambda d: abs(r1) * powd(d) * torch.log(torch.where(d > 0, d, torch.ones_like(d))))
 
 
 def assert_rule_with_slack(name, got, ref64, naive, dtype, slack, factor=3):
