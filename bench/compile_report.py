@@ -84,8 +84,6 @@ def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
     tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
     roomy = launch.roomy_tile(kpe, launch.KernelPositions(
         qpos=torch.empty(0) if explicit else None), centred(pe, explicit, center))
-    if kernel != "fwd":
-        roomy = explicit
     return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
                        ck_pe_grad(kernel, pe, pe_grad), explicit=roomy, tma=tma)
 

@@ -112,7 +112,7 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     pe_grad: the dQ kernel also accumulates the bias parameters' gradients (trainable ALiBi
     slopes / KERPLE r1, r2), which costs registers.
     explicit: explicit position tensors (the bias PEs then form distances in int64: more
-    registers). tma: the forward loads K / V through TMA (launch.tma_ready: sm_90+, no
+    registers), or any launch whose bias rows are centred (launch.roomy_tile). tma: the forward loads K / V through TMA (launch.tma_ready: sm_90+, no
     RoPE, 16-byte-aligned inputs), which frees the registers that held their addresses.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)
@@ -140,13 +140,15 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     big = head_dim > 64
     if arch in HOPPER_CLASS:
         return _hopper(kernel, pe, big, pe_grad, explicit, tma)
-    return _ampere(kernel, pe, big)
+    return _ampere(kernel, pe, big, explicit)
 
 
 def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
             tma: bool) -> TileConfig:
     # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
+        if pe == "kerple" and explicit and not big:  # centred rows' log1p/expm1: 128 keys spill
+            return TileConfig(128, 64, 8, 2)
         if not big or (pe == "none" and not explicit) or (
                 tma and not explicit and pe in ("alibi", "kerple")):
             return TileConfig(128, 128, 8, 2)
@@ -166,7 +168,7 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
     return TileConfig(128, 64, 8, 2)
 
 
-def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
+def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False) -> TileConfig:
     # mma.sync keeps both operands in registers, and triton 3.6 allocates a few more than 3.9.
     # Backward: 8 warps on a 64-row S side compute S twice here too (mma% 50-67), so the
     # backward tiles put 32 query rows per warp pair: 128 keys on 8 warps or 64 on 4.
@@ -181,12 +183,13 @@ def _ampere(kernel: str, pe: str, big: bool) -> TileConfig:
     if kernel == "bwd_dkdv":
         if pe == "rope":  # no RoPE dK/dV tile without duplicated S is spill-free at D=128
             return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 128, 8, 2)
-        if pe == "alibi" and big:  # 32 x 128 spills 8 B
+        if big and (pe == "alibi" or (pe == "kerple" and explicit)):  # 32 x 128 spills 8 B
             return TileConfig(32, 64, 4, 2)
         return TileConfig(32, 128, 8, 2)
     # bwd_dq
-    if not big:
-        return TileConfig(64, 16, 4, 2) if pe == "rope" else TileConfig(64, 32, 4, 2)
+    if not big:  # (centred KERPLE rows, explicit: their closed forms spill 64 x 32 by 24 B)
+        return (TileConfig(64, 16, 4, 2) if pe == "rope" or (pe == "kerple" and explicit)
+                else TileConfig(64, 32, 4, 2))
     if pe == "rope":
         return TileConfig(32, 32, 4, 2)
     if pe == "kerple":  # 128 x 32 overflows 99 KiB with the gathered f tile

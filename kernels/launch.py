@@ -276,9 +276,10 @@ def bias_refs(pe: KernelPE, pos: KernelPositions, causal: bool, Sq: int, Sk: int
 
 def roomy_tile(pe: KernelPE, pos: KernelPositions, center: bool) -> bool:
     """Whether the forward takes the explicit-position tile (configs.tile_config's
-    ``explicit``): explicit positions, or KERPLE with centred rows, whose live f_ref made the
-    128 x 128 TMA tile spill 8 B at D=128 on sm_90 (triton 3.9; centred ALiBi does not)."""
-    return pos.explicit or (center and pe.kind in (PE_KERPLE_LOG, PE_KERPLE_POWER))
+    ``explicit``): explicit positions, or centred rows (pe_helpers, "Centring"), whose distance
+    tile and closed forms made the 128 x 128 tiles spill on sm_90 (ALiBi D=128: 32 B on triton
+    3.9; KERPLE power D=64: ~800 B)."""
+    return pos.explicit or center
 
 
 def _dref_args(dref: Optional[torch.Tensor], B: int):
@@ -305,7 +306,8 @@ def caller_lse(row_lse: torch.Tensor, pe: KernelPE, dref: Optional[torch.Tensor]
         f = d
     else:
         b = pe.pb.double()[:, None]
-        f = torch.log1p(b * d) if pe.kind == PE_KERPLE_LOG else torch.pow(d, b)  # 0^r2 = 0
+        # KERPLE power is centred at max(d_ref, 1) (pe_helpers.bias_row_ref)
+        f = torch.log1p(b * d) if pe.kind == PE_KERPLE_LOG else torch.pow(d.clamp_min(1.0), b)
     return (row_lse.double() - a * f).float()
 
 
@@ -460,9 +462,10 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         out, do, lse, delta, nlse2, *out.stride(), *do.stride(), Hq, Sq,
         DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
-    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe))
-    q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     DREF, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), B)
+    roomy = roomy_tile(pe, pos, center)
+    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe), explicit=roomy)
+    q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta, center)
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
     for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
@@ -477,7 +480,8 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
             DO_DK=do_dk, DO_DV=do_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe), need_pe_grad)
+    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe), need_pe_grad,
+                      explicit=roomy)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)
     n_qblocks = triton.cdiv(Sq, cfg.BLOCK_M)
     if need_pe_grad:  # one partial per dQ program (query block, batch, head), all written

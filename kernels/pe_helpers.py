@@ -224,9 +224,9 @@ def bias_r2_term(PE: tl.constexpr, f, dist):
 # itself): x = d - d_ref is an exact integer (fp32, below 2**24), and
 #   ALiBi        x
 #   KERPLE log   log(1 + r2 d) - log(1 + r2 d_ref) = log1p(r2 x / (1 + r2 d_ref))
-#   KERPLE power d^r2 - d_ref^r2 = f_ref expm1(r2 log1p(x / d_ref))          (d_ref > 0)
-# and df/dr2 likewise: x / ((1 + r2 d)(1 + r2 d_ref)) (log); f_ref log1p(x / d_ref) +
-# (f - f_ref) ln d (power). Each is accurate to a few ulps of its own (small) value, as
+#   KERPLE power d^r2 - c^r2 = f(c) expm1(r2 log1p((d - c) / c)),  c = max(d_ref, 1)
+# and df/dr2 likewise: x / ((1 + r2 d)(1 + r2 d_ref)) (log); f(c) log1p((d - c) / c) +
+# (f - f(c)) ln d (power). Each is accurate to a few ulps of its own (small) value, as
 # torch's correctly rounded pow and log are in the naive math: exp2(r2 log2 d) at d = 4000
 # alone is ~20 ulps off, 10x the naive error (tests/test_far_positions.py found it). These
 # cost a log, an exp and a division per element, only in centred launches.
@@ -265,11 +265,14 @@ def bias_ref_kernel(QPOS, KPOS, DREF, stride_qpb, stride_qpm, stride_kpb, stride
 def bias_row_ref(PE: tl.constexpr, CENTER: tl.constexpr, DREF, rows, row_mask, b):
     """(d_ref, f_ref) of ``rows`` (queries; offsets into DREF, the batch row included): their
     nearest visible key's distance, read from DREF, and f there (:func:`bias_shape`, with b = r2) --
-    what a centred row subtracts from every f. (0.0, 0.0) without CENTER."""
+    what a centred row subtracts from every f. KERPLE power centres at max(d_ref, 1) instead
+    (launch.caller_lse does the same). (0.0, 0.0) without CENTER."""
     dref = 0.0
     fref = 0.0
     if CENTER:
         dref = tl.load(DREF + rows, mask=row_mask, other=0.0)
+        if PE == PE_KERPLE_POWER:  # centred at max(d_ref, 1): f(1) = 1, no d_ref = 0 branch
+            dref = tl.maximum(dref, 1.0)
         fref = bias_shape(PE, dref, b)
     return dref, fref
 
@@ -308,21 +311,29 @@ def tile_bias(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, row_pos, col_pos, 
 
 
 @triton.jit
+def fast_div(x, y):
+    """x / y to ~2 ulps without the IEEE-rounding division's refinement (a reciprocal and a
+    multiply on the GPU): the centred forms below need a few ulps, not correct rounding, and
+    their per-element divisions are what registers and instructions go to."""
+    return tl.math.fdiv(x, y, ieee_rounding=False)
+
+
+@triton.jit
 def log1p_pos(x):
-    """log(1 + x) for x >= 0, accurate to a few ulps also for tiny x (Goldberg's trick: the
-    rounding of 1 + x cancels in log(u) * x / (u - 1)). Pure tl ops: libdevice's log1p does
-    not run in the interpreter."""
+    """log(1 + x) for x >= -1, accurate to a few ulps also for tiny x (Goldberg's trick: the
+    rounding of 1 + x cancels in log(u) * x / (u - 1)); -inf at x = -1. Pure tl ops:
+    libdevice's log1p does not run in the interpreter."""
     u = 1.0 + x
     exact = u == 1.0
-    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+    return tl.where(exact, x, tl.log(u) * fast_div(x, tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
 def expm1_acc(y):
-    """exp(y) - 1, accurate to a few ulps for small |y| (Kahan's trick); finite y only."""
+    """exp(y) - 1, accurate to a few ulps for small |y| (Kahan's trick); -1 at y = -inf."""
     u = tl.exp(y)
     exact = u == 1.0
-    r = tl.where(exact, y, (u - 1.0) * (y / tl.where(exact | (u == 0.0), 1.0, tl.log(u))))
+    r = tl.where(exact, y, (u - 1.0) * fast_div(y, tl.where(exact | (u == 0.0), 1.0, tl.log(u))))
     return tl.where(u == 0.0, -1.0, r)
 
 
@@ -338,29 +349,32 @@ def query_axis(v, QUERY_AXIS: tl.constexpr):
 
 @triton.jit
 def centred_shape(PE: tl.constexpr, dist, dref, fref, b):
-    """f(dist) - f(d_ref) of a tile (see "Centring" above for the closed forms), dref / fref
-    broadcast to it (query_axis). Invisible keys may lie nearer than d_ref: x is clamped at 0,
-    so every entry stays finite (the caller masks them)."""
-    x = tl.maximum(dist - dref, 0.0)
+    """(f(dist) - f(c), ln(dist / c)) of a tile, c the row's centre (bias_row_ref: d_ref, or
+    max(d_ref, 1) for KERPLE power), dref = c and fref = f(c) broadcast to the tile
+    (query_axis); see "Centring" above for the closed forms. The second value is KERPLE
+    power's (centred_r2_term reuses it), 0.0 otherwise. Per-row factors are formed on the
+    (rows, 1) vectors, per element only a subtract, a log1p (and an expm1). Keys nearer than
+    c (invisible ones, or d = 0 < c = 1) stay finite: the caller masks them."""
     if PE == PE_ALIBI:
-        return dist - dref
+        return dist - dref, 0.0
     elif PE == PE_KERPLE_LOG:
-        return log1p_pos(b * x / (1.0 + b * dref))
-    else:  # PE_KERPLE_POWER; a row with d_ref = 0 has f_ref = 0: plain f
-        fc = fref * expm1_acc(b * log1p_pos(x / tl.maximum(dref, 1.0)))
-        return tl.where(dref > 0, fc, bias_shape(PE, dist, b))
+        w = fast_div(b, 1.0 + b * dref)  # per row
+        return log1p_pos(tl.maximum(dist - dref, 0.0) * w), 0.0
+    else:  # PE_KERPLE_POWER: f(c) expm1(r2 ln(d / c)), ln(d / c) = log1p((d - c) / c)
+        lr = log1p_pos(tl.maximum((dist - dref) * fast_div(1.0, dref), -1.0))  # -inf at d = 0
+        return fref * expm1_acc(b * lr), lr
 
 
 @triton.jit
-def centred_r2_term(PE: tl.constexpr, dist, dref, fref, fc, b):
-    """df/dr2 (d) - df/dr2 (d_ref) of a tile for KERPLE (closed forms under "Centring"); fc =
+def centred_r2_term(PE: tl.constexpr, dist, dref, fref, fc, lr, b):
+    """df/dr2 (dist) - df/dr2 (c) of a tile for KERPLE (closed forms under "Centring"); fc, lr =
     centred_shape of the tile. ALiBi: fc (never read)."""
-    x = tl.maximum(dist - dref, 0.0)
-    if PE == PE_KERPLE_LOG:
-        return x / ((1.0 + b * dist) * (1.0 + b * dref))
-    elif PE == PE_KERPLE_POWER:
-        gc = fref * log1p_pos(x / tl.maximum(dref, 1.0)) + fc * tl.log(tl.maximum(dist, 1.0))
-        return tl.where(dref > 0, gc, bias_r2_term(PE, fc, dist))
+    if PE == PE_KERPLE_LOG:  # d / (1 + r2 d) - c / (1 + r2 c) = (d - c) / ((1 + r2 d)(1 + r2 c))
+        return fast_div(tl.maximum(dist - dref, 0.0) * fast_div(1.0, 1.0 + b * dref),
+                        1.0 + b * dist)
+    elif PE == PE_KERPLE_POWER:  # d^r2 ln d - c^r2 ln c = f(c) ln(d / c) + (f(d) - f(c)) ln d
+        gc = fref * lr + fc * tl.log(tl.maximum(dist, 1.0))
+        return tl.where(dist > 0, gc, -fref * tl.log(dref))  # g(0) = 0
     else:
         return fc
 
@@ -374,8 +388,8 @@ def tile_bias_centred(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl.con
     bias_row_ref) and QUERY_AXIS as in query_axis."""
     if CENTER:
         dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
-        return centred_shape(PE, dist, query_axis(dref, QUERY_AXIS),
-                             query_axis(fref, QUERY_AXIS), b)
+        f, _ = centred_shape(PE, dist, query_axis(dref, QUERY_AXIS), query_axis(fref, QUERY_AXIS), b)
+        return f
     else:
         return tile_bias(PE, BIAS_TABLE, FT, row_pos, col_pos, col0, EXPLICIT_POS, b)
 
@@ -388,8 +402,8 @@ def tile_bias_grad_inputs(PE: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl
     computed."""
     if CENTER:
         dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
-        fc = centred_shape(PE, dist, dref[:, None], fref[:, None], b)
-        return fc, centred_r2_term(PE, dist, dref[:, None], fref[:, None], fc, b)
+        fc, lr = centred_shape(PE, dist, dref[:, None], fref[:, None], b)
+        return fc, centred_r2_term(PE, dist, dref[:, None], fref[:, None], fc, lr, b)
     elif BIAS_TABLE:
         d = tl.abs(row_pos[:, None] - col_pos[None, :])
         return tl.load(FT + d), tl.load(GT + d)

@@ -75,9 +75,15 @@ def test_override_reaches_the_launcher_and_stays_correct(monkeypatch):
     tiles = {("fwd", "alibi", 32, arch): TileConfig(16, 64, 4, 1),
              ("bwd_dkdv", "alibi", 32, arch): TileConfig(64, 16, 4, 1),
              ("bwd_dq", "alibi", 32, arch): TileConfig(16, 16, 4, 1)}
+    # default positions: the variant the tuner measures (SHAPES["offset_pos_d32"] puts the
+    # queries past the keys, whose centred bias rows keep the shipped, spill-checked tiles)
+    with configs.override(tiles):
+        check_case(lambda D, H: "alibi", (1, 4, 2, 40, 40, 32, "bhsd", None), True, torch.float16)
+    assert {k: c for k, c in seen} == {k[0]: c for k, c in tiles.items()}
+    seen.clear()
     with configs.override(tiles):
         check_case(lambda D, H: "alibi", SHAPES["offset_pos_d32"], True, torch.float16)
-    assert {k: c for k, c in seen} == {k[0]: c for k, c in tiles.items()}
+    assert not any(c == tiles[(k, "alibi", 32, arch)] for k, c in seen)
 
 
 def test_overrides_skip_the_variants_the_tuner_does_not_measure():
