@@ -85,3 +85,39 @@ def naive_attention(q, k, v, pe, dtype, *, causal=False, scale=None, q_positions
     if layout == "bshd":
         out = out.transpose(1, 2)
     return out, lse
+
+
+def force_bias_tables(monkeypatch):
+    """Make KERPLE read its per-distance tables even for short sequences, and record whether
+    each launch used them: returns the list of ``BiasTables.used``, one per launch."""
+    from posattn.kernels import launch
+
+    used = []
+    real = launch._bias_tables
+
+    def spy(*args, **kw):
+        tables = real(*args, **kw)
+        used.append(tables.used)
+        return tables
+
+    monkeypatch.setattr(launch, "_bias_tables", spy)
+    monkeypatch.setattr(launch, "BIAS_TABLE_MIN_LEN", 1)
+    return used
+
+
+def force_splits(monkeypatch, splits):
+    """Force the split-K forward into ``splits`` runs; returns the list of the combine
+    kernel's launch grids (empty: the split path did not run)."""
+    from posattn.kernels import launch
+
+    merges = []
+    real = launch.attn_combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(launch, "FORCE_SPLITS", splits)
+    monkeypatch.setattr(launch, "attn_combine_kernel", Spy())
+    return merges

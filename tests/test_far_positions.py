@@ -35,7 +35,7 @@ import torch
 
 from posattn import KERPLE
 from conftest import DEVICE
-from helpers import assert_rule
+from helpers import assert_rule, force_splits
 from attn_harness import PES, check, gen, plain, qkv
 
 BIAS_PES = ["alibi", "alibi_trainable", "kerple_log", "kerple_power"]
@@ -189,18 +189,7 @@ def test_single_far_key(pe, dtype, dist, causal):
 def test_split_k_far(pe, positions, monkeypatch):
     """A few queries against 4 key tiles forced into 3 runs merged by their LSEs (the combine
     kernel must run), every key 4000 positions away; fp32, causal."""
-    from posattn.kernels import launch
-
-    merges = []
-    real = launch.attn_combine_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            merges.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(launch, "FORCE_SPLITS", 3)
-    monkeypatch.setattr(launch, "attn_combine_kernel", Spy())
+    merges = force_splits(monkeypatch, 3)
     Sq, Sk = 3, 101
     if positions == "int":
         pos = dict(q_positions=4000, k_positions=0)

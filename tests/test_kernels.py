@@ -10,7 +10,8 @@ import torch
 
 import posattn
 from conftest import DEVICE, HAS_CUDA
-from helpers import assert_rule, leaf, naive_attention, pe_leaves, run_attention, with_params
+from helpers import (assert_rule, force_bias_tables, force_splits, leaf, naive_attention,
+                     pe_leaves, run_attention, with_params)
 
 
 def _pes():
@@ -125,18 +126,12 @@ def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
     interpreter, where no FMA contraction can differ) match the in-tile path bit for bit."""
     from posattn.kernels import launch
 
-    used = []
-    real = launch._bias_tables
-
-    def spy(*args, **kw):
-        tables = real(*args, **kw)
-        used.append(tables.used)
-        return tables
-
-    monkeypatch.setattr(launch, "_bias_tables", spy)
-    monkeypatch.setattr(launch, "BIAS_TABLE_MIN_LEN", 1)
+    used = force_bias_tables(monkeypatch)
     check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
-    assert used == [True, True], used  # forward, backward
+    # forward, backward; offset_pos_d32 puts the queries past the keys: centred rows compute
+    # f - f_ref in the tile (kernels/pe_helpers.py, "Centring") and take no table
+    centred = shape == "offset_pos_d32"
+    assert used == [not centred] * 2, used
 
     B, Hq, Hkv, Sq, Sk, D, layout, pos_kind = SHAPES[shape]
     g = torch.Generator().manual_seed(5)
@@ -296,18 +291,7 @@ def test_split_k_forward(pe, shape, splits, causal, monkeypatch):
     """The rule on out, LSE and every gradient (the backward reads the merged out and LSE), with
     the key tiles split into runs and merged by attn_combine_kernel; queries that see no key
     (mqa_sq>sk causal) still get 0 and -inf."""
-    from posattn.kernels import launch
-
-    merges = []
-    real = launch.attn_combine_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            merges.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(launch, "FORCE_SPLITS", splits)
-    monkeypatch.setattr(launch, "attn_combine_kernel", Spy())
+    merges = force_splits(monkeypatch, splits)
     check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
     assert merges, "the split path did not run"
 

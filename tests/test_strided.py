@@ -20,9 +20,9 @@ import torch
 
 import posattn
 from posattn import ALiBi, KERPLE, RoPE
-from posattn.kernels import launch
 from conftest import DEVICE
 from attn_harness import check, plain, qkv
+from helpers import force_bias_tables
 
 # small and odd: two key tiles of the interpreter's 32 x 32, GQA (2 query heads share 1 kv head).
 # Batch 2 where a view spans the batch (positions (B, S), k expanded along it), else 1 (the
@@ -192,17 +192,7 @@ def test_pe_parameter_views(case, kind, monkeypatch):
     f(|i - j|) from a per-distance table that launch.bias_table_kernel fills from r2 (forced on
     here for short sequences), forward and backward."""
     pe_name, param, table = PARAMS[case]
-    used = []
-    if table:
-        real = launch._bias_tables
-
-        def spy(*args, **kw):
-            tables = real(*args, **kw)
-            used.append(tables.used)
-            return tables
-
-        monkeypatch.setattr(launch, "_bias_tables", spy)
-        monkeypatch.setattr(launch, "BIAS_TABLE_MIN_LEN", 1)
+    used = force_bias_tables(monkeypatch) if table else []
     _, _, grads = view_vs_copy(param, kind, pe_name)
     assert grads[param].abs().sum() > 0
     if table:
