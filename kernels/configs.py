@@ -192,6 +192,8 @@ def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False) -> TileConf
                 else TileConfig(64, 32, 4, 2))
     if pe == "rope":
         return TileConfig(32, 32, 4, 2)
+    if pe == "kerple" and explicit:  # centred rows: 128 x 16 spills 56-72 B (KERPLE power, 3.6)
+        return TileConfig(32, 32, 4, 1)
     if pe == "kerple":  # 128 x 32 overflows 99 KiB with the gathered f tile
         return TileConfig(128, 16, 8, 2)
     return TileConfig(128, 32, 8, 2)

@@ -394,10 +394,11 @@ def _sm_count(index: Optional[int]) -> int:
 
 
 def split_allowed(pe: KernelPE, pos: KernelPositions) -> bool:
-    """Every forward may split except RoPE with explicit positions: its split variant (per-
-    element cos/sin, all tiles masked, fp32 partial stores) spills 8 B at D=128 on triton 3.6,
-    on sm_90 and sm_80 alike; it runs unsplit, as before split-K existed."""
-    return not (pe.kind == PE_ROPE and pos.explicit)
+    """Every forward may split except RoPE and KERPLE power with explicit positions: their
+    split variants (per-element cos/sin, or the centred rows' expm1/log1p, all tiles masked,
+    fp32 partial stores) spill at D=128 on triton 3.6 (RoPE 8 B on sm_90 and sm_80, KERPLE
+    power 16 B on sm_90); they run unsplit, as before split-K existed."""
+    return not (pos.explicit and pe.kind in (PE_ROPE, PE_KERPLE_POWER))
 
 
 def splits_for(sms: int, n_programs: int, n_ktiles: int) -> int:

@@ -280,9 +280,10 @@ def test_value_head_dim_differs(pe):
 
 # Split-K forward (flash-decoding, launch.split_count). The interpreter has no SM count, so the
 # split is forced; 8 runs over these shapes' few key tiles leave some runs empty.
-SPLIT_CASES = [("rope_yarn_partial", "decode_d128_bshd", 3), ("kerple_log", "decode_d128_bshd", 8),
+# (KERPLE power with explicit positions never splits: launch.split_allowed)
+SPLIT_CASES = [("rope_yarn_partial", "decode_d128_bshd", 3), ("kerple_power", "decode_d128_bshd", 8),
                ("alibi_trainable", "gqa_sq<sk_d40_bshd", 3), ("none", "mqa_sq>sk_d80", 8),
-               ("kerple_power", "explicit_pos_d64", 3), ("rope_interleaved_partial", "offset_pos_d32", 8)]
+               ("kerple_log", "explicit_pos_d64", 3), ("rope_interleaved_partial", "offset_pos_d32", 8)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -314,12 +315,14 @@ def test_split_k_propagates_nan(where, monkeypatch):
 
 
 def test_split_count_heuristic():
-    from posattn.kernels.launch import (PE_ALIBI, PE_ROPE, KernelPE, KernelPositions,
-                                        split_allowed, split_count, splits_for)
+    from posattn.kernels.launch import (PE_ALIBI, PE_KERPLE_POWER, PE_ROPE, KernelPE,
+                                        KernelPositions, split_allowed, split_count, splits_for)
 
     explicit = KernelPositions(qpos=torch.zeros(1, 1), kpos=torch.zeros(1, 1))
     assert split_allowed(KernelPE(PE_ROPE), KernelPositions()) and split_allowed(KernelPE(PE_ALIBI), explicit)
     assert not split_allowed(KernelPE(PE_ROPE), explicit)  # its split variant spills (triton 3.6)
+    assert not split_allowed(KernelPE(PE_KERPLE_POWER), explicit)  # so does its centred one
+    assert split_allowed(KernelPE(PE_KERPLE_POWER), KernelPositions(q_start=9))
 
     assert splits_for(132, 32, 1000) == 4  # decode, B=1, 32 heads: one wave of 128 programs
     assert splits_for(132, 1, 1000) == 132
