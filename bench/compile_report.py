@@ -82,8 +82,8 @@ def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
     kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
     width = launch._layout_meta(kpe, head_dim, head_dim)[1]
     tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
-    roomy = launch.roomy_tile(kpe, launch.KernelPositions(
-        qpos=torch.empty(0) if explicit else None), centred(pe, explicit, center))
+    roomy = launch.roomy_tile(launch.KernelPositions(qpos=torch.empty(0) if explicit else None),
+                              centred(pe, explicit, center))
     return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
                        ck_pe_grad(kernel, pe, pe_grad), explicit=roomy, tma=tma)
 

@@ -112,7 +112,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     pe_grad: the dQ kernel also accumulates the bias parameters' gradients (trainable ALiBi
     slopes / KERPLE r1, r2), which costs registers.
     explicit: explicit position tensors (the bias PEs then form distances in int64: more
-    registers), or any launch whose bias rows are centred (launch.roomy_tile). tma: the forward loads K / V through TMA (launch.tma_ready: sm_90+, no
+    registers), or any launch whose bias rows are centred (launch.roomy_tile).
+    tma: the forward loads K / V through TMA (launch.tma_ready: sm_90+, no
     RoPE, 16-byte-aligned inputs), which frees the registers that held their addresses.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)

@@ -40,10 +40,12 @@ class KernelPE:
 
     def __post_init__(self):
         # The kernels read element h of a per-head vector at ``PA + h`` (no stride argument):
-        # a strided view must never reach them as is (it would be read as if contiguous).
+        # a strided, offset or expanded view (BLOOM's slopes are ``alibi[:, 0, 1]``, stride 2)
+        # must never reach them as is. .contiguous() is a no-op on a dense vector and goes
+        # through autograd otherwise, so the gradient flows back into the caller's view.
         for name in ("theta", "pa", "pb"):
             t = getattr(self, name)
-            if t is not None and not t.is_contiguous():
+            if t is not None:
                 setattr(self, name, t.contiguous())
 
 
@@ -274,8 +276,8 @@ def bias_refs(pe: KernelPE, pos: KernelPositions, causal: bool, Sq: int, Sk: int
     return d.to(torch.float32)[None]
 
 
-def roomy_tile(pe: KernelPE, pos: KernelPositions, center: bool) -> bool:
-    """Whether the forward takes the explicit-position tile (configs.tile_config's
+def roomy_tile(pos: KernelPositions, center: bool) -> bool:
+    """Whether a launch takes the explicit-position tiles (configs.tile_config's
     ``explicit``): explicit positions, or centred rows (pe_helpers, "Centring"), whose distance
     tile and closed forms made the 128 x 128 tiles spill on sm_90 (ALiBi D=128: 32 B on triton
     3.9; KERPLE power D=64: ~800 B)."""
@@ -345,7 +347,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     dref = bias_refs(pe, pos, causal, Sq, Sk, q.device)
     DREF, center = _dref_args(dref, B)
     cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe),
-                      explicit=roomy_tile(pe, pos, center), tma=tma)
+                      explicit=roomy_tile(pos, center), tma=tma)
     qp, kp, pstrides = _pos_args(pos, q)
     k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse, center)
@@ -464,7 +466,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: 
         DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
     DREF, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), B)
-    roomy = roomy_tile(pe, pos, center)
+    roomy = roomy_tile(pos, center)
     cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe), explicit=roomy)
     q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta, center)

@@ -70,13 +70,6 @@ def _device_constant(key_fn, make):
     return hit
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """A per-head parameter as the kernels read it: element h at ``PA + h``. A strided, offset
-    or expanded view (BLOOM's slopes are ``alibi[:, 0, 1]``, stride 2) becomes a contiguous
-    copy here -- through autograd, so its gradient flows back into the caller's view."""
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> KernelPE:
     """Reduce a PE spec to the kernel record (inv_freq + factor, or per-head parameters)."""
     if isinstance(spec, NoPE):
@@ -84,7 +77,7 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
     if isinstance(spec, RoPE):
         def make():
             inv_freq, factor = spec.frequencies(head_dim, cur_len)
-            return inv_freq.to(device=device, dtype=torch.float64).contiguous(), float(factor)
+            return inv_freq.to(device=device, dtype=torch.float64), float(factor)
 
         theta, factor = _device_constant(
             lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
@@ -96,11 +89,11 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
                                        lambda: (spec.get_slopes(num_heads, device),))
         else:
             slopes = spec.slopes
-        return KernelPE(launch.PE_ALIBI, pa=_dense(slopes))
+        return KernelPE(launch.PE_ALIBI, pa=slopes)
     if isinstance(spec, KERPLE):
         r1, r2 = spec.get_params(num_heads, device)
         kind = launch.PE_KERPLE_LOG if spec.kind == "log" else launch.PE_KERPLE_POWER
-        return KernelPE(kind, pa=_dense(r1), pb=_dense(r2))
+        return KernelPE(kind, pa=r1, pb=r2)
     raise TypeError(f"unsupported PE spec {type(spec).__name__}")
 
 

@@ -5,8 +5,7 @@ Regression for "Strided PE parameters are read as if contiguous: silently wrong 
 gradients on the Triton backend". The kernels read a per-head parameter (ALiBi slope, KERPLE
 r1 / r2) at ``PA + h``, without a stride; BLOOM's slopes, ``build_alibi_tensor(...)[:, 0, 1]``,
 are a strided view, so the Triton backend used the wrong slopes (and returned wrong slope
-gradients). posattn._triton._dense (through autograd) and kernels.launch.KernelPE make them
-contiguous. q / k / v, dout and position tensors reach the kernels with their strides.
+gradients). kernels.launch.KernelPE makes them contiguous (through autograd). q / k / v, dout and position tensors reach the kernels with their strides.
 
 Every view here sits in a larger buffer whose other elements are junk (NaN for q / k / v / dout,
 9.0 for PE parameters as in the issue, 99 for positions), so a kernel that ignores a stride, a
