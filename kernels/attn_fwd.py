@@ -1,24 +1,33 @@
 """Forward kernel: FlashAttention-2 style online softmax (exp2 domain) with the PE in the tile.
 
-One program = one BLOCK_M block of queries of one (batch, query head). It loads Q once (and
-rotates it once for RoPE), then walks the key tiles it can see: first the tiles that need no
-mask at all, then the tiles that straddle the causal diagonal or the end of the keys.
+One program = one BLOCK_M block of queries of one (sequence, query head). It runs the geometry
+prologue (geometry.seq_geometry: the sequence's rows and positions), loads Q once (and rotates
+it once for RoPE), then walks the key tiles it can see (geometry.tile_range): the masked tiles
+before a window's band, the tiles that need no mask at all, then the tiles that straddle the
+causal diagonal, the window's right edge or the end of the keys.
 
 Shapes (strides are passed, so bhsd and bshd views both work without copies):
     Q (B, Hq, Sq, D)   K (B, Hkv, Sk, D)   V (B, Hkv, Sk, DV)   O (B, Hq, Sq, DV)
-    LSE (B, Hq, Sq) float32, natural log   QPOS (B|1, Sq), KPOS (B|1, Sk) int (explicit only)
-    THETA (ROT_HALF,) float64 inv_freq (RoPE)   PA, PB (Hq,) PE parameters (bias PEs)
+    LSE (B, Hq, Sq) float32, natural log, lse_len = Sq
+    VARLEN: Q (1, Hq, total_q, D) etc. (views of flash-attn's (total, H, D)), CU_Q / CU_K
+    (B + 1,) int32 sequence offsets, LSE (Hq, total_q), lse_len = total_q; the grid's query
+    blocks cover the longest sequence and the others' surplus programs return at once
+    QPOS (B|1, Sq), KPOS (B|1, Sk) int (explicit only; varlen (1, total))
+    THETA (ROT_HALF,) float64 inv_freq (rotary axis, rotary.py)
+    PARAMS (Hq, NP) the bias's per-head parameters (bias axis, bias.py)
     KD, VD: TMA descriptors of K and V, blocks (1, 1, BLOCK_N, BLOCK_A / BLOCK_DV), when TMA
     (else None; see launch.tma_ready): the loop loads each key tile with one bulk
     copy into shared memory instead of per-thread addresses and cp.async
     ROPE_TILES (cdiv(Sk, TILE_STEP), 2, BLOCK_A) float32: cos/sin of the key tile starts
-    (RoPE with contiguous positions; see pe_helpers.rope_tile_table_kernel)
+    (RoPE with contiguous positions; see rotary.rope_tile_table_kernel)
     BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
-    see pe_helpers.bias_table_kernel)
-    DREF (B, Sq) float32: with CENTER, each query's distance to its nearest visible key; the
-    bias PE's rows are centred on the bias there (pe_helpers, "Centring"), and LSE holds the
-    centred rows' log-sum-exp (the launcher subtracts a f_ref for the caller); None otherwise
-    (a constexpr: the kernel without CENTER has exactly its former arguments)
+    see bias.bias_table_kernel)
+    DREF (B, Sq) (varlen (1, total_q)) float32: with CENTER, each query's distance to its
+    nearest visible key; the bias's rows are centred on the bias there (bias.py, "Centring"),
+    and LSE holds the centred rows' log-sum-exp (the launcher subtracts a f_ref for the
+    caller); None otherwise (a constexpr: the kernel without CENTER has none of its cost)
+    win_left, win_right: the window (WIN_L / WIN_R: that side is bounded; geometry.visible)
+    cap_in = scale / c, cap_log2 = c log2 e: the logit softcap c (SOFTCAP; fmath.softcap_logits)
     O_PART (B * Hq, n_splits, Sq, DV), LSE_PART (B * Hq, n_splits, Sq) float32: with SPLIT,
     program (m, bh, s) walks only the s-th run of tiles_per_split key tiles and writes its
     normalised partial output and LSE there; attn_combine_kernel merges the splits into O and
@@ -27,156 +36,71 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
 import triton
 import triton.language as tl
 
-from .pe_helpers import (LN2, LOG2E, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER, PE_NONE, PE_ROPE,
-                         alibi_causal_split, bias_row_ref, bias_shape, qk_columns,
-                         rope_angle_cos_sin, rope_rotate, rope_tile_start, tile_bias_centred)
+from .bias import (BIAS_ALIBI, BIAS_NONE, alibi_causal_split, bias_params, bias_row_ref,
+                   bias_shape, tile_bias_centred)
+from .fmath import LN2, LOG2E, softcap_logits
+from .geometry import key_band, load_positions, seq_geometry, tile_range, visible
+from .loader import load_box, load_qk, load_tile, qk_dot
+from .rotary import ROT_ROPE, qk_columns, rope_angle_cos_sin, tile_rope
 
 
 @triton.jit
-def load_tile(ptr, rows, row_mask, cols, col_mask, stride_row, stride_col, MASKED: tl.constexpr):
-    """Load a (rows, cols) tile; rows beyond the sequence and padded columns read 0."""
-    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
-    if MASKED:
-        return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-    else:
-        return tl.load(ptrs, mask=col_mask[None, :], other=0.0)
-
-
-@triton.jit
-def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, c0, s0, colA, colB, maskA,
-            colC, maskC, PE: tl.constexpr, HAS_PASS: tl.constexpr, MASKED: tl.constexpr,
-            SHIFT: tl.constexpr):
-    """Load Q or K as its dot groups, rotated for RoPE, in the input dtype.
-
-    RoPE rotates by (cos, sin) (BLOCK, BLOCK_A) and then, when SHIFT, by the tile-start
-    rotation (c0, s0) (BLOCK_A,) (see pe_helpers.rope_tile_start).
-    Returns (a, b, c): a = group A (all columns for non-RoPE PEs), b = the rotated partners,
-    c = RoPE pass-through columns (partial rotary). Unused groups are returned as ``a``.
-    """
-    a = load_tile(ptr, rows, row_mask, colA, maskA, stride_row, stride_col, MASKED)
-    if PE == PE_ROPE:
-        b = load_tile(ptr, rows, row_mask, colB, maskA, stride_row, stride_col, MASKED)
-        ra, rb = rope_rotate(a.to(tl.float32), b.to(tl.float32), cos, sin)
-        if SHIFT:
-            ra, rb = rope_rotate(ra, rb, c0[None, :], s0[None, :])
-        if HAS_PASS:
-            c = load_tile(ptr, rows, row_mask, colC, maskC, stride_row, stride_col, MASKED)
-        else:
-            c = a
-        return ra.to(a.dtype), rb.to(a.dtype), c
-    else:
-        return a, a, a
-
-
-@triton.jit
-def load_box(desc, b, h, row0, col0, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
-    """TMA load of rows [row0, row0 + BLOCK_R) and columns [col0, col0 + BLOCK_COL) of head
-    (b, h) of a (B, H, S, D) descriptor, as (BLOCK_R, BLOCK_COL). Out of bounds reads 0, so
-    rows past S and padded head-dim columns need no mask. Coordinates are int32 (the
-    hardware forms the 64-bit address)."""
-    return desc.load([b, h, row0, col0]).reshape(BLOCK_R, BLOCK_COL)
-
-
-@triton.jit
-def qk_dot(qa, qb, qc, ka, kb, kc, PE: tl.constexpr, HAS_PASS: tl.constexpr,
-           PREC: tl.constexpr):
-    """q @ k^T summed over the dot groups: (BLOCK_M, BLOCK_N) float32."""
-    s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
-    if PE == PE_ROPE:
-        s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
-        if HAS_PASS:
-            s = tl.dot(qc, tl.trans(kc), s, input_precision=PREC)
-    return s
-
-
-@triton.jit
-def key_tiles(pid_m, Sk, q_start, k_start, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles query block pid_m visits: [0, n_full) need no mask, [n_full, n_tiles) do.
-
-    Causal with contiguous positions skips the tiles past the diagonal and leaves unmasked the
-    tiles every query of the block sees; explicit positions can skip nothing (order unknown).
-    Returns (n_full, n_tiles).
-    """
-    n_tiles = tl.cdiv(Sk, BLOCK_N)
-    n_full = Sk // BLOCK_N
-    if CAUSAL:
-        if EXPLICIT_POS:
-            n_full = 0
-        else:
-            off = q_start - k_start  # key j visible to query i iff j <= i + off
-            last_visible = tl.minimum(off + pid_m * BLOCK_M + BLOCK_M, Sk)
-            n_tiles = tl.cdiv(tl.maximum(last_visible, 0), BLOCK_N)
-            n_full = tl.minimum(tl.maximum(off + pid_m * BLOCK_M + 1, 0) // BLOCK_N, n_full)
-    return tl.minimum(n_full, n_tiles), n_tiles
-
-
-@triton.jit
-def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, PE: tl.constexpr,
-              EXPLICIT_POS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
-    """RoPE rotation of a loop tile ``offset`` positions after its sequence's start, as load_qk
-    takes it: (cos, sin, c0, s0). Explicit positions: per-element cos/sin (no tile-start
-    step); contiguous: the per-offset table plus the tile-start row of ROPE_TILES."""
-    cos = c_tab
-    sin = s_tab
-    c0 = 0.0
-    s0 = 0.0
-    if PE == PE_ROPE:
-        if EXPLICIT_POS:
-            cos, sin = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
-        else:
-            c0, s0 = rope_tile_start(ROPE_TILES, offset, BLOCK_A)
-    return cos, sin, c0, s0
-
-
-@triton.jit
-def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, dref, fref,
-                PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
-                BIAS_TABLE: tl.constexpr, FP32: tl.constexpr, CENTER: tl.constexpr):
-    """Scores of a (query rows, key columns) tile in the exp2 domain, qk * scale_log2 minus the
-    bias, plus ``row_add``: the backward's NLSE2 (-LSE * log2 e) as a (BLOCK_M, 1) column, so
-    that exp2 of the result is P; 0.0 in the forward. pa2 = the bias's leading parameter x
-    log2(e), pb = r2; k0 = the tile's first key position. The scale and the shift are one
-    FFMA, a bias one more (written as tl.fma: the compiler does not contract them on its
-    own). Causal ALiBi on 16-bit inputs takes alibi_causal_split (one FFMA + one FADD).
-    dref, fref: the rows' centring (pe_helpers.bias_row_ref; used with CENTER)."""
-    if PE == PE_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
+def tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k0, BIAS_F, row_add, dref, fref, cap_in,
+                cap_log2, BIAS: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+                BIAS_TABLE: tl.constexpr, FP32: tl.constexpr, CENTER: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """Scores of a (query rows, key columns) tile in the exp2 domain, the (soft-capped) scaled
+    q.k minus the bias, plus ``row_add``: the backward's NLSE2 (-LSE * log2 e) as a
+    (BLOCK_M, 1) column, so that exp2 of the result is P; 0.0 in the forward. pa2 = the
+    bias's leading parameter x log2(e), pb = r2; k0 = the tile's first key position. The scale
+    and the shift are one FFMA, a bias one more (written as tl.fma: the compiler does not
+    contract them on its own). Causal ALiBi on 16-bit inputs takes alibi_causal_split (one
+    FFMA + one FADD). dref, fref: the rows' centring (bias.bias_row_ref; used with CENTER).
+    SOFTCAP: the scaled logit is c tanh(scale q.k / c) (fmath.softcap_logits), then the bias.
+    Returns (s, x): x is tanh(scale q.k / c) with SOFTCAP (the backward's chain rule needs
+    1 - x^2), else q.k."""
+    x, mult = softcap_logits(qk, scale_log2, cap_in, cap_log2, SOFTCAP)
+    if BIAS == BIAS_ALIBI and CAUSAL and not EXPLICIT_POS and not FP32:
         q_rel = (qpos - k0).to(tl.float32)
         if CENTER:
             q_rel = q_rel - dref
-        s = alibi_causal_split(qk, scale_log2, pa2, q_rel, row_add, kpos.shape[0])
+        s = alibi_causal_split(x, mult, pa2, q_rel, row_add, kpos.shape[0])
     else:
-        s = tl.fma(qk, scale_log2, row_add)
-        if PE != PE_NONE and PE != PE_ROPE:
-            f = tile_bias_centred(PE, BIAS_TABLE, CENTER, 0, BIAS_F, qpos, kpos, k0,
+        s = tl.fma(x, mult, row_add)
+        if BIAS != BIAS_NONE:
+            f = tile_bias_centred(BIAS, BIAS_TABLE, CENTER, 0, BIAS_F, qpos, kpos, k0,
                                   EXPLICIT_POS, pb, dref, fref)
             s = tl.fma(f, -pa2, s)
-    return s
+    return s, x
 
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA, ROPE_TILES,
                BIAS_F, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-               Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, tile_lo, tile_hi,
+               k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in,
+               cap_log2, win_left, win_right, tile_lo, tile_hi,
                colA, colB, maskA, colC, maskC, colV, maskV,
-               PE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr,
-               BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-               BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr, TMA: tl.constexpr,
-               CENTER: tl.constexpr):
-    """Online-softmax update over key tiles [tile_lo, tile_hi).
+               ROT: tl.constexpr, BIAS: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
+               SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
+               ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
+               PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr,
+               TMA: tl.constexpr, CENTER: tl.constexpr):
+    """Online-softmax update over key tiles [tile_lo, tile_hi) of one sequence.
 
-    MASKED=False tiles are fully inside the keys and fully visible (no per-element mask).
-    FOLD_SCALE (scale > 0): the scores are held in units of 1/scale, s = q.k + bias / scale
-    (the bias as one FFMA, bias / scale = -(a / scale) f), the row max is taken over them and
-    the scale applied inside the exp2 argument: one FFMA per score there instead of an FMUL
-    and an FADD (max(c x) = c max(x) for c > 0). Otherwise (a zero or negative scale) the
-    scores are formed by tile_logits in the exp2 domain.
+    K, V, KPOS point at the sequence's first key row (k_row0 is its row in the tensor, for TMA
+    coordinates). MASKED=False tiles are fully inside the keys and fully visible (no
+    per-element mask; geometry.tile_range).
+    FOLD_SCALE (scale > 0, no softcap): the scores are held in units of 1/scale,
+    s = q.k + bias / scale (the bias as one FFMA, bias / scale = -(a / scale) f), the row max
+    is taken over them and the scale applied inside the exp2 argument: one FFMA per score there
+    instead of an FMUL and an FADD (max(c x) = c max(x) for c > 0). Otherwise the scores are
+    formed by tile_logits in the exp2 domain.
     There, with 128-key tiles, contiguous positions form |q - k| as q_rel - float(k - q_base):
     the query side loop-invariant (a few registers), the key side converted per tile (two
     instructions per column a thread holds) rather than kept live across the loop as
-    pe_helpers.tile_dist does -- 32 registers a thread at 128 keys, the difference between
+    bias.tile_dist does -- 32 registers a thread at 128 keys, the difference between
     128 x 128 ALiBi tiles spilling or not; smaller tiles keep the cheaper tile_dist. Exact
     below 2**24, like tile_dist.
     """
@@ -191,42 +115,42 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
         if EXPLICIT_POS:
-            kpos = tl.load(KPOS + offs_n.to(tl.int64) * stride_kpn, mask=n_mask, other=0).to(tl.int64)
+            kpos = load_positions(KPOS, 0, offs_n, n_mask, stride_kpn)
         else:
             kpos = k_start + offs_n
         cos, sin, c0, s0 = tile_rope(kpos, t * BLOCK_N, c_tab, s_tab, THETA, ROPE_TILES,
-                                     rope_factor, PE, EXPLICIT_POS, ROT_HALF, BLOCK_A)
+                                     rope_factor, 0.0, 0.0, ROT, EXPLICIT_POS, False, ROT_HALF,
+                                     BLOCK_A)
         if TMA:  # one dot group (no RoPE): see launch.tma_ready
-            ka = load_box(KD, b, hk, t * BLOCK_N, 0, BLOCK_N, BLOCK_A)
+            ka = load_box(KD, b, hk, k_row0 + t * BLOCK_N, 0, BLOCK_N, BLOCK_A)
             kb = ka
             kc = ka
-            v = load_box(VD, b, hk, t * BLOCK_N, 0, BLOCK_N, colV.shape[0])
+            v = load_box(VD, b, hk, k_row0 + t * BLOCK_N, 0, BLOCK_N, colV.shape[0])
         else:
             ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA,
-                                 colB, maskA, colC, maskC, PE, HAS_PASS, MASKED, not EXPLICIT_POS)
+                                 colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
             v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
-        qk = qk_dot(qa, qb, qc, ka, kb, kc, PE, HAS_PASS, PREC)
+        qk = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
         if FOLD_SCALE:  # in units of 1/scale: see the docstring
             s = qk
-            if PE != PE_NONE and PE != PE_ROPE:
+            if BIAS != BIAS_NONE:
                 if CENTER or BIAS_TABLE or EXPLICIT_POS or BLOCK_N < 128:
-                    f = tile_bias_centred(PE, BIAS_TABLE, CENTER, 0, BIAS_F, qpos, kpos,
+                    f = tile_bias_centred(BIAS, BIAS_TABLE, CENTER, 0, BIAS_F, qpos, kpos,
                                           k_start + t * BLOCK_N, EXPLICIT_POS, pb, dref, fref)
                 else:  # |q - k| from the invariant rows and this tile's columns (docstring)
-                    f = bias_shape(PE, tl.abs(q_rel[:, None]
-                                              - (kpos - q_base).to(tl.float32)[None, :]), pb)
+                    f = bias_shape(BIAS, tl.abs(q_rel[:, None]
+                                                - (kpos - q_base).to(tl.float32)[None, :]), pb)
                 # as tl.fma: left alone, the compiler emits FMUL + FADD
                 s = tl.fma(f, -pa_u, s)
         else:
-            s = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
-                            0.0, dref, fref, PE, CAUSAL, EXPLICIT_POS, BIAS_TABLE,
-                            K.dtype.element_ty == tl.float32, CENTER)
+            s, _ = tile_logits(qk, scale_log2, pa2, pb, qpos, kpos, k_start + t * BLOCK_N, BIAS_F,
+                               0.0, dref, fref, cap_in, cap_log2, BIAS, CAUSAL, EXPLICIT_POS,
+                               BIAS_TABLE, K.dtype.element_ty == tl.float32, CENTER, SOFTCAP)
         if MASKED:
-            visible = n_mask[None, :]
-            if CAUSAL:
-                visible = visible & (kpos[None, :] <= qpos[:, None])
-            s = tl.where(visible, s, float("-inf"))
+            vis = visible(n_mask[None, :], qpos[:, None], kpos[None, :], win_left, win_right,
+                          CAUSAL, WIN_L, WIN_R)
+            s = tl.where(vis, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1) * exp_scale)
         # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead so
@@ -245,16 +169,18 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
 # compiles in the middle of a generation as the cache grows
 @triton.jit(do_not_specialize=["tiles_per_split"])
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, QPOS, KPOS, THETA, ROPE_TILES, PA, PB, BIAS_F, DREF, KD, VD, O_PART,
-    LSE_PART,
+    Q, K, V, O, LSE, QPOS, KPOS, CU_Q, CU_K, THETA, ROPE_TILES, PARAMS, BIAS_F, DREF, KD, VD,
+    O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_qpb, stride_qpm, stride_kpb, stride_kpn,
-    Hq, GROUP, Sq, Sk, q_start, k_start, scale_log2, rope_factor, bias_len, tiles_per_split,
-    PE: tl.constexpr, CAUSAL: tl.constexpr, EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr,
-    CENTER: tl.constexpr,
+    Hq, GROUP, Sq, Sk, lse_len, q_start, k_start, scale_log2, rope_factor, bias_len,
+    tiles_per_split, win_left, win_right, cap_in, cap_log2,
+    ROT: tl.constexpr, BIAS: tl.constexpr, NP: tl.constexpr, CAUSAL: tl.constexpr,
+    WIN_L: tl.constexpr, WIN_R: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+    EXPLICIT_POS: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl.constexpr,
     INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -268,82 +194,110 @@ def attn_fwd_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
+    # geometry prologue: this sequence's rows, lengths and first positions
+    q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
+                                                            k_start, VARLEN)
+    tl.static_assert(not (TMA and VARLEN), "TMA descriptors address dense batches only")
+    if VARLEN:
+        if pid_m * BLOCK_M >= Sq:  # the grid covers the longest sequence
+            return
+    bt = 0 if VARLEN else b  # batch index into the tensors (varlen: one packed batch)
     b32 = b.to(tl.int32)  # TMA coordinates
     hk32 = hk.to(tl.int32)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
-    O += b * stride_ob + h * stride_oh
-    LSE += bh * Sq
-    QPOS += b * stride_qpb
-    KPOS += b * stride_kpb
+    Q += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
+    K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
+    V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
+    O += bt * stride_ob + h * stride_oh + q_row0 * stride_om
+    lse_row = (bt * Hq + h) * lse_len + q_row0  # LSE (B, Hq, Sq) or varlen (Hq, total_q)
+    LSE += lse_row
+    QPOS += bt * stride_qpb + q_row0 * stride_qpm
+    KPOS += bt * stride_kpb + k_row0 * stride_kpn
     BIAS_F += h * bias_len
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < Sq
-    colA, colB = qk_columns(PE, INTERLEAVED, ROT_HALF, BLOCK_A)
-    maskA = tl.arange(0, BLOCK_A) < (ROT_HALF if PE == PE_ROPE else D)
+    colA, colB = qk_columns(ROT, INTERLEAVED, ROT_HALF, BLOCK_A)
+    maskA = tl.arange(0, BLOCK_A) < (ROT_HALF if ROT == ROT_ROPE else D)
     colC = ROT_DIM + tl.arange(0, BLOCK_C)
     maskC = colC < D
     colV = tl.arange(0, BLOCK_DV)
     maskV = colV < DV
 
     if EXPLICIT_POS:
-        qpos = tl.load(QPOS + offs_m.to(tl.int64) * stride_qpm, mask=m_mask, other=0).to(tl.int64)
+        qpos = load_positions(QPOS, 0, offs_m, m_mask, stride_qpm)
     else:
         qpos = q_start + offs_m
 
-    # PE parameters, per head, with log2(e) folded in where the bias is linear in them.
-    pa2 = 0.0
-    pb = 0.0
-    if PE == PE_ALIBI:
-        pa2 = tl.load(PA + h).to(tl.float32) * LOG2E
-    elif PE == PE_KERPLE_LOG or PE == PE_KERPLE_POWER:
-        pa2 = tl.load(PA + h).to(tl.float32) * LOG2E
-        pb = tl.load(PB + h).to(tl.float32)
-    dref, fref = bias_row_ref(PE, CENTER, DREF, b * Sq + offs_m, m_mask, pb)
+    # bias parameters of this head, with log2(e) folded in where the bias is linear in them
+    pa, pb = bias_params(BIAS, PARAMS, h, NP)
+    pa2 = pa * LOG2E
+    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_len + q_row0 + offs_m, m_mask, pb)
 
     # RoPE: rotate the Q tile once; build the per-offset table for the key tiles.
     c_q = 0.0
     s_q = 0.0
     c_tab = 0.0
     s_tab = 0.0
-    if PE == PE_ROPE:
+    if ROT == ROT_ROPE:
         c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
     qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
-                         maskA, colC, maskC, PE, HAS_PASS, True, False)
+                         maskA, colC, maskC, ROT, HAS_PASS, True, False)
 
-    n_full, n_tiles = key_tiles(pid_m, Sk, q_start, k_start, CAUSAL, EXPLICIT_POS, BLOCK_M, BLOCK_N)
+    # Key tiles (geometry.tile_range): masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
+    # [f_hi, t_hi). Causal or windowed explicit positions: every tile masked, none skipped.
+    if EXPLICIT_POS and (CAUSAL or WIN_L or WIN_R):  # no order known: every tile masked
+        t_lo = 0
+        f_lo = 0
+        t_hi = tl.cdiv(Sk, BLOCK_N)
+        f_hi = tl.minimum(0, t_hi)  # a runtime 0: a constant one cost 50 registers (sm_90)
+    else:
+        lo_off, hi_off = key_band(q_start - k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R)
+        t_lo, f_lo, f_hi, t_hi = tile_range(pid_m * BLOCK_M, BLOCK_M, Sk, lo_off, hi_off, WIN_L,
+                                            CAUSAL or WIN_R, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    full_hi = n_full  # unmasked tiles [0, full_hi), then masked ones [masked_lo, masked_hi)
-    masked_lo = n_full
-    masked_hi = n_tiles
+    masked_lo = f_hi
+    masked_hi = t_hi
     if SPLIT:  # this program's run of key tiles only (may be empty), all through the masked
-        # loop: the unmasked one gets no trips (a constant: its body compiles away), so one
-        # loop body instead of two (registers), and a decode step is memory-bound anyway
-        full_hi = 0
-        masked_lo = tl.program_id(2) * tiles_per_split
-        masked_hi = tl.minimum(masked_lo + tiles_per_split, n_tiles)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
-                               THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                               Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                               0, full_hi,
-                               colA, colB, maskA, colC, maskC, colV, maskV,
-                               PE, False, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA, CENTER)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS,
-                               THETA, ROPE_TILES, BIAS_F, c_tab, s_tab,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-                               Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                               masked_lo, masked_hi,
-                               colA, colB, maskA, colC, maskC, colV, maskV,
-                               PE, True, CAUSAL, EXPLICIT_POS, HAS_PASS, ROT_HALF, BLOCK_A,
-                               BLOCK_N, PREC, BIAS_TABLE, FOLD_SCALE, TMA, CENTER)
+        # loop: no unmasked loop is compiled, one loop body instead of two (registers), and a
+        # decode step is memory-bound anyway
+        run0 = tl.program_id(2) * tiles_per_split
+        masked_lo = tl.maximum(run0, t_lo)
+        masked_hi = tl.minimum(run0 + tiles_per_split, t_hi)
+    else:
+        if WIN_L:  # the masked tiles before the band's unmasked ones
+            acc, l_i, m_i = _fwd_tiles(
+                acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
+                ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
+                stride_kpn, k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
+                cap_in, cap_log2, win_left, win_right, t_lo, f_lo,
+                colA, colB, maskA, colC, maskC, colV, maskV,
+                ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
+                SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
+                ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
+                BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA, ROPE_TILES,
+            BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+            k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in,
+            cap_log2, win_left, win_right, f_lo, f_hi,
+            colA, colB, maskA, colC, maskC, colV, maskV,
+            ROT=ROT, BIAS=BIAS, MASKED=False, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
+            SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
+            BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
+            FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA, ROPE_TILES,
+        BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+        k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in, cap_log2,
+        win_left, win_right, masked_lo, masked_hi, colA, colB, maskA, colC, maskC, colV, maskV,
+        ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
+        SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
+        BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
+        FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -104,7 +104,7 @@ TILES_ENV = "POSATTN_TILES"
 
 def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 arch: Optional[int], pe: str = "none", pe_grad: bool = False,
-                explicit: bool = False, tma: bool = False) -> TileConfig:
+                explicit: bool = False, tma: bool = False, geometry: bool = False) -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
     pe: the PE family in FAMILIES -- "none", "rope", "alibi" or "kerple" (log and power). RoPE
@@ -115,6 +115,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     registers), or any launch whose bias rows are centred (launch.roomy_tile).
     tma: the forward loads K / V through TMA (launch.tma_ready: sm_90+, no
     RoPE, 16-byte-aligned inputs), which frees the registers that held their addresses.
+    geometry: packed sequences, a window's left edge or a logit softcap (launch.geometry_tile):
+    extra work per tile or per score that the tightest tiles have no registers for.
     causal is accepted for tuning per mask; no shipped config depends on it yet.
     An active override (``override`` / ``POSATTN_TILES``) for (kernel, pe, head_dim, arch)
     wins for fp16 and bf16 inputs with contiguous positions and the forward's usual load path
@@ -140,14 +142,17 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
         return _d256(kernel, pe, arch in HOPPER_CLASS)
     big = head_dim > 64
     if arch in HOPPER_CLASS:
-        return _hopper(kernel, pe, big, pe_grad, explicit, tma)
-    return _ampere(kernel, pe, big, explicit)
+        return _hopper(kernel, pe, big, pe_grad, explicit, tma, geometry)
+    return _ampere(kernel, pe, big, explicit, geometry)
 
 
 def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
-            tma: bool) -> TileConfig:
+            tma: bool, geometry: bool = False) -> TileConfig:
     # See the module docstring: 128-row slabs over 8 warps (or 64 over 4), never 64 over 8.
     if kernel == "fwd":
+        if geometry:  # 128 keys spill (softcap RoPE D=64: 656 B, ALiBi D=128: 712 B; varlen
+            # RoPE D=64: 16 B); at D=128 RoPE and KERPLE take 32 (64: 24-40 B)
+            return TileConfig(128, 32 if big and pe in ("rope", "kerple") else 64, 8, 3)
         if pe == "kerple" and explicit and not big:  # centred rows' log1p/expm1: 128 keys spill
             return TileConfig(128, 64, 8, 2)
         if not big or (pe == "none" and not explicit) or (
@@ -157,6 +162,12 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
             return TileConfig(128, 32, 8, 3)
         return TileConfig(128, 64, 8, 3)
     if kernel == "bwd_dkdv":
+        if geometry:  # (launch.geometry_tile) the tiles below spill 8-64 B (varlen KERPLE
+            # D=64, RoPE D=128): D=128 16 query rows a tile, D=64 64 keys on 4 warps (64 S^T
+            # rows a warpgroup: no duplicated S)
+            if big:
+                return TileConfig(16, 128, 8, 2, split=pe == "rope")
+            return TileConfig(32, 64, 4, 2)
         if pe == "rope":
             return TileConfig(32, 128, 8, 2, split=True) if big else TileConfig(32, 128, 8, 2)
         return TileConfig(32, 128, 8, 2) if big else TileConfig(64, 128, 8, 2)
@@ -164,12 +175,16 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
     # trainable KERPLE's gradient terms need 4 warps on 64 x 16 (128 x 32 spills on 3.9)
     if pe == "kerple" and pe_grad:
         return TileConfig(64, 16, 4, 2) if big else TileConfig(128, 32, 8, 2)
+    if geometry:  # softcap's tanh and 1 - tanh^2 per score: RoPE D=64 128 x 64 spills 56 B;
+        # RoPE D=128 (varlen, softcap) 128 x 32 8-16 B
+        return TileConfig(128, 16 if big and pe == "rope" else 32, 8, 2)
     if big and (pe in ("rope", "kerple") or (pe == "alibi" and pe_grad)):
         return TileConfig(128, 32, 8, 2)
     return TileConfig(128, 64, 8, 2)
 
 
-def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False) -> TileConfig:
+def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False,
+            geometry: bool = False) -> TileConfig:
     # mma.sync keeps both operands in registers, and triton 3.6 allocates a few more than 3.9.
     # Backward: 8 warps on a 64-row S side compute S twice here too (mma% 50-67), so the
     # backward tiles put 32 query rows per warp pair: 128 keys on 8 warps or 64 on 4.

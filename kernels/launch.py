@@ -3,6 +3,7 @@
 All tensors are (B, H, S, D) *views* with arbitrary strides (bhsd and bshd storage both work);
 the last dim should have stride 1 for speed (the caller makes sure).
 """
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -15,52 +16,126 @@ from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_combine_kernel, attn_fwd_kernel
 from .configs import HOPPER_CLASS, tile_config
-from .pe_helpers import TILE_STEP, bias_ref_kernel, bias_table_kernel, rope_tile_table_kernel
+from . import bias as bias_axis
+from . import rotary as rotary_axis
+from .bias import bias_ref_kernel, bias_table_kernel
+from .rotary import TILE_STEP, rope_tile_table_kernel
 
-# PE kinds, the values of the kernels' PE constexpr (see pe_helpers.py)
-PE_NONE, PE_ROPE, PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER = 0, 1, 2, 3, 4
+# The kernels' ROT and BIAS constexpr values by name: numbered once, beside their hooks
+# (rotary.KINDS, bias.KINDS); posattn.pe's spec classes name their axes with these keys.
+ROT_CODES = {name: code.value for name, code in rotary_axis.KINDS.items()}
+BIAS_CODES = {name: code.value for name, code in bias_axis.KINDS.items()}
 
 
 @dataclass
 class KernelPE:
-    """What the kernels need of a PE.
+    """What the kernels need of a PE: one record per call, built from a spec (posattn.pe).
 
-    kind: PE_* value. RoPE: theta (rot_dim // 2,) float64 inv_freq on the device, factor (the
-    attention factor, multiplies cos and sin), rot_dim, interleaved. Bias PEs: pa (Hq,) =
-    slope or r1, pb (Hq,) = r2 (KERPLE), any float dtype.
+    rot: rotary axis ("none" | "rope"); theta (rot_dim // 2,) float64 inv_freq on the device,
+    factor (the attention factor, multiplies cos and sin), rot_dim, interleaved.
+    bias: bias axis ("none" | "alibi" | "kerple_log" | "kerple_power"); params (Hq, P), any
+    float dtype: the one parameter channel (ALiBi: the slope; KERPLE: r1, r2).
+    family: the tile-config family (configs.FAMILIES).
     """
 
-    kind: int = PE_NONE
+    rot: str = "none"
     theta: Optional[torch.Tensor] = None
     factor: float = 1.0
     rot_dim: int = 0
     interleaved: bool = False
-    pa: Optional[torch.Tensor] = None
-    pb: Optional[torch.Tensor] = None
+    bias: str = "none"
+    params: Optional[torch.Tensor] = None
+    family: str = "none"
 
     def __post_init__(self):
-        # The kernels read element h of a per-head vector at ``PA + h`` (no stride argument):
-        # a strided, offset or expanded view (BLOOM's slopes are ``alibi[:, 0, 1]``, stride 2)
-        # must never reach them as is. .contiguous() is a no-op on a dense vector and goes
+        if self.rot not in ROT_CODES:
+            raise ValueError(f"unknown rotary kind {self.rot!r}; known: {sorted(ROT_CODES)}")
+        if self.bias not in BIAS_CODES:
+            raise ValueError(f"unknown bias kind {self.bias!r}; known: {sorted(BIAS_CODES)}")
+        # The kernels read head h's parameters at ``PARAMS + h * P`` (no stride argument): a
+        # strided, offset or expanded view (BLOOM's slopes are ``alibi[:, 0, 1]``, stride 2)
+        # must never reach them as is. .contiguous() is a no-op on a dense tensor and goes
         # through autograd otherwise, so the gradient flows back into the caller's view.
-        for name in ("theta", "pa", "pb"):
+        for name in ("theta", "params"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.contiguous())
 
+    @property
+    def rope(self) -> bool:
+        return self.rot == "rope"
+
+    @property
+    def n_params(self) -> int:
+        return 0 if self.params is None else self.params.shape[1]
+
+    def codes(self) -> dict:
+        """The PE constexprs of every attention kernel: ROT, BIAS, NP."""
+        return dict(ROT=ROT_CODES[self.rot], BIAS=BIAS_CODES[self.bias], NP=max(self.n_params, 1))
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Visibility and logit options of a launch: causal, a window side (int >= 0) or None
+    (unbounded), and the logit softcap c (0.0: off). See geometry.visible."""
+
+    causal: bool = False
+    left: Optional[int] = None
+    right: Optional[int] = None
+    softcap: float = 0.0
+
+    def args(self, explicit: bool) -> dict:
+        """Kernel arguments: window sides clamped to what the position arithmetic holds (a
+        larger side is unbounded anyway: contiguous |position| < 2**30), cap factors."""
+        limit = 2 ** 62 if explicit else 2 ** 31 - 1
+        c = self.softcap
+        return dict(win_left=min(self.left or 0, limit), win_right=min(self.right or 0, limit),
+                    WIN_L=self.left is not None, WIN_R=self.right is not None,
+                    SOFTCAP=c > 0, CAUSAL=self.causal)
+
+    def cap_args(self, scale: float) -> dict:
+        c = self.softcap
+        return dict(cap_in=scale / c if c > 0 else 0.0, cap_log2=c * 1.4426950408889634)
+
 
 @dataclass
 class KernelPositions:
-    """Contiguous (q_start, k_start) or explicit int32 tensors qpos (B|1, Sq), kpos (B|1, Sk)."""
+    """Which tokens form a sequence, and their positions.
+
+    Dense: contiguous (q_start, k_start) or explicit integer tensors qpos (B|1, Sq), kpos
+    (B|1, Sk). Varlen (packed sequences): cu_q, cu_k (B + 1,) int32 sequence offsets on the
+    device, their lengths lens_q / lens_k on the host (the API validated them), max_q / max_k;
+    positions restart per sequence (geometry.seq_geometry), or explicit (1, total) tensors.
+    """
 
     q_start: int = 0
     k_start: int = 0
     qpos: Optional[torch.Tensor] = None
     kpos: Optional[torch.Tensor] = None
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    lens_q: tuple = ()
+    lens_k: tuple = ()
 
     @property
     def explicit(self) -> bool:
         return self.qpos is not None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+    @property
+    def max_q(self) -> int:
+        return max(self.lens_q, default=0)
+
+    @property
+    def max_k(self) -> int:
+        return max(self.lens_k, default=0)
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.lens_q)
 
 
 def _pow2(n: int) -> int:
@@ -68,15 +143,62 @@ def _pow2(n: int) -> int:
 
 
 def _arch(t: torch.Tensor) -> Optional[int]:
-    """Compute capability of t's GPU (sm_90 -> 90), or None on CPU (the interpreter)."""
+    """Compute capability of t's GPU (sm_90 -> 90), or None on CPU (the interpreter); under
+    ``capture``, the arch it was given."""
+    if _capture is not None:
+        return _capture.arch
     return cuda_arch(t.device) if t.device.type == "cuda" else None
+
+
+@dataclass
+class Launch:
+    """One kernel launch as ``capture`` records it: the @triton.jit function, its grid and
+    arguments (the attention kernels are launched by keyword), and the compile options."""
+
+    fn: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class _Capture:
+    arch: Optional[int]
+    launches: list
+
+
+_capture: Optional[_Capture] = None
+
+
+@contextlib.contextmanager
+def capture(arch: Optional[int]):
+    """Within the block, the launchers record every kernel launch (``Launch``) in the yielded
+    list instead of running it, and plan their tiles for ``arch``. Call them with tensors on
+    the ``meta`` device: nothing is computed, nothing is allocated. bench.compile_report
+    compiles exactly what a launch passes -- its pointer dtypes, constexprs, descriptors --
+    so the static report cannot drift from the launchers."""
+    global _capture
+    saved = _capture
+    _capture = _Capture(arch, [])
+    try:
+        yield _capture.launches
+    finally:
+        _capture = saved
+
+
+def _run(fn, grid, *args, **kwargs):
+    """Launch ``fn`` on ``grid`` (or record it under ``capture``)."""
+    if _capture is not None:
+        _capture.launches.append(Launch(fn, tuple(grid), args, kwargs))
+        return
+    fn[grid](*args, **kwargs)
 
 
 def _layout_meta(pe: KernelPE, D: int, DV: int):
     """Head-dim constexprs: dot groups A (+B, +C pass-through for RoPE) and the V width.
 
     Returns (meta dict of constexprs, padded width that drives register use)."""
-    if pe.kind == PE_ROPE:
+    if pe.rope:
         half = pe.rot_dim // 2
         rest = D - pe.rot_dim
         meta = dict(ROT_HALF=half, ROT_DIM=pe.rot_dim, BLOCK_A=_pow2(half),
@@ -114,7 +236,7 @@ def tma_enabled(arch: Optional[int]) -> bool:
 
 def tma_applies(pe: KernelPE) -> bool:
     """Whether the PE lets the forward load K through TMA: K is one dot group (no RoPE)."""
-    return pe.kind != PE_ROPE
+    return not pe.rope
 
 
 def _tma_strides(t: torch.Tensor) -> Optional[list]:
@@ -144,7 +266,8 @@ def _tma_descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols])
 
 
-def tma_planned(arch: Optional[int], pe: KernelPE, dtype: torch.dtype, explicit: bool) -> bool:
+def tma_planned(arch: Optional[int], pe: KernelPE, dtype: torch.dtype, explicit: bool,
+                varlen: bool = False) -> bool:
     """Whether the forward takes TMA key tiles for 16-byte-aligned inputs (tma_ready adds the
     alignment check; bench.compile_report and bench.tune, which assume aligned inputs, ask
     this). 16-bit inputs only: fp32 runs its IEEE dots on the FMA units with both operands in
@@ -152,16 +275,16 @@ def tma_planned(arch: Optional[int], pe: KernelPE, dtype: torch.dtype, explicit:
     (sm_90, D=64). Contiguous positions only: with explicit ones triton 3.6's ptxas crashes
     (SIGSEGV) on the causal no-PE forward (sm_90, D=64 and 128), and the bias PEs' tiles are
     no larger with TMA there."""
-    return (tma_enabled(arch) and tma_applies(pe) and not explicit
+    return (tma_enabled(arch) and tma_applies(pe) and not explicit and not varlen
             and dtype != torch.float32)
 
 
 def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tensor,
-              explicit: bool) -> bool:
+              pos: "KernelPositions") -> bool:
     """Whether the forward will load K and V through TMA (decided before its tile: with TMA
     the ALiBi and KERPLE tiles can be larger, configs.tile_config): tma_planned, and both
     tensors addressable by a descriptor."""
-    return (tma_planned(arch, pe, k.dtype, explicit)
+    return (tma_planned(arch, pe, k.dtype, pos.explicit, pos.varlen)
             and _tma_strides(k) is not None and _tma_strides(v) is not None)
 
 
@@ -186,26 +309,27 @@ def _pos_args(pos: KernelPositions, dummy: torch.Tensor):
 def _rope_tiles(pe: KernelPE, pos: KernelPositions, start: int, S: int, meta: dict,
                 dummy: torch.Tensor) -> torch.Tensor:
     """Tile-start cos/sin table (cdiv(S, TILE_STEP), 2, BLOCK_A) float32 for RoPE with
-    contiguous positions starting at ``start`` (see pe_helpers.rope_tile_table_kernel);
-    ``dummy`` (never read) otherwise."""
-    if pe.kind != PE_ROPE or pos.explicit or S == 0:
+    contiguous positions starting at ``start`` (varlen: 0, and S the longest sequence; see
+    rotary.rope_tile_table_kernel); ``dummy`` (never read) otherwise."""
+    if not pe.rope or pos.explicit or S == 0:
         return dummy
     step = TILE_STEP.value
     n_rows = triton.cdiv(S, step)
     out = torch.empty((n_rows, 2, meta["BLOCK_A"]), device=dummy.device, dtype=torch.float32)
     block_r = 32 if meta["BLOCK_A"] <= 64 else 16
-    rope_tile_table_kernel[(triton.cdiv(n_rows, block_r),)](
+    _run(rope_tile_table_kernel, (triton.cdiv(n_rows, block_r),),
         out, pe.theta, start, float(pe.factor), n_rows,
         ROT_HALF=meta["ROT_HALF"], BLOCK_A=meta["BLOCK_A"], BLOCK_R=block_r)
     return out
 
 
-# KERPLE per-distance tables (pe_helpers.bias_table_kernel): used with contiguous positions when
+# KERPLE per-distance tables (bias.bias_table_kernel): used with contiguous positions when
 # both sequences span at least one full tile (below that, evaluating f in the tile costs no more
 # than filling the table: decode reads each distance once) and the tables stay small.
 BIAS_TABLE_MIN_LEN = 128
 BIAS_TABLE_MAX_BYTES = 256 << 20
 _TABLE_PAD = 256  # > any tile size: padded rows / columns of edge tiles stay inside the table
+TABLE_BIASES = ("kerple_log", "kerple_power")  # biases with a per-distance table
 
 
 @dataclass
@@ -223,99 +347,138 @@ class BiasTables:
 
 def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: bool,
                  dummy: torch.Tensor, centred: bool = False) -> BiasTables:
+    """Sq, Sk: the (longest) sequences' lengths."""
     unused = BiasTables(dummy, dummy, 0)
-    # centred rows compute f - f_ref in the tile (pe_helpers, "Centring"): no table
-    if pe.kind not in (PE_KERPLE_LOG, PE_KERPLE_POWER) or pos.explicit or centred:
+    # centred rows compute f - f_ref in the tile (bias.py, "Centring"): no table
+    if pe.bias not in TABLE_BIASES or pos.explicit or centred:
         return unused
     if min(Sq, Sk) < BIAS_TABLE_MIN_LEN:
         return unused
-    off = pos.q_start - pos.k_start  # tile distances span [off - Sk - pad, off + Sq + pad]
-    length = max(abs(off + Sq + _TABLE_PAD), abs(off - Sk - _TABLE_PAD)) + 1
-    Hq = pe.pb.numel()
+    if pos.varlen:  # per sequence q_start - k_start = len_k - len_q, in [-Sq, Sk]
+        length = Sq + Sk + _TABLE_PAD + 1
+    else:  # tile distances span [off - Sk - pad, off + Sq + pad]
+        off = pos.q_start - pos.k_start
+        length = max(abs(off + Sq + _TABLE_PAD), abs(off - Sk - _TABLE_PAD)) + 1
+    Hq = pe.params.shape[0]
     if length >= 2 ** 24 or (2 if need_g else 1) * Hq * length * 4 > BIAS_TABLE_MAX_BYTES:
         return unused
     f = torch.empty((Hq, length), device=dummy.device, dtype=torch.float32)
     g = torch.empty_like(f) if need_g else dummy
     block = 1024
-    bias_table_kernel[(triton.cdiv(length, block), Hq)](f, g, pe.pb, length, PE=pe.kind,
+    _run(bias_table_kernel, (triton.cdiv(length, block), Hq), f, g, pe.params, length,
+                                                         BIAS=BIAS_CODES[pe.bias], NP=pe.n_params,
                                                          NEED_G=need_g, BLOCK=block)
     return BiasTables(f, g, length)
 
 
-# Row centring of the bias PEs (pe_helpers, "Centring": why, and the error analysis).
-BIAS_KINDS = (PE_ALIBI, PE_KERPLE_LOG, PE_KERPLE_POWER)
+# Row centring of the bias PEs (bias.py, "Centring": why, and the error analysis).
 
 
-def bias_refs(pe: KernelPE, pos: KernelPositions, causal: bool, Sq: int, Sk: int,
+def _varlen_positions(pos: KernelPositions, device):
+    """Default varlen positions as explicit (1, total) int64 tensors: queries end-aligned to
+    their sequence's keys, keys 0..len_k - 1."""
+    def make(lens, shift):
+        idx = [torch.arange(n, dtype=torch.int64) + s for n, s in zip(lens, shift)]
+        return (torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)).to(device)[None]
+    return (make(pos.lens_q, [lk - lq for lq, lk in zip(pos.lens_q, pos.lens_k)]),
+            make(pos.lens_k, [0] * len(pos.lens_k)))
+
+
+def bias_refs(pe: KernelPE, pos: KernelPositions, mask: Mask, Sq: int, Sk: int,
               device) -> Optional[torch.Tensor]:
-    """DREF (Bp, Sq) float32, each query's distance to its nearest visible key, when some row
-    of a bias PE must be centred; None when none must (no bias PE, or contiguous positions
-    where every query lies inside the key range: d_ref = 0, f_ref = 0, the kernels unchanged).
-    Explicit positions: one small kernel (pe_helpers.bias_ref_kernel), Bp = the positions'
-    batch. Contiguous: d_ref = distance from the query to [k_start, k_last], (1, Sq)."""
-    if pe.kind not in BIAS_KINDS or Sq == 0 or Sk == 0:
+    """DREF float32, each query's distance to its nearest visible key -- dense (Bp, Sq),
+    varlen (1, total_q) -- when some row of a bias PE must be centred; None when none must
+    (no bias PE, or contiguous positions where every query lies inside its key range:
+    d_ref = 0, f_ref = 0, the kernels unchanged). Explicit positions (and varlen rows before
+    their keys): one small kernel (bias.bias_ref_kernel), Bp = the positions' batch.
+    Contiguous: d_ref = distance from the query to [k_start, k_last], (1, Sq). A window
+    needs no more: a query inside its key range sees the key at its own position, and one
+    past the keys sees the nearest key or none at all (then its row is empty)."""
+    if pe.bias == "none" or Sq == 0 or Sk == 0:
         return None
-    if pos.explicit:
+    if pos.varlen:
+        qp, kp = pos.qpos, pos.kpos
+        if qp is None:  # centre only where a non-causal query precedes its keys
+            if mask.causal or all(lq <= lk for lq, lk in zip(pos.lens_q, pos.lens_k)):
+                return None
+            qp, kp = _varlen_positions(pos, device)
+        dref = torch.empty((1, qp.shape[1]), device=device, dtype=torch.float32)
+        grid_m, bp, dref_len = pos.max_q, pos.n_seqs, qp.shape[1]
+    elif pos.explicit:
         qp, kp = pos.qpos, pos.kpos
         bp = max(qp.shape[0], kp.shape[0])
         dref = torch.empty((bp, Sq), device=device, dtype=torch.float32)
-        _, _, strides = _pos_args(pos, dref)
-        block_m, block_n = (64, 128) if device.type == "cuda" else (32, 64)
-        bias_ref_kernel[(triton.cdiv(Sq, block_m), bp)](
-            qp, kp, dref, *strides, Sq, Sk, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n)
-        return dref
-    k_last = pos.k_start + Sk - 1
-    right = pos.q_start + Sq - 1 > k_last  # queries past the last key
-    left = not causal and pos.q_start < pos.k_start  # (causal: such a query sees no key)
-    if not (right or left):
+        grid_m, dref_len = Sq, Sq
+    else:
+        k_last = pos.k_start + Sk - 1
+        right = pos.q_start + Sq - 1 > k_last  # queries past the last key
+        left = not mask.causal and pos.q_start < pos.k_start  # (causal: such a query sees no key)
+        if not (right or left):
+            return None
+        q = pos.q_start + torch.arange(Sq, device=device, dtype=torch.int64)
+        d = (pos.k_start - q).clamp_min(0) + (q - k_last).clamp_min(0)
+        if mask.causal:
+            d = torch.where(q < pos.k_start, 0, d)
+        return d.to(torch.float32)[None]
+    if grid_m == 0:
         return None
-    q = pos.q_start + torch.arange(Sq, device=device, dtype=torch.int64)
-    d = (pos.k_start - q).clamp_min(0) + (q - k_last).clamp_min(0)
-    if causal:
-        d = torch.where(q < pos.k_start, 0, d)
-    return d.to(torch.float32)[None]
+    qs = (qp.stride(0) if qp.shape[0] > 1 else 0, qp.stride(1))
+    ks = (kp.stride(0) if kp.shape[0] > 1 else 0, kp.stride(1))
+    block_m, block_n = (64, 128) if device.type == "cuda" else (32, 64)
+    margs = mask.args(True)
+    _run(bias_ref_kernel, (triton.cdiv(grid_m, block_m), bp),
+        qp, kp, dref, pos.cu_q, pos.cu_k, *qs, *ks, Sq, Sk, dref_len,
+        margs["win_left"], margs["win_right"], CAUSAL=mask.causal, WIN_L=margs["WIN_L"],
+        WIN_R=margs["WIN_R"], VARLEN=pos.varlen, BLOCK_M=block_m, BLOCK_N=block_n)
+    return dref
 
 
 def roomy_tile(pos: KernelPositions, center: bool) -> bool:
     """Whether a launch takes the explicit-position tiles (configs.tile_config's
-    ``explicit``): explicit positions, or centred rows (pe_helpers, "Centring"), whose distance
+    ``explicit``): explicit positions, or centred rows (bias.py, "Centring"), whose distance
     tile and closed forms made the 128 x 128 tiles spill on sm_90 (ALiBi D=128: 32 B on triton
     3.9; KERPLE power D=64: ~800 B)."""
     return pos.explicit or center
 
 
-def _dref_args(dref: Optional[torch.Tensor], B: int):
-    """(DREF, CENTER) kernel arguments: DREF (B, Sq) contiguous, or None without centring --
-    a constexpr None drops the argument, so the kernels without CENTER compile exactly as
-    before it existed (two more arguments alone tipped the sm_90 D=128 ALiBi dQ tile, at
-    255 registers, into an 8 B spill on triton 3.6)."""
+def geometry_tile(pos: KernelPositions, mask: Mask) -> bool:
+    """Whether a launch takes the geometry tiles (configs.tile_config's ``geometry``):
+    packed sequences (bounds and row offsets), a window's left edge (a third, masked loop) or
+    a softcap (tanh per score; the backward keeps 1 - tanh^2) -- extra work the tight tiles
+    (sm_90 D=128: 255 registers without it) have no registers for."""
+    return pos.varlen or mask.left is not None or mask.softcap > 0
+
+
+def _dref_args(dref: Optional[torch.Tensor], B: int, varlen: bool = False):
+    """(DREF, CENTER) kernel arguments: DREF (B, Sq) (varlen (1, total_q)) contiguous, or None
+    without centring -- a constexpr None drops the argument, so the kernels without CENTER
+    compile exactly as before it existed (two more arguments alone tipped the sm_90 D=128
+    ALiBi dQ tile, at 255 registers, into an 8 B spill on triton 3.6)."""
     if dref is None:
         return None, False
+    if varlen:
+        return dref.contiguous(), True
     return dref.expand(B, dref.shape[1]).contiguous(), True
 
 
 def caller_lse(row_lse: torch.Tensor, pe: KernelPE, dref: Optional[torch.Tensor]) -> torch.Tensor:
-    """The log-sum-exp of the true logits, (B, Hq, Sq) float32, from the kernels' centred one:
-    LSE = LSE_centred - a f(d_ref) (the bias at the nearest visible key), formed in float64 and
-    rounded once (the fp32 exp2(r2 log2 d) of the kernels is ~20 ulps off at d ~ 1e3, which
-    the LSE, of that magnitude, would show). Only the caller sees it (the backward keeps
-    row_lse). -inf (a query that sees no key) and NaN pass through."""
+    """The log-sum-exp of the true logits from the kernels' centred one: LSE = LSE_centred -
+    a f(d_ref) (the bias at the nearest visible key), formed in float64 and rounded once (the
+    fp32 exp2(r2 log2 d) of the kernels is ~20 ulps off at d ~ 1e3, which the LSE, of that
+    magnitude, would show). row_lse (B, Hq, Sq) with dref (Bp, Sq), or varlen (1, Hq, total)
+    with (1, total). Only the caller sees it (the backward keeps row_lse). -inf (a query that
+    sees no key) and NaN pass through."""
     if dref is None:
         return row_lse
     d = dref.double()[:, None, :]  # (Bp, 1, Sq)
-    a = pe.pa.double()[:, None]  # (Hq, 1)
-    if pe.kind == PE_ALIBI:
+    a = pe.params[:, 0].double()[:, None]  # (Hq, 1)
+    if pe.bias == "alibi":
         f = d
     else:
-        b = pe.pb.double()[:, None]
-        # KERPLE power is centred at max(d_ref, 1) (pe_helpers.bias_row_ref)
-        f = torch.log1p(b * d) if pe.kind == PE_KERPLE_LOG else torch.pow(d.clamp_min(1.0), b)
+        b = pe.params[:, 1].double()[:, None]
+        # KERPLE power is centred at max(d_ref, 1) (bias.bias_row_ref)
+        f = torch.log1p(b * d) if pe.bias == "kerple_log" else torch.pow(d.clamp_min(1.0), b)
     return (row_lse.double() - a * f).float()
-
-
-def _family(pe: KernelPE) -> str:
-    """The tile-config family (configs.FAMILIES)."""
-    return {PE_NONE: "none", PE_ROPE: "rope", PE_ALIBI: "alibi"}.get(pe.kind, "kerple")
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -334,22 +497,49 @@ def new_output(q: torch.Tensor, DV: int) -> torch.Tensor:
     return q.new_empty((B, Hq, Sq, DV))
 
 
-def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
-    """Forward. Returns out (B, Hq, Sq, DV) in q's dtype, lse (B, Hq, Sq) float32 (the
-    caller's) and row_lse, what attn_bwd takes: the LSE of the centred rows of a bias PE
-    (bias_refs), the same tensor as lse when no row is centred."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
+def _geometry(q, k, pos: KernelPositions):
+    """(programs' batch B, Sq, Sk: the (longest) sequence lengths, lse_len: the LSE's row
+    length) of (B, H, S, D) views; varlen views are (1, H, total, D)."""
+    if pos.varlen:
+        return pos.n_seqs, pos.max_q, pos.max_k, q.shape[2]
+    return q.shape[0], q.shape[2], k.shape[2], q.shape[2]
+
+
+def _common_args(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, dummy):
+    """Keyword arguments every attention kernel takes the same way."""
+    qp, kp, pstrides = _pos_args(pos, dummy)
+    margs = mask.args(pos.explicit)
+    return dict(QPOS=qp, KPOS=kp, CU_Q=pos.cu_q, CU_K=pos.cu_k,
+                THETA=pe.theta if pe.theta is not None else dummy,
+                PARAMS=pe.params if pe.params is not None else dummy,
+                stride_qpb=pstrides[0], stride_qpm=pstrides[1], stride_kpb=pstrides[2],
+                stride_kpn=pstrides[3], q_start=pos.q_start, k_start=pos.k_start,
+                rope_factor=float(pe.factor), **margs, **mask.cap_args(scale), **pe.codes(),
+                VARLEN=pos.varlen, EXPLICIT_POS=pos.explicit)
+
+
+def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
+    return {f"stride_{prefix}{d}": st for d, st in zip(dims, t.stride())}
+
+
+def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float):
+    """Forward on (B, H, S, D) views (varlen: (1, H, total, D)). Returns out (B, Hq, Sq, DV) in
+    q's dtype, lse (B, Hq, Sq) float32 (the caller's) and row_lse, what attn_bwd takes: the LSE
+    of the centred rows of a bias PE (bias_refs), the same tensor as lse when no row is
+    centred."""
+    Bt, Hq, S_rows, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[3]
+    B, Sq, Sk, lse_len = _geometry(q, k, pos)
     out = new_output(q, DV)
-    lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((Bt, Hq, S_rows), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
-    tma = tma_ready(_arch(q), pe, k, v, pos.explicit)
-    dref = bias_refs(pe, pos, causal, Sq, Sk, q.device)
-    DREF, center = _dref_args(dref, B)
-    cfg = tile_config("fwd", width, causal, q.dtype, _arch(q), _family(pe),
-                      explicit=roomy_tile(pos, center), tma=tma)
-    qp, kp, pstrides = _pos_args(pos, q)
-    k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, lse)
+    tma = tma_ready(_arch(q), pe, k, v, pos)
+    dref = bias_refs(pe, pos, mask, Sq, Sk, q.device)
+    DREF, center = _dref_args(dref, B, pos.varlen)
+    cfg = tile_config("fwd", width, mask.causal, q.dtype, _arch(q), pe.family,
+                      explicit=roomy_tile(pos, center), tma=tma,
+                      geometry=geometry_tile(pos, mask))
+    k_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse, center)
     n_qblocks, n_ktiles = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
     splits, per_split = split_runs(q, pe, pos, n_qblocks * B * Hq, n_ktiles)
@@ -359,20 +549,21 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, causal: bool, scale: f
     else:
         o_part = lse_part = lse  # never touched
     kd, vd = tma_descriptors(tma, meta, k, v, cfg.BLOCK_N)
-    attn_fwd_kernel[(n_qblocks, B * Hq, splits)](
-        q, k, v, out, lse, qp, kp,
-        pe.theta if pe.theta is not None else q, k_tiles, pe.pa if pe.pa is not None else q,
-        pe.pb if pe.pb is not None else q, bt.f, DREF, kd, vd, o_part, lse_part,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstrides,
-        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale * 1.4426950408889634,
-        float(pe.factor), bt.length, per_split,
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
-        CENTER=center, **meta, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
-        FOLD_SCALE=fold_scale(scale), TMA=tma, SPLIT=splits > 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if n_qblocks > 0 and B * Hq > 0:
+        _run(attn_fwd_kernel, (n_qblocks, B * Hq, splits),
+            Q=q, K=k, V=v, O=out, LSE=lse, ROPE_TILES=k_tiles, BIAS_F=bt.f, DREF=DREF, KD=kd,
+            VD=vd, O_PART=o_part, LSE_PART=lse_part,
+            **_strides("q", q, "bhmd"), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"),
+            **_strides("o", out, "bhmd"),
+            Hq=Hq, GROUP=Hq // Hkv, Sq=Sq, Sk=Sk, lse_len=lse_len,
+            scale_log2=scale * 1.4426950408889634, bias_len=bt.length, tiles_per_split=per_split,
+            **_common_args(pe, pos, mask, scale, q),
+            BIAS_TABLE=bt.used, CENTER=center, **meta, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            PREC=_prec(q.dtype), FOLD_SCALE=fold_scale(scale) and mask.softcap == 0, TMA=tma,
+            SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if splits > 1:
-        attn_combine_kernel[(triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq)](
+        _run(attn_combine_kernel, (triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq),
             o_part, lse_part, out, lse, *out.stride(), Hq, Sq, splits, DV=DV,
             BLOCK_M=COMBINE_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"], num_warps=4)
     return out, caller_lse(lse, pe, dref), lse
@@ -396,11 +587,15 @@ def _sm_count(index: Optional[int]) -> int:
 
 
 def split_allowed(pe: KernelPE, pos: KernelPositions) -> bool:
-    """Every forward may split except RoPE and KERPLE power with explicit positions: their
-    split variants (per-element cos/sin, or the centred rows' expm1/log1p, all tiles masked,
-    fp32 partial stores) spill at D=128 on triton 3.6 (RoPE 8 B on sm_90 and sm_80, KERPLE
-    power 16 B on sm_90); they run unsplit, as before split-K existed."""
-    return not (pos.explicit and pe.kind in (PE_ROPE, PE_KERPLE_POWER))
+    """Every dense forward may split except RoPE and KERPLE power with explicit positions:
+    their split variants (per-element cos/sin, or the centred rows' expm1/log1p, all tiles
+    masked, fp32 partial stores) spill at D=128 on triton 3.6 (RoPE 8 B on sm_90 and sm_80,
+    KERPLE power 16 B on sm_90); they run unsplit, as before split-K existed. Packed
+    sequences (varlen) run unsplit: their partials would need per-sequence layouts, and
+    packed batches are training / prefill shapes, which fill the GPU without a split."""
+    if pos.varlen:
+        return False
+    return not (pos.explicit and (pe.rope or pe.bias == "kerple_power"))
 
 
 def splits_for(sms: int, n_programs: int, n_ktiles: int) -> int:
@@ -441,66 +636,72 @@ def fold_scale(scale: float) -> bool:
     return scale >= 2.0 ** -60
 
 
-def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, causal: bool,
+def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Mask,
              scale: float, need_pe_grad: bool):
     """Backward from the forward's row_lse (``lse``; see attn_fwd). Returns dq, dk, dv and,
-    when need_pe_grad, the PE-parameter gradients
-    (pa_grad, pb_grad) each (Hq,) float32 (summed deterministically over per-program partials)."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, DV = k.shape[1], k.shape[2], v.shape[3]
+    when need_pe_grad, the gradient of pe.params, (Hq, P) float32 (summed deterministically
+    over per-program partials), else None."""
+    Bt, Hq, S_rows, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[3]
+    B, Sq, Sk, lse_len = _geometry(q, k, pos)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     meta, width = _layout_meta(pe, D, DV)
     arch = _arch(q)
-    qp, kp, pstrides = _pos_args(pos, q)
-    theta = pe.theta if pe.theta is not None else q
-    pa = pe.pa if pe.pa is not None else q
-    pb = pe.pb if pe.pb is not None else q
 
-    delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    delta = torch.empty((Bt, Hq, S_rows), device=q.device, dtype=torch.float32)
     nlse2 = torch.empty_like(delta)  # -LSE * log2(e), -inf for a query that saw no key
     pre_m = 64 if arch is not None else 32
-    attn_bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), B * Hq)](
-        out, do, lse, delta, nlse2, *out.stride(), *do.stride(), Hq, Sq,
-        DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
+    if Bt * Hq * S_rows > 0:  # token-wise: a packed batch is one long sequence here
+        _run(attn_bwd_preprocess_kernel, (triton.cdiv(S_rows, pre_m), Bt * Hq),
+            out, do, lse, delta, nlse2, *out.stride(), *do.stride(), Hq, S_rows,
+            DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
-    DREF, center = _dref_args(bias_refs(pe, pos, causal, Sq, Sk, q.device), B)
+    DREF, center = _dref_args(bias_refs(pe, pos, mask, Sq, Sk, q.device), B, pos.varlen)
     roomy = roomy_tile(pos, center)
-    cfg = tile_config("bwd_dkdv", width, causal, q.dtype, arch, _family(pe), explicit=roomy)
-    q_tiles = _rope_tiles(pe, pos, pos.q_start, Sq, meta, delta)
+    geo = geometry_tile(pos, mask)
+    common = _common_args(pe, pos, mask, scale, q)
+    cfg = tile_config("bwd_dkdv", width, mask.causal, q.dtype, arch, pe.family, explicit=roomy,
+                      geometry=geo)
+    q_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta, center)
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
     for do_dk, do_dv in ((False, True), (True, False)) if cfg.split else ((True, True),):
-        attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
-            q, k, v, do, nlse2, delta, dk, dv, qp, kp, theta, q_tiles, pa, pb, bt.f, DREF,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *pstrides, Hq, Hkv, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale,
-            float(pe.factor), bt.length,
-            PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
-            CENTER=center, **meta,
+        if Sk == 0 or B * Hkv == 0:
+            break
+        _run(attn_bwd_dkdv_kernel, (triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv),
+            Q=q, K=k, V=v, DO=do, NLSE2=nlse2, DELTA=delta, DK_OUT=dk, DV_OUT=dv,
+            ROPE_TILES=q_tiles, BIAS_F=bt.f, DREF=DREF,
+            **_strides("q", q, "bhmd"), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"),
+            **_strides("do", do, "bhmd"), **_strides("dk", dk, "bhnd"),
+            **_strides("dv", dv, "bhnd"),
+            Hq=Hq, Hkv=Hkv, GROUP=Hq // Hkv, Sq=Sq, Sk=Sk, lse_len=lse_len, scale=scale,
+            bias_len=bt.length, **common, BIAS_TABLE=bt.used, CENTER=center, **meta,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
             DO_DK=do_dk, DO_DV=do_dv, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = tile_config("bwd_dq", width, causal, q.dtype, arch, _family(pe), need_pe_grad,
-                      explicit=roomy)
-    k_tiles = _rope_tiles(pe, pos, pos.k_start, Sk, meta, delta)
+    cfg = tile_config("bwd_dq", width, mask.causal, q.dtype, arch, pe.family, need_pe_grad,
+                      explicit=roomy, geometry=geo)
+    k_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.k_start, Sk, meta, delta)
     n_qblocks = triton.cdiv(Sq, cfg.BLOCK_M)
-    if need_pe_grad:  # one partial per dQ program (query block, batch, head), all written
-        gpa = torch.empty((n_qblocks, B, Hq), device=q.device, dtype=torch.float32)
-        gpb = torch.empty_like(gpa)
+    if need_pe_grad:  # one partial per dQ program (query block, batch, head, parameter)
+        # dense: every program writes its slot; varlen: surplus programs return early
+        alloc = torch.zeros if pos.varlen else torch.empty
+        gparam = alloc((n_qblocks, B, Hq, pe.n_params), device=q.device, dtype=torch.float32)
     else:
-        gpa = gpb = delta  # never written
-    attn_bwd_dq_kernel[(n_qblocks, B * Hq)](
-        q, k, v, do, nlse2, delta, dq, qp, kp, theta, k_tiles, pa, pb, bt.f, bt.g, DREF,
-        gpa, gpb,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *pstrides,
-        Hq, Hq // Hkv, Sq, Sk, pos.q_start, pos.k_start, scale, float(pe.factor), bt.length,
-        PE=pe.kind, CAUSAL=causal, EXPLICIT_POS=pos.explicit, BIAS_TABLE=bt.used,
-        CENTER=center, **meta,
-        NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREC=_prec(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    pe_grads = (gpa.sum(dim=(0, 1)), gpb.sum(dim=(0, 1))) if need_pe_grad else (None, None)
-    return dq, dk, dv, pe_grads
+        gparam = delta  # never written
+    if n_qblocks > 0 and B * Hq > 0:
+        _run(attn_bwd_dq_kernel, (n_qblocks, B * Hq),
+            Q=q, K=k, V=v, DO=do, NLSE2=nlse2, DELTA=delta, DQ=dq, ROPE_TILES=k_tiles,
+            BIAS_F=bt.f, BIAS_G=bt.g, DREF=DREF, GPARAM=gparam,
+            **_strides("q", q, "bhmd"), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"),
+            **_strides("do", do, "bhmd"), **_strides("dq", dq, "bhmd"),
+            Hq=Hq, GROUP=Hq // Hkv, Sq=Sq, Sk=Sk, lse_len=lse_len, scale=scale,
+            bias_len=bt.length, **common, BIAS_TABLE=bt.used, CENTER=center, **meta,
+            NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            PREC=_prec(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    g = gparam.sum(dim=(0, 1)) if need_pe_grad else None
+    return dq, dk, dv, g

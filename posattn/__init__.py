@@ -23,7 +23,7 @@ _here = _os.path.dirname(_os.path.abspath(__file__))
 if (not _os.path.isdir(_os.path.join(_here, "kernels"))
         and _os.path.isfile(_os.path.join(_os.path.dirname(_here), "kernels", "attn_fwd.py"))):
     __path__.append(_os.path.dirname(_here))
-from .api import attention
+from .api import attention, attention_varlen
 from .pe import (
     PE, NoPE, RoPE, ALiBi, KERPLE,
     RoPEScaling, PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE,
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE",
+    "attention", "attention_varlen", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "alibi_slopes", "reference", "nn",
 ]

@@ -25,36 +25,40 @@ from .kernels import launch
 from .kernels.launch import KernelPE, KernelPositions
 
 
-def _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved, q_start, k_start):
-    pe = KernelPE(kind, theta=theta, factor=factor, rot_dim=rot_dim, interleaved=interleaved,
-                  pa=pa, pb=pb)
-    return pe, KernelPositions(q_start=q_start, k_start=k_start, qpos=qpos, kpos=kpos)
+def _records(theta, params, qpos, kpos, rot, bias, family, factor, rot_dim, interleaved,
+             q_start, k_start, causal, left, right, softcap):
+    pe = KernelPE(rot=rot, theta=theta, factor=factor, rot_dim=rot_dim, interleaved=interleaved,
+                  bias=bias, params=params, family=family)
+    return (pe, KernelPositions(q_start=q_start, k_start=k_start, qpos=qpos, kpos=kpos),
+            launch.Mask(causal=causal, left=left, right=right, softcap=softcap))
 
 
-def flat_args(pe: KernelPE, pos: KernelPositions) -> tuple:
-    """The records as the ops' arguments after (q, k, v): theta, pa, pb, qpos, kpos, kind,
-    factor, rot_dim, interleaved, q_start, k_start."""
-    return (pe.theta, pe.pa, pe.pb, pos.qpos, pos.kpos, int(pe.kind), float(pe.factor),
-            int(pe.rot_dim), bool(pe.interleaved), int(pos.q_start), int(pos.k_start))
+def flat_args(pe: KernelPE, pos: KernelPositions, mask: launch.Mask) -> tuple:
+    """The records as the ops' arguments after (q, k, v): theta, params, qpos, kpos, rot,
+    bias, family, factor, rot_dim, interleaved, q_start, k_start, causal, left, right,
+    softcap. (Dense batches only: packed sequences run eagerly.)"""
+    return (pe.theta, pe.params, pos.qpos, pos.kpos, pe.rot, pe.bias, pe.family,
+            float(pe.factor), int(pe.rot_dim), bool(pe.interleaved), int(pos.q_start),
+            int(pos.k_start), bool(mask.causal), mask.left, mask.right, float(mask.softcap))
 
 
 @torch.library.custom_op("posattn::fwd", mutates_args=())
-def fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], pa: Optional[Tensor],
-        pb: Optional[Tensor], qpos: Optional[Tensor], kpos: Optional[Tensor], kind: int,
+def fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], params: Optional[Tensor],
+        qpos: Optional[Tensor], kpos: Optional[Tensor], rot: str, bias: str, family: str,
         factor: float, rot_dim: int, interleaved: bool, q_start: int, k_start: int,
-        causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        causal: bool, left: Optional[int], right: Optional[int], softcap: float,
+        scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """launch.attn_fwd: out (B, Hq, Sq, DV) in q's dtype, lse and row_lse (B, Hq, Sq) float32
     (the caller's LSE, and the one the backward takes; a copy when they are the same tensor:
     an op's outputs may not alias)."""
-    pe, pos = _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
-                       q_start, k_start)
-    out, lse, row_lse = launch.attn_fwd(q, k, v, pe, pos, causal, scale)
+    pe, pos, mask = _records(theta, params, qpos, kpos, rot, bias, family, factor, rot_dim,
+                             interleaved, q_start, k_start, causal, left, right, softcap)
+    out, lse, row_lse = launch.attn_fwd(q, k, v, pe, pos, mask, scale)
     return out, lse, (row_lse.clone() if row_lse is lse else row_lse)
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
-              q_start, k_start, causal, scale):
+def _fwd_fake(q, k, v, *args):
     B, Hq, Sq, _ = q.shape
     out = launch.new_output(q, v.shape[3])
     return (out, q.new_empty((B, Hq, Sq), dtype=torch.float32),
@@ -63,46 +67,48 @@ def _fwd_fake(q, k, v, theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interle
 
 @torch.library.custom_op("posattn::bwd", mutates_args=())
 def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        theta: Optional[Tensor], pa: Optional[Tensor], pb: Optional[Tensor],
-        qpos: Optional[Tensor], kpos: Optional[Tensor], kind: int, factor: float, rot_dim: int,
-        interleaved: bool, q_start: int, k_start: int, causal: bool, scale: float,
-        need_pe_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """launch.attn_bwd: dq, dk, dv like q, k, v; the PE-parameter gradients (Hq,) float32
-    when need_pe_grad, else two empty tensors (an op cannot return None)."""
-    pe, pos = _records(theta, pa, pb, qpos, kpos, kind, factor, rot_dim, interleaved,
-                       q_start, k_start)
-    dq, dk, dv, (gpa, gpb) = launch.attn_bwd(do, q, k, v, out, lse, pe, pos, causal, scale,
-                                             need_pe_grad)
-    if not need_pe_grad:
-        gpa, gpb = (q.new_empty((0,), dtype=torch.float32) for _ in range(2))  # no aliases
-    return dq, dk, dv, gpa, gpb
+        theta: Optional[Tensor], params: Optional[Tensor], qpos: Optional[Tensor],
+        kpos: Optional[Tensor], rot: str, bias: str, family: str, factor: float, rot_dim: int,
+        interleaved: bool, q_start: int, k_start: int, causal: bool, left: Optional[int],
+        right: Optional[int], softcap: float, scale: float,
+        need_pe_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """launch.attn_bwd: dq, dk, dv like q, k, v; the gradient of params, (Hq, P) float32,
+    when need_pe_grad, else an empty tensor (an op cannot return None)."""
+    pe, pos, mask = _records(theta, params, qpos, kpos, rot, bias, family, factor, rot_dim,
+                             interleaved, q_start, k_start, causal, left, right, softcap)
+    dq, dk, dv, g = launch.attn_bwd(do, q, k, v, out, lse, pe, pos, mask, scale, need_pe_grad)
+    if g is None:
+        g = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, g
 
 
 @bwd.register_fake
-def _bwd_fake(do, q, k, v, out, lse, theta, pa, pb, qpos, kpos, kind, factor, rot_dim,
-              interleaved, q_start, k_start, causal, scale, need_pe_grad):
-    n = q.shape[1] if need_pe_grad else 0
+def _bwd_fake(do, q, k, v, out, lse, theta, params, *args):
+    need_pe_grad = args[-1]
+    shape = tuple(params.shape) if need_pe_grad and params is not None else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty((n,), dtype=torch.float32), q.new_empty((n,), dtype=torch.float32))
+            q.new_empty(shape, dtype=torch.float32))
+
+
+_N_TENSORS = 7  # q, k, v, theta, params, qpos, kpos
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, theta, pa, pb, qpos, kpos = inputs[:8]
+    q, k, v, theta, params, qpos, kpos = inputs[:_N_TENSORS]
     out, lse, row_lse = output
-    ctx.save_for_backward(q, k, v, out, row_lse, theta, pa, pb, qpos, kpos)
-    ctx.scalars = inputs[8:]  # kind, factor, rot_dim, interleaved, q_start, k_start, causal, scale
+    ctx.save_for_backward(q, k, v, out, row_lse, theta, params, qpos, kpos)
+    ctx.scalars = inputs[_N_TENSORS:]  # rot ... softcap, scale
     ctx.mark_non_differentiable(lse, row_lse)  # as in eager (_triton._FusedAttention)
 
 
 def _backward(ctx, dout, _dlse, _drow_lse):
-    q, k, v, out, lse, theta, pa, pb, qpos, kpos = ctx.saved_tensors
-    need_pa, need_pb = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+    q, k, v, out, lse, theta, params, qpos, kpos = ctx.saved_tensors
+    need = ctx.needs_input_grad[4]
     if dout.stride(-1) != 1 and dout.shape[-1] != 1:  # the kernels want a unit last stride
         dout = dout.contiguous()
-    dq, dk, dv, gpa, gpb = bwd(dout, q, k, v, out, lse, theta, pa, pb, qpos, kpos,
-                               *ctx.scalars, need_pa or need_pb)
-    return (dq, dk, dv, None, gpa.to(pa.dtype) if need_pa else None,
-            gpb.to(pb.dtype) if need_pb else None) + (None,) * 10
+    dq, dk, dv, g = bwd(dout, q, k, v, out, lse, theta, params, qpos, kpos, *ctx.scalars, need)
+    n_rest = len(ctx.scalars)
+    return (dq, dk, dv, None, g.to(params.dtype) if need else None, None, None) + (None,) * n_rest
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from ._env import MIN_CUDA_ARCH, check_cuda_arch, cuda_arch, interpreter_on
-from .pe import ALiBi, KERPLE, NoPE, PE, RoPE
+from .pe import PE, RoPE
 from .positions import Positions
 from . import _ops
 from .kernels import launch
@@ -71,30 +71,29 @@ def _device_constant(key_fn, make):
 
 
 def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> KernelPE:
-    """Reduce a PE spec to the kernel record (inv_freq + factor, or per-head parameters)."""
-    if isinstance(spec, NoPE):
-        return KernelPE(launch.PE_NONE)
-    if isinstance(spec, RoPE):
+    """Reduce a PE spec to the kernel record: its axes (spec.rotary, spec.bias), RoPE's
+    inv_freq + factor, and the bias's per-head parameters as one (H, P) tensor
+    (spec.bias_params; differentiable into the spec's own tensors)."""
+    rope = {}
+    if spec.rotary == "rope":
         def make():
             inv_freq, factor = spec.frequencies(head_dim, cur_len)
             return inv_freq.to(device=device, dtype=torch.float64), float(factor)
 
         theta, factor = _device_constant(
             lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
-        return KernelPE(launch.PE_ROPE, theta=theta, factor=factor, rot_dim=2 * theta.numel(),
-                        interleaved=spec.interleaved)
-    if isinstance(spec, ALiBi):
-        if spec.slopes is None:
-            slopes, = _device_constant(lambda: ("alibi", num_heads, torch.device(device)),
-                                       lambda: (spec.get_slopes(num_heads, device),))
-        else:
-            slopes = spec.slopes
-        return KernelPE(launch.PE_ALIBI, pa=slopes)
-    if isinstance(spec, KERPLE):
-        r1, r2 = spec.get_params(num_heads, device)
-        kind = launch.PE_KERPLE_LOG if spec.kind == "log" else launch.PE_KERPLE_POWER
-        return KernelPE(kind, pa=r1, pb=r2)
-    raise TypeError(f"unsupported PE spec {type(spec).__name__}")
+        rope = dict(theta=theta, factor=factor, rot_dim=2 * theta.numel(),
+                    interleaved=spec.interleaved)
+    params = None
+    if spec.bias != "none":
+        if any(isinstance(x, torch.Tensor) for x in vars(spec).values()):
+            params = spec.bias_params(num_heads, device)  # the caller's tensors: per call
+        else:  # derived from Python numbers only (default ALiBi slopes, float r1/r2): once
+            params, = _device_constant(
+                lambda: ("params", _state(spec), num_heads, torch.device(device)),
+                lambda: (spec.bias_params(num_heads, device),))
+    return KernelPE(rot=spec.rotary, bias=spec.bias, params=params, family=spec.tile_family,
+                    **rope)
 
 
 def kernel_positions(q_pos: Positions, k_pos: Positions, batch: int, device) -> KernelPositions:
@@ -118,10 +117,10 @@ def _stride1(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _detached(pe: KernelPE, pa, pb) -> KernelPE:
-    """The record with the autograd inputs pa/pb swapped in, detached (kernels take raw data)."""
-    return dataclasses.replace(pe, pa=pa.detach() if pa is not None else None,
-                               pb=pb.detach() if pb is not None else None)
+def _detached(pe: KernelPE, params) -> KernelPE:
+    """The record with the autograd input ``params`` swapped in, detached (kernels take raw
+    data)."""
+    return dataclasses.replace(pe, params=params.detach() if params is not None else None)
 
 
 _TWICE = ("posattn's fused backward is not differentiable (a second derivative through it, e.g. "
@@ -162,28 +161,29 @@ class _NoLaunch(torch.autograd.Function):
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pa, pb, pe: KernelPE, pos: KernelPositions, causal: bool, scale: float):
-        out, lse, row_lse = launch.attn_fwd(q, k, v, _detached(pe, pa, pb), pos, causal, scale)
-        ctx.save_for_backward(q, k, v, out, row_lse, pa, pb)
-        ctx.pe, ctx.pos, ctx.causal, ctx.scale = pe, pos, causal, scale
+    def forward(ctx, q, k, v, params, pe: KernelPE, pos: KernelPositions, mask: launch.Mask,
+                scale: float):
+        out, lse, row_lse = launch.attn_fwd(q, k, v, _detached(pe, params), pos, mask, scale)
+        ctx.save_for_backward(q, k, v, out, row_lse, params)
+        ctx.pe, ctx.pos, ctx.mask, ctx.scale = pe, pos, mask, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, pa, pb = ctx.saved_tensors
-        pe = ctx.pe
-        need_pe_grad = bool(ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        dq, dk, dv, (gpa, gpb) = launch.attn_bwd(_stride1(dout), q, k, v, out, lse,
-                                                 _detached(pe, pa, pb), ctx.pos,
-                                                 ctx.causal, ctx.scale, need_pe_grad)
-        dpa = gpa.to(pa.dtype) if need_pe_grad and ctx.needs_input_grad[3] else None
-        dpb = gpb.to(pb.dtype) if need_pe_grad and ctx.needs_input_grad[4] else None
-        return _no_double_backward((dq, dk, dv, dpa, dpb, None, None, None, None))
+        q, k, v, out, lse, params = ctx.saved_tensors
+        need_pe_grad = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, g = launch.attn_bwd(_stride1(dout), q, k, v, out, lse,
+                                        _detached(ctx.pe, params), ctx.pos, ctx.mask, ctx.scale,
+                                        need_pe_grad)
+        dparams = g.to(params.dtype) if need_pe_grad else None
+        return _no_double_backward((dq, dk, dv, dparams, None, None, None, None))
 
 
-def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Positions, k_pos: Positions):
-    """Fused attention on (B, H, S, D) views. Returns (out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32)."""
+def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Positions,
+                   k_pos: Positions, window=None, softcap=None):
+    """Fused attention on (B, H, S, D) views. Returns (out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32).
+    window: None or (left, right) (each an int or None); softcap: None or c > 0."""
     _check_runnable(q)
     B, Hq, Sq, D = q.shape
     Sk, DV = k.shape[2], v.shape[3]
@@ -198,7 +198,45 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
 
     q, k, v = _stride1(q), _stride1(k), _stride1(v)
     pos = kernel_positions(q_pos, k_pos, B, q.device)
+    mask = kernel_mask(causal, window, softcap)
     if torch.compiler.is_compiling():  # the same launchers as opaque graph nodes (see _ops)
-        out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos), causal, scale)
+        out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos, mask), scale)
         return out, lse
-    return _FusedAttention.apply(q, k, v, pe.pa, pe.pb, pe, pos, causal, scale)
+    return _FusedAttention.apply(q, k, v, pe.params, pe, pos, mask, scale)
+
+
+def kernel_mask(causal: bool, window, softcap) -> launch.Mask:
+    left, right = window if window is not None else (None, None)
+    return launch.Mask(causal=causal, left=left, right=right, softcap=float(softcap or 0.0))
+
+
+def attention_varlen(q, k, v, cu_q, cu_k, lens_q, lens_k, spec: PE, *, causal: bool,
+                     scale: float, window=None, softcap=None, q_positions=None,
+                     k_positions=None):
+    """Fused attention over packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D),
+    v (total_k, Hkv, Dv); cu_q / cu_k (B + 1,) int32 offsets on q's device, lens_q / lens_k
+    their lengths (host ints, validated by the caller); explicit positions (total,) int
+    tensors or None. Returns (out (total_q, Hq, Dv), lse (Hq, total_q) float32)."""
+    _check_runnable(q)
+    total_q, Hq, D = q.shape
+    DV = v.shape[2]
+    cur_len = None
+    if spec.rotary == "rope" and spec.needs_cur_len:
+        if q_positions is not None:
+            cur_len = int(max(q_positions.max().item() if q_positions.numel() else -1,
+                              k_positions.max().item() if k_positions.numel() else -1)) + 1
+        else:
+            cur_len = max(lens_k, default=0)
+    pe = kernel_pe(spec, D, Hq, q.device, cur_len)
+    # (1, H, total, D) views: the kernels' dense layout with one packed batch
+    qv, kv, vv = (_stride1(t).unsqueeze(0).transpose(1, 2) for t in (q, k, v))
+    if total_q == 0 or k.shape[0] == 0:
+        out, lse = _NoLaunch.apply(qv, kv, vv, DV)
+        return out[0].transpose(0, 1), lse[0]
+    if q_positions is not None:
+        q_positions, k_positions = q_positions[None], k_positions[None]
+    pos = KernelPositions(qpos=q_positions, kpos=k_positions, cu_q=cu_q, cu_k=cu_k,
+                          lens_q=tuple(lens_q), lens_k=tuple(lens_k))
+    mask = kernel_mask(causal, window, softcap)
+    out, lse = _FusedAttention.apply(qv, kv, vv, pe.params, pe, pos, mask, scale)
+    return out[0].transpose(0, 1), lse[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -60,6 +61,8 @@ def attention(
     layout: str = "bhsd",
     return_lse: bool = False,
     backend: str = "auto",
+    window=None,
+    softcap: Optional[float] = None,
 ):
     """Attention with a positional encoding computed inside the attention tile.
 
@@ -85,6 +88,13 @@ def attention(
             (naive PyTorch), ``"auto"`` (CUDA tensors on an Ampere or newer GPU -> Triton,
             on older GPUs -> the reference; CPU tensors -> Triton when TRITON_INTERPRET=1,
             else the reference).
+        window: ``None`` or ``(left, right)``, each an int >= 0 or ``None`` (unbounded): key j
+            is visible to query i iff ``q_pos[i] - left <= k_pos[j] <= q_pos[i] + right``,
+            ANDed with ``causal`` (Mistral's sliding window is ``(W - 1, 0)`` with causal;
+            flash-attn's ``window_size=(l, r)`` with -1 for unbounded is ``(l, r)`` with None).
+            Tiles outside the window are skipped.
+        softcap: ``None`` / ``0.0`` (off) or c > 0: the scaled logit s = scale * q.k becomes
+            ``c * tanh(s / c)`` *before* the PE's bias is added (Gemma 2's order).
 
     Under ``torch.autocast`` (q's device type), q, k and v run in the autocast dtype, as in
     torch SDPA (float64 excepted); the output then has that dtype.
@@ -120,25 +130,208 @@ def attention(
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     scale = float(scale)
 
+    window = _check_window(window)
+    softcap = _check_softcap(softcap)
+
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
     qpos = parse_positions(q_positions, "q_positions", B, Sq, Sk - Sq, q.device)
     kpos = parse_positions(k_positions, "k_positions", B, Sk, 0, q.device)
-
-    if backend == "auto":
-        use_triton = ((q.is_cuda and cuda_arch(q.device) >= MIN_CUDA_ARCH)
-                      or (q.device.type == "cpu" and interpreter_on()))
-        backend = "triton" if use_triton and q.dtype != torch.float64 else "reference"
+    backend = _pick_backend(backend, q)
+    geo = dict(causal=causal, scale=scale, window=window, softcap=softcap)
 
     if backend == "reference":
-        out, lse = reference.attention_bhsd(q, k, v, spec, causal=causal, scale=scale, q_pos=qpos, k_pos=kpos)
+        out, lse = reference.attention_bhsd(q, k, v, spec, q_pos=qpos, k_pos=kpos, **geo)
         if layout == "bshd":  # stored bshd, as the Triton backend returns it
             out = out.transpose(1, 2).contiguous().transpose(1, 2)
     else:
         from . import _triton  # imports triton; only now, so CPU-only machines import posattn freely
 
-        out, lse = _triton.attention_bhsd(q, k, v, spec, causal=causal, scale=scale, q_pos=qpos, k_pos=kpos)
+        out, lse = _triton.attention_bhsd(q, k, v, spec, q_pos=qpos, k_pos=kpos, **geo)
 
     if layout == "bshd":
         out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _pick_backend(backend: str, q: torch.Tensor) -> str:
+    if backend != "auto":
+        return backend
+    use_triton = ((q.is_cuda and cuda_arch(q.device) >= MIN_CUDA_ARCH)
+                  or (q.device.type == "cpu" and interpreter_on()))
+    return "triton" if use_triton and q.dtype != torch.float64 else "reference"
+
+
+def _check_window(window):
+    """None or (left, right) with each side an int >= 0 or None; (None, None) -> None."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None or a pair (left, right) of ints >= 0 or None, got {window!r}")
+    sides = []
+    for name, x in zip(("left", "right"), window):
+        if x is None:
+            sides.append(None)
+            continue
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"window {name} side must be an int >= 0 or None, got {type(x).__name__} {x!r}")
+        if x < 0:
+            raise ValueError(f"window {name} side must be >= 0 (None for unbounded), got {x}")
+        sides.append(int(x))
+    return None if sides == [None, None] else tuple(sides)
+
+
+def _check_softcap(softcap):
+    """None for off (None or 0), else a finite float > 0."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be None or a float > 0, got {type(softcap).__name__} {softcap!r}")
+    c = float(softcap)
+    if c == 0.0:
+        return None
+    if not math.isfinite(c) or c < 0:
+        raise ValueError(f"softcap must be a finite float > 0 (None or 0.0 for off), got {softcap!r}")
+    return c
+
+
+def _check_cu_seqlens(name: str, cu, total: int, device):
+    """cu_seqlens -> (int32 tensor on device, host lengths). (B + 1,) integer, starting at 0,
+    non-decreasing, ending at ``total``. Reads it on the host (one synchronisation)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor (B + 1,), got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (or int64), got dtype {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D (B + 1,) with B >= 0, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    host = cu.tolist()
+    if host[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {host[0]}")
+    lens = [b - a for a, b in zip(host[:-1], host[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name} must be non-decreasing, got {host}")
+    if host[-1] != total:
+        raise ValueError(f"{name}[-1] = {host[-1]} must equal the number of tokens, {total}")
+    if host[-1] >= 2 ** 31:
+        raise ValueError(f"{name}: {host[-1]} tokens do not fit int32 offsets")
+    return cu.to(torch.int32).contiguous(), lens
+
+
+def _check_max_seqlen(name: str, value, lens):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    longest = max(lens, default=0)
+    if value < longest:
+        raise ValueError(f"{name}={value} is smaller than the longest sequence, {longest}")
+
+
+def _varlen_positions(arg, name: str, total: int, device):
+    if arg is None:
+        return None
+    if not isinstance(arg, torch.Tensor) or arg.dtype not in (torch.int32, torch.int64, torch.int16):
+        raise TypeError(f"{name} must be None or an integer tensor ({total},), got "
+                        f"{type(arg).__name__ if not isinstance(arg, torch.Tensor) else arg.dtype}")
+    if arg.dim() != 1 or arg.shape[0] != total:
+        raise ValueError(f"{name} must have shape ({total},) (one position per packed token), got {tuple(arg.shape)}")
+    if arg.device != device:
+        raise ValueError(f"{name} is on {arg.device} but q is on {device}")
+    return arg
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    pe: Union[str, PE, None] = "none",
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window=None,
+    softcap: Optional[float] = None,
+    q_positions=None,
+    k_positions=None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over packed sequences (flash-attn's ``flash_attn_varlen_func`` layout).
+
+    Args:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv) -- B sequences
+            concatenated along the first dim. Hq a multiple of Hkv.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 cumulative starts: sequence b is rows
+            ``cu[b]:cu[b + 1]``; ``cu[0] = 0``, ``cu[-1]`` = total. Read on the host to validate
+            them (one synchronisation per call).
+        max_seqlen_q, max_seqlen_k: optional; a value smaller than a real length is a
+            ValueError (flash-attn would silently compute garbage).
+        pe, causal, scale, window, softcap, backend: as :func:`attention`, per sequence.
+        q_positions, k_positions: ``None`` (positions restart per sequence: keys 0..len_k - 1,
+            queries end-aligned to their own keys, len_k - len_q + i) or integer tensors
+            (total_q,) / (total_k,) of explicit positions (both or neither).
+
+    Each sequence is independent: no query attends across sequences. A query whose sequence
+    has no visible key outputs 0 with LSE -inf.
+
+    Returns:
+        out (total_q, Hq, Dv) in q's dtype, or ``(out, lse)`` with lse (Hq, total_q) float32.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    q, k, v = _autocast(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D) for attention_varlen, got shape {tuple(t.shape)}")
+    _check_tensors(q[None], k[None], v[None], "bshd")  # dtypes, devices
+    total_q, Hq, D = q.shape
+    total_k, Hkv, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"head dim of k ({Dk}) differs from q ({D}); q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if tuple(v.shape[:2]) != (total_k, Hkv):
+        raise ValueError(f"v (tokens, heads) {tuple(v.shape[:2])} must match k's {(total_k, Hkv)}")
+    if Hq == 0 or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a positive multiple of Hkv={Hkv} (GQA/MQA)")
+    if D == 0 or v.shape[2] == 0:
+        raise ValueError(f"head dims must be positive, got D={D}, Dv={v.shape[2]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    scale = float(scale)
+    window = _check_window(window)
+    softcap = _check_softcap(softcap)
+    cu_q, lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q.device)
+    cu_k, lens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q.device)
+    if len(lens_q) != len(lens_k):
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+                         f"{tuple(cu_seqlens_k.shape)} must describe the same number of sequences")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+    qp = _varlen_positions(q_positions, "q_positions", total_q, q.device)
+    kp = _varlen_positions(k_positions, "k_positions", total_k, q.device)
+    if (qp is None) != (kp is None):
+        raise ValueError("attention_varlen takes explicit positions for both q and k, or neither "
+                         "(q_positions and k_positions)")
+
+    spec = resolve_pe(pe)
+    spec.check(Hq, D, q.device)
+    backend = _pick_backend(backend, q)
+    geo = dict(causal=causal, scale=scale, window=window, softcap=softcap, q_positions=qp,
+               k_positions=kp)
+    if backend == "reference":
+        out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, spec, **geo)
+    else:
+        from . import _triton
+
+        out, lse = _triton.attention_varlen(q, k, v, cu_q, cu_k, lens_q, lens_k, spec, **geo)
     return (out, lse) if return_lse else out

@@ -33,7 +33,7 @@ Number = Union[int, float]
 __all__ = [
     "PE", "NoPE", "RoPE", "ALiBi", "KERPLE",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
-    "alibi_slopes", "resolve_pe",
+    "alibi_slopes", "resolve_pe", "REGISTRY", "registered", "axes",
 ]
 
 
@@ -153,9 +153,32 @@ def _check_dims(num_heads, head_dim) -> None:
 
 
 class PE:
-    """Base class of every positional-encoding spec. ``name`` selects the kernel's PE kind."""
+    """Base class of every positional-encoding spec.
+
+    A spec says everything the rest of posattn needs of it (the registry below enumerates them):
+
+    * ``name``: the registry name (one vocabulary: the API's ``pe=`` strings, tests, bench);
+    * its kernel axes: ``rotary`` ("none" | "rope") and ``bias`` ("none" | "alibi" |
+      "kerple_log" | "kerple_power"), which kernels/rotary.py and kernels/bias.py implement;
+    * ``tile_family``: the tile-config family (kernels/configs.py);
+    * :meth:`bias_params`: its per-head parameters as one (H, P) tensor (the kernels' one
+      parameter channel; autograd flows through it back into the spec's own tensors);
+    * :meth:`reference_bias`: the bias the naive reference adds (posattn.reference).
+    """
 
     name: str = "?"
+    rotary: str = "none"
+    bias: str = "none"
+    tile_family: str = "none"
+
+    def bias_params(self, num_heads: int, device) -> Optional[torch.Tensor]:
+        """(num_heads, P) per-head bias parameters, or None for a PE without a bias."""
+        return None
+
+    def reference_bias(self, num_heads: int, dist: torch.Tensor) -> Optional[torch.Tensor]:
+        """The additive bias (B, H, Sq, Sk) from |q_pos - k_pos| ``dist`` (B, 1, Sq, Sk) in the
+        math dtype, or None. Written for clarity: the oracle the kernels are tested against."""
+        return None
 
     def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
         """Validate this spec against a call's query head count, head dim and device.
@@ -502,6 +525,9 @@ class RoPE(PE):
             ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
     """
 
+    rotary = "rope"
+    tile_family = "rope"
+
     name = "rope"
 
     def __init__(self, base: float = 10000.0, scaling: Optional[RoPEScaling] = None,
@@ -723,6 +749,8 @@ class ALiBi(PE):
     """
 
     name = "alibi"
+    bias = "alibi"
+    tile_family = "alibi"
 
     def __init__(self, slopes: Optional[torch.Tensor] = None):
         if slopes is not None:
@@ -743,6 +771,13 @@ class ALiBi(PE):
         if self.slopes is None:
             return alibi_slopes(num_heads).to(device=device, dtype=torch.float32)
         return self.slopes
+
+    def bias_params(self, num_heads: int, device) -> torch.Tensor:
+        return self.get_slopes(num_heads, device)[:, None]
+
+    def reference_bias(self, num_heads: int, dist: torch.Tensor) -> torch.Tensor:
+        slopes = self.get_slopes(num_heads, dist.device).to(dist.dtype)
+        return -slopes[:, None, None] * dist
 
     def __repr__(self) -> str:
         if self.slopes is None:
@@ -771,6 +806,7 @@ class KERPLE(PE):
     """
 
     name = "kerple"
+    tile_family = "kerple"
 
     def __init__(self, kind: str = "log", r1: Union[Number, torch.Tensor] = 1.0,
                  r2: Union[Number, torch.Tensor] = 1.0):
@@ -800,6 +836,23 @@ class KERPLE(PE):
             return torch.full((num_heads,), float(x), device=device, dtype=torch.float32)
         return as_tensor(self.r1), as_tensor(self.r2)
 
+    @property
+    def bias(self) -> str:  # the kernel's bias kind: "kerple_log" or "kerple_power"
+        return "kerple_" + self.kind
+
+    def bias_params(self, num_heads: int, device) -> torch.Tensor:
+        r1, r2 = self.get_params(num_heads, device)
+        return torch.stack((r1, r2.to(r1.dtype)), dim=1)
+
+    def reference_bias(self, num_heads: int, dist: torch.Tensor) -> torch.Tensor:
+        r1, r2 = (t.to(dist.dtype)[:, None, None] for t in self.get_params(num_heads, dist.device))
+        if self.kind == "log":
+            return -r1 * torch.log1p(r2 * dist)
+        # |d|**r2 written as exp(r2 log|d|) away from 0, and 0 at d = 0, so d/dr2 stays finite there.
+        pos = dist > 0
+        logd = torch.log(torch.where(pos, dist, torch.ones_like(dist)))
+        return -r1 * torch.where(pos, torch.exp(r2 * logd), torch.zeros_like(dist))
+
     def __repr__(self) -> str:
         def show(x):
             return f"<tensor {tuple(x.shape)} {x.dtype}>" if isinstance(x, torch.Tensor) else repr(x)
@@ -808,16 +861,43 @@ class KERPLE(PE):
 
 _PE_NAMES = {"none": NoPE, "rope": RoPE, "alibi": ALiBi, "kerple": KERPLE}
 
+# The registry: every kernel PE kind by its one name, with a factory of a default spec.
+# Tests, the bench and the compile report enumerate it; nobody keeps a list of PE names.
+# A new PE registers here (and implements its axis hooks in kernels/rotary.py or bias.py).
+REGISTRY = {
+    "none": NoPE,
+    "rope": RoPE,
+    "alibi": ALiBi,
+    "kerple_log": lambda **kw: KERPLE("log", **kw),
+    "kerple_power": lambda **kw: KERPLE("power", **kw),
+}
+
+
+def registered() -> Tuple[str, ...]:
+    """The registered PE names, in registration order."""
+    return tuple(REGISTRY)
+
+
+def axes(name: str) -> Tuple[str, str, str]:
+    """(rotary, bias, tile_family) of a registered PE name."""
+    spec = REGISTRY[name]()
+    return spec.rotary, spec.bias, spec.tile_family
+
 
 def resolve_pe(pe) -> PE:
-    """``str | PE | None`` -> a PE spec instance."""
+    """``str | PE | None`` -> a PE spec instance. Strings are registry names (``"none"``,
+    ``"rope"``, ``"alibi"``, ``"kerple_log"``, ``"kerple_power"``) or ``"kerple"`` (KERPLE's
+    default kind, log), case-insensitive."""
     if pe is None:
         return NoPE()
     if isinstance(pe, PE):
         return pe
     if isinstance(pe, str):
-        try:
-            return _PE_NAMES[pe.lower()]()
-        except KeyError:
-            raise ValueError(f"pe must be one of {sorted(_PE_NAMES)} or a posattn PE spec, got {pe!r}") from None
+        name = pe.lower()
+        if name in REGISTRY:
+            return REGISTRY[name]()
+        if name in _PE_NAMES:
+            return _PE_NAMES[name]()
+        known = sorted(set(REGISTRY) | set(_PE_NAMES))
+        raise ValueError(f"pe must be one of {known} or a posattn PE spec, got {pe!r}")
     raise TypeError(f"pe must be a str or a posattn PE spec (NoPE, RoPE, ALiBi, KERPLE), got {type(pe).__name__}")

@@ -7,10 +7,14 @@ Math is done in float32 (float64 when the inputs are float64) unless ``compute_d
 otherwise: the tests pass the input dtype there to get "the same naive math in the input dtype",
 the yardstick of flash-attention's error rule. RoPE angles are always formed in float64
 (position * inv_freq, exact even at position 1e6) and only cos/sin are cast.
+
+Order of operations on a logit (Gemma 2's): s = scale * q.k (RoPE-rotated q, k), then the soft
+cap s = c * tanh(s / c), then the bias PE (ALiBi / KERPLE) is added, then the causal and
+sliding-window masks. ``attention_varlen`` runs packed variable-length sequences one at a time.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -59,9 +63,44 @@ def bias(spec: PE, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, dty
     return -r1 * torch.where(pos, torch.exp(r2 * logd), torch.zeros_like(dist))
 
 
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
+               window: Optional[Tuple[Optional[int], Optional[int]]]) -> Optional[torch.Tensor]:
+    """(B, 1, Sq, Sk) bool, True where key j is visible to query i, or None (everything visible).
+
+    causal: ``k_pos[j] <= q_pos[i]``. window ``(left, right)``:
+    ``q_pos[i] - left <= k_pos[j] <= q_pos[i] + right``, a None side unbounded. Both are ANDed.
+    """
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (B, Sq, 1), (B, 1, Sk) int64
+    visible = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if causal:
+        visible = both(visible, kp <= qp)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            visible = both(visible, kp >= qp - int(left))
+        if right is not None:
+            visible = both(visible, kp <= qp + int(right))
+    return None if visible is None else visible[:, None]
+
+
 def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Positions,
-                   k_pos: Positions, compute_dtype=None):
+                   k_pos: Positions, compute_dtype=None,
+                   window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+                   softcap: Optional[float] = None, cur_len: Optional[int] = None):
     """Reference attention on (B, H, S, D) tensors. Returns (out in q.dtype, lse).
+
+    cur_len: a length-dependent RoPE scaling's max position + 1 (dynamic NTK); default: from
+    these positions.
+
+    window: None or ``(left, right)``, each an int >= 0 or None (unbounded): key j is visible to
+    query i iff ``q_pos[i] - left <= k_pos[j] <= q_pos[i] + right`` (and, when causal,
+    ``k_pos[j] <= q_pos[i]``).
+    softcap: None (or 0: off) or c > 0: the scaled logit s becomes ``c * tanh(s / c)`` before
+    the bias PE is added.
 
     lse: (B, Hq, Sq), float32 (float64 for float64 math), natural log; -inf for a query that sees
     no key (its output row is 0).
@@ -75,8 +114,9 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
 
     if isinstance(spec, RoPE):
-        cur_len = None
-        if spec.needs_cur_len:
+        if not spec.needs_cur_len:
+            cur_len = None
+        elif cur_len is None:
             cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
         qc = apply_rope(qc, *rope_cos_sin(spec, D, qp, cur_len), spec.interleaved)
         kc = apply_rope(kc, *rope_cos_sin(spec, D, kp, cur_len), spec.interleaved)
@@ -86,11 +126,13 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     vc = vc.repeat_interleave(group, dim=1)
 
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     b = bias(spec, Hq, qp, kp, compute_dtype)
     if b is not None:
         s = s + b
-    if causal:
-        visible = (kp[:, None, :] <= qp[:, :, None])[:, None]  # (B, 1, Sq, Sk)
+    visible = visibility(qp, kp, causal, window)  # (B, 1, Sq, Sk) or None
+    if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
 
     # Softmax that gives 0 (not NaN) for rows that see no key. The max shift is detached: the
@@ -104,3 +146,63 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     lse = (m + torch.log(l)).squeeze(-1)
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     return out.to(q.dtype), lse.to(lse_dtype)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, spec: PE, *, causal: bool, scale: float,
+                     window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+                     softcap: Optional[float] = None, q_positions: Optional[torch.Tensor] = None,
+                     k_positions: Optional[torch.Tensor] = None, compute_dtype=None):
+    """Reference attention on packed variable-length sequences, one ``attention_bhsd`` call each.
+
+    q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, Dv); cu_seqlens_q / _k: integer
+    (B + 1,) cumulative starts (``cu[0] = 0``, ``cu[-1] = total``). Sequence b's queries
+    ``cu_q[b]:cu_q[b+1]`` attend only to its keys ``cu_k[b]:cu_k[b+1]``.
+
+    Positions restart in every sequence: keys at 0..len_k-1, queries at len_k-len_q..len_k-1
+    (end-aligned to their own keys), unless explicit integer tensors q_positions (total_q,) /
+    k_positions (total_k,) are given (sliced per sequence). A length-dependent RoPE scaling
+    (dynamic NTK) sees the packed batch's max position, as a padded batch would (and as
+    transformers does with packed position_ids).
+
+    Returns (out (total_q, Hq, Dv) in q.dtype, lse (Hq, total_q) float32, float64 for float64
+    math). A query whose sequence has no visible key gets out 0 and lse -inf.
+    """
+    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cu_q) != len(cu_k) or len(cu_q) < 1:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length >= 1, got "
+                         f"{len(cu_q)} and {len(cu_k)}")
+    Hq, Dv = q.shape[1], v.shape[2]
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+    if q_positions is None:
+        cur_len = max([cu_k[b + 1] - cu_k[b] for b in range(len(cu_k) - 1)], default=0)
+    else:
+        cur_len = int(max(q_positions.max().item() if q_positions.numel() else -1,
+                          k_positions.max().item() if k_positions.numel() else -1)) + 1
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        len_q, len_k = q1 - q0, k1 - k0
+        if len_q == 0:
+            continue  # no queries: nothing to output (its keys are seen by no one)
+        # (len, H, D) -> (1, H, len, D) views
+        qb, kb, vb = (t[a:e].transpose(0, 1)[None] for t, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        if q_positions is None:
+            qpos = Positions(len_q, start=len_k - len_q)
+        else:
+            qpos = Positions(len_q, tensor=q_positions[q0:q1][None])
+        if k_positions is None:
+            kpos = Positions(len_k, start=0)
+        else:
+            kpos = Positions(len_k, tensor=k_positions[k0:k1][None])
+        out, lse = attention_bhsd(qb, kb, vb, spec, causal=causal, scale=scale, q_pos=qpos, k_pos=kpos,
+                                  compute_dtype=compute_dtype, window=window, softcap=softcap,
+                                  cur_len=cur_len)
+        outs.append(out[0].transpose(0, 1))  # (len_q, Hq, Dv)
+        lses.append(lse[0])  # (Hq, len_q)
+    if not outs:
+        return q.new_zeros((0, Hq, Dv)), torch.zeros((Hq, 0), dtype=lse_dtype, device=q.device)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import posattn
+from posattn.kernels import launch
 from posattn import _ops
 
 from conftest import DEVICE, HAS_CUDA
@@ -120,11 +121,10 @@ def _op_args(layout, need_pe_grad):
     r2 = torch.tensor([0.3, 2.0], device=DEVICE)
     pe = posattn._triton.kernel_pe(posattn.KERPLE("log", r1, r2), 16, 2, DEVICE, None)
     pos = posattn._triton.KernelPositions(q_start=6, k_start=0)
-    flat = _ops.flat_args(pe, pos)
-    out, _, row_lse = _ops.fwd(q, k, v, *flat, True, 0.25)  # the backward takes row_lse
+    flat = _ops.flat_args(pe, pos, launch.Mask(causal=True))
+    out, _, row_lse = _ops.fwd(q, k, v, *flat, 0.25)  # the backward takes row_lse
     do = _rand(*out.shape, seed=8).half()
-    return (q, k, v, *flat, True, 0.25), (do, q, k, v, out, row_lse, *flat, True, 0.25,
-                                          need_pe_grad)
+    return (q, k, v, *flat, 0.25), (do, q, k, v, out, row_lse, *flat, 0.25, need_pe_grad)
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])

@@ -44,9 +44,9 @@ def test_device_constants_are_made_once():
     assert torch.equal(theta(ntk, 200).theta.cpu(), ntk.frequencies(64, 200)[0])
 
     def slopes(H):
-        return _triton.kernel_pe(posattn.ALiBi(), 64, H, DEVICE, None).pa
-    assert slopes(8) is slopes(8) and slopes(8).shape == (8,) and slopes(6).shape == (6,)
-    assert torch.equal(slopes(6).cpu(), posattn.alibi_slopes(6).float())
+        return _triton.kernel_pe(posattn.ALiBi(), 64, H, DEVICE, None).params
+    assert slopes(8) is slopes(8) and slopes(8).shape == (8, 1) and slopes(6).shape == (6, 1)
+    assert torch.equal(slopes(6).cpu()[:, 0], posattn.alibi_slopes(6).float())
 
 
 def _specs(H):

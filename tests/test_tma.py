@@ -112,18 +112,22 @@ def test_descriptor_eligibility():
 
 
 def test_tma_applies_without_rope():
-    assert all(launch.tma_applies(launch.KernelPE(kind)) for kind in
-               (launch.PE_NONE, launch.PE_ALIBI, launch.PE_KERPLE_LOG, launch.PE_KERPLE_POWER))
-    assert not launch.tma_applies(launch.KernelPE(launch.PE_ROPE, rot_dim=64))
+    assert all(launch.tma_applies(launch.KernelPE(bias=bias)) for bias in launch.BIAS_CODES)
+    assert not launch.tma_applies(launch.KernelPE(rot="rope", rot_dim=64))
 
 
 def test_fp32_keeps_the_pointer_path():
     """fp32 inputs run their dots on the FMA units from registers: no TMA (launch.tma_ready)."""
     k = torch.zeros(1, 2, 40, 64, device=DEVICE)
     assert launch._tma_strides(k) is not None
-    assert not launch.tma_ready(None, launch.KernelPE(), k, k, False)
-    assert launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), False)
-    assert not launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), True)  # explicit
+    dense = launch.KernelPositions()
+    explicit = launch.KernelPositions(qpos=torch.zeros(1, 1), kpos=torch.zeros(1, 1))
+    packed = launch.KernelPositions(cu_q=torch.zeros(2), cu_k=torch.zeros(2), lens_q=(40,),
+                                    lens_k=(40,))
+    assert not launch.tma_ready(None, launch.KernelPE(), k, k, dense)
+    assert launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), dense)
+    assert not launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), explicit)
+    assert not launch.tma_ready(None, launch.KernelPE(), k.half(), k.half(), packed)  # varlen
 
 
 def test_tma_switch(monkeypatch):

@@ -1,0 +1,118 @@
+"""Geometry shared by every attention kernel (all ``@triton.jit``, inlined): which tokens a
+program's sequence holds, their positions, which tiles can be visible and which need a mask.
+
+Visibility (``visible``): key j is visible to query i iff ::
+
+    causal:          k_pos[j] <= q_pos[i]
+    window left  L:  k_pos[j] >= q_pos[i] - L        (WIN_L; a None side is no test at all)
+    window right R:  k_pos[j] <= q_pos[i] + R        (WIN_R)
+
+and j, i inside their sequence. With contiguous positions that is a band of the (query, key)
+plane, and a block of rows visits only the tiles the band touches (``tile_range``)::
+
+    keys ->      t_lo     f_lo          f_hi      t_hi
+    rows    |  . |  m  m  |  F  F  F  F  |  m  m  |  .  .  |
+      .  = skipped (outside the band: O(S * window) work, not O(S^2))
+      m  = straddles an edge of the band (or the end of the keys): masked per element
+      F  = every row sees every column: no mask at all
+
+Explicit positions (any order) skip nothing: every tile is masked.
+
+Sequences: dense batches have one (Sq, Sk) and batch b's tokens at b * stride_b; packed
+(varlen) batches read sequence b's bounds from cumulative offsets CU_Q / CU_K (B + 1,), its
+tokens at rows cu[b]:cu[b + 1] of a (1, H, total, D) view, and its default positions restart:
+keys 0..len_k - 1, queries end-aligned to them (len_k - len_q + i).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def seq_bounds(CU, b, S, VARLEN: tl.constexpr):
+    """(first token's row, length) of sequence b: (0, S) dense, (cu[b], cu[b+1] - cu[b])
+    varlen (the row as int64: it is multiplied by strides)."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        return start.to(tl.int64), tl.load(CU + b + 1) - start
+    else:
+        return 0, S
+
+
+@triton.jit
+def seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start, k_start, VARLEN: tl.constexpr):
+    """The geometry prologue: (q_row0, Sq, k_row0, Sk, q_start, k_start) of sequence b --
+    its first query / key rows, lengths, and the positions of its first query / key
+    (contiguous positions; varlen: len_k - len_q and 0, end-aligned per sequence)."""
+    q_row0, Sq = seq_bounds(CU_Q, b, Sq, VARLEN)
+    k_row0, Sk = seq_bounds(CU_K, b, Sk, VARLEN)
+    if VARLEN:
+        q_start = Sk - Sq
+        k_start = 0
+    return q_row0, Sq, k_row0, Sk, q_start, k_start
+
+
+@triton.jit
+def load_positions(POS, row0, offs, mask, stride):
+    """Explicit positions of rows row0 + offs, int64 (any int64 position is exact)."""
+    return tl.load(POS + (row0 + offs).to(tl.int64) * stride, mask=mask, other=0).to(tl.int64)
+
+
+@triton.jit
+def visible(vis, qpos, kpos, win_left, win_right, CAUSAL: tl.constexpr, WIN_L: tl.constexpr,
+            WIN_R: tl.constexpr):
+    """``vis`` (a tile's bounds mask) AND the visibility rules above; qpos / kpos broadcast
+    to the tile ((R, 1) and (1, C), or transposed for dK/dV). Window tests on k - q: with
+    contiguous int32 positions (|p| < 2**30) the difference cannot overflow, and a window
+    side >= 2**31 - 1 is clamped by the launcher (it is then unbounded anyway)."""
+    if CAUSAL:
+        vis = vis & (kpos <= qpos)
+    if WIN_L:
+        vis = vis & (kpos - qpos >= -win_left)
+    if WIN_R:
+        vis = vis & (kpos - qpos <= win_right)
+    return vis
+
+
+@triton.jit
+def tile_range(r0, R: tl.constexpr, C, lo_off, hi_off, HAS_LO: tl.constexpr,
+               HAS_HI: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column tiles a block of rows [r0, r0 + R) visits when row i sees columns j with
+    i + lo_off <= j (HAS_LO) and j <= i + hi_off (HAS_HI), j < C (contiguous positions).
+    Returns (t_lo, f_lo, f_hi, t_hi): tiles [t_lo, t_hi) are visited, [f_lo, f_hi) need no
+    mask (every row of the block sees every column; rows past the sequence are the caller's
+    concern), the rest straddle an edge. t_lo <= f_lo <= f_hi <= t_hi."""
+    # Without a lower edge t_lo = f_lo stay the constant 0 and f_hi is clamped to t_hi only:
+    # the loops then start at a constant, as before windows existed -- a runtime start
+    # (min(0, t_hi)) cost the sm_90 D=128 forward 136 B of spills at 255 registers.
+    t_lo = 0
+    f_lo = 0
+    t_hi = tl.cdiv(C, BLOCK_C)
+    f_hi = C // BLOCK_C
+    if HAS_LO:
+        t_lo = tl.maximum(r0 + lo_off, 0) // BLOCK_C
+        f_lo = tl.cdiv(tl.maximum(r0 + R - 1 + lo_off, 0), BLOCK_C)
+    if HAS_HI:
+        t_hi = tl.cdiv(tl.maximum(tl.minimum(r0 + R + hi_off, C), 0), BLOCK_C)
+        f_hi = tl.minimum(tl.maximum(r0 + hi_off + 1, 0) // BLOCK_C, f_hi)
+    if HAS_LO:
+        t_lo = tl.minimum(t_lo, t_hi)
+        f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)
+        f_hi = tl.maximum(f_hi, f_lo)
+    f_hi = tl.minimum(f_hi, t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
+@triton.jit
+def key_band(off, win_left, win_right, CAUSAL: tl.constexpr, WIN_L: tl.constexpr,
+             WIN_R: tl.constexpr):
+    """(lo_off, hi_off) for tile_range over keys (rows = queries), off = q_start - k_start:
+    query i sees key j iff i + off - L <= j <= i + off + min(R, 0 if causal)."""
+    lo_off = off
+    hi_off = off
+    if WIN_L:
+        lo_off = off - win_left
+    if WIN_R:
+        hi_off = off + win_right
+        if CAUSAL:
+            hi_off = tl.minimum(hi_off, off)
+    return lo_off, hi_off

@@ -1,0 +1,179 @@
+"""The rotary axis: hooks that rotate Q and K tiles (all ``@triton.jit``, inlined).
+
+The kind is the ``ROT`` constexpr (ROT_NONE, ROT_ROPE), so Triton specialises every kernel per
+kind and an unused rotation costs nothing; a kind no hook knows is a ``tl.static_assert``.
+Hooks (one signature each, called by the attention kernels and loader.load_qk):
+
+* :func:`qk_columns` (prepare): which head-dim columns form the dot groups;
+* :func:`tile_rope` (per loop tile): the rotation of a K (or, in dK/dV, Q) tile;
+* :func:`rope_rotate` (rotate / unrotate with -sin).
+
+All RoPE scalings reduce to (inv_freq, attention factor) in Python; the kernels never know which
+scaling produced them. Conventions:
+
+* RoPE rotates pairs (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) where c, s already carry the
+  attention factor. Which head-dim columns form a pair (half-split or interleaved) is decided by
+  the column index vectors (:func:`qk_columns`); the dot product over all dims does not care
+  about the order of the dims, so both layouts share one code path.
+* Angles: ``pos * inv_freq`` is formed in float64 and reduced mod pi/2 before cos/sin in
+  float32 (:func:`sincos_reduced`), so positions of 1e6 and beyond keep their precision (an fp32 product is off by
+  ~0.03 rad there). For contiguous positions the loop tiles rotate in two steps: by a
+  per-program table cos/sin(j * theta), j < BLOCK, then by cos/sin(p0 * theta) of the tile
+  start, read from a small table made by one launch before the attention kernel
+  (:func:`rope_tile_table_kernel`), so the loop evaluates no cos/sin at all.
+"""
+import triton
+import triton.language as tl
+
+# Rotary kinds (values of the ROT constexpr); posattn.pe's registry names them.
+ROT_NONE = tl.constexpr(0)
+ROT_ROPE = tl.constexpr(1)
+# by the names posattn.pe's specs give their rotary axis (the launcher maps names to codes here)
+KINDS = {"none": ROT_NONE, "rope": ROT_ROPE}
+
+HALF_PI = tl.constexpr(1.5707963267948966)
+TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+
+
+@triton.jit
+def check_rot(ROT: tl.constexpr):
+    """Compile-time guard: every hook below calls it, so an unknown ROT never runs."""
+    tl.static_assert(ROT == ROT_NONE or ROT == ROT_ROPE, "unknown rotary kind (ROT constexpr)")
+
+
+@triton.jit
+def qk_columns(ROT: tl.constexpr, INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr,
+               BLOCK_A: tl.constexpr):
+    """Column indices of the two head-dim groups the q.k dot is split into.
+
+    RoPE: group A holds x1 of every rotated pair, group B its partner x2 (half-split: j and
+    j + ROT_HALF; interleaved: 2j and 2j + 1). Other PEs: A = all columns, B unused.
+    """
+    check_rot(ROT)
+    j = tl.arange(0, BLOCK_A)
+    if ROT == ROT_ROPE:
+        if INTERLEAVED:
+            return 2 * j, 2 * j + 1
+        else:
+            return j, j + ROT_HALF
+    else:
+        return j, j
+
+
+@triton.jit
+def sincos_reduced(ang):
+    """(cos, sin) of float64 angles, as float32, by exact range reduction + polynomials.
+
+    ang is reduced in float64 to r in [-pi/4, pi/4] plus a quadrant, then cos/sin(r) are
+    Taylor polynomials in float32 (truncation error < 3e-9, below fp32 rounding). Pure FMA
+    arithmetic: no libdevice sinf/cosf, whose slow path for large arguments needs local
+    memory (a stack frame in every kernel that calls it), and identical in the interpreter.
+    """
+    k = tl.floor(ang * TWO_OVER_PI + 0.5)
+    r = (ang - k * HALF_PI).to(tl.float32)
+    quadrant = k.to(tl.int64) & 3
+    r2 = r * r
+    sin_r = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320
+                                                                     + r2 * (-1.0 / 3628800)))))
+    # rotate by quadrant * pi/2: q=0 (c, s), 1 (-s, c), 2 (-c, -s), 3 (s, -c)
+    swap = (quadrant & 1) != 0
+    c = tl.where(swap, sin_r, cos_r)
+    s = tl.where(swap, cos_r, sin_r)
+    c = tl.where(((quadrant + 1) & 2) != 0, -c, c)
+    s = tl.where((quadrant & 2) != 0, -s, s)
+    return c, s
+
+
+@triton.jit
+def rope_angle_cos_sin(pos, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """cos/sin of pos * theta for every (row, frequency): (BLOCK, BLOCK_A) float32, x factor.
+
+    pos: (BLOCK,) integer positions. THETA: pointer to float64 inv_freq (ROT_HALF,).
+    The angle is formed in float64 (exact at large positions).
+    """
+    j = tl.arange(0, BLOCK_A)
+    theta = tl.load(THETA + j, mask=j < ROT_HALF, other=0.0)
+    c, s = sincos_reduced(pos.to(tl.float64)[:, None] * theta[None, :])
+    return c * factor, s * factor
+
+
+# Row spacing of the tile-start table: every tile size (BLOCK_M / BLOCK_N) is a multiple of it.
+TILE_STEP = tl.constexpr(16)
+
+
+@triton.jit
+def rope_tile_table_kernel(OUT, THETA, start, factor, n_rows, ROT_HALF: tl.constexpr,
+                           BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr):
+    """OUT (n_rows, 2, BLOCK_A) float32: cos and sin of (start + TILE_STEP * u) * theta, x factor.
+
+    With contiguous positions a tile's rotation is R((p0 + j) theta) = R(p0 theta) R(j theta):
+    the per-offset part R(j theta) is a loop-invariant table in the attention kernels
+    (:func:`rope_angle_cos_sin` with pos = 0..BLOCK-1), the per-tile part R(p0 theta) is one
+    row of this table, read by :func:`rope_tile_start`. Rotating in two steps keeps the 2-D
+    table loop-invariant (its register layout is converted once, outside the loop). Reading
+    the tile start from here instead of evaluating it per tile takes the float64 range
+    reduction and the cos/sin polynomials (about 200 instructions per warp per K tile at
+    D=128 on sm_90; float64 is 1/64 rate on consumer GPUs) out of the attention loop, for
+    one small launch and 2 * BLOCK_A floats of L2 reads per tile (512 B at D=128: 3 % of a
+    64 x 128 bf16 K tile). Same values, bit for bit, as evaluating them in the loop.
+    """
+    u = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pos = start + TILE_STEP * u.to(tl.int64)
+    c, s = rope_angle_cos_sin(pos, THETA, factor, ROT_HALF, BLOCK_A)
+    ptrs = OUT + u.to(tl.int64)[:, None] * (2 * BLOCK_A) + tl.arange(0, BLOCK_A)[None, :]
+    row_ok = (u < n_rows)[:, None]
+    tl.store(ptrs, c, mask=row_ok)
+    tl.store(ptrs + BLOCK_A, s, mask=row_ok)
+
+
+@triton.jit
+def rope_tile_start(TILES, offset, BLOCK_A: tl.constexpr):
+    """cos/sin x factor of the tile starting ``offset`` positions after the sequence start:
+    two (BLOCK_A,) vectors from the table of :func:`rope_tile_table_kernel`."""
+    j = tl.arange(0, BLOCK_A)
+    # tl.cast, not .to(): offset may be a plain int (the interpreter runs loops in Python)
+    row = TILES + tl.cast(offset // TILE_STEP, tl.int64) * (2 * BLOCK_A)
+    return tl.load(row + j), tl.load(row + BLOCK_A + j)
+
+
+@triton.jit
+def rope_rotate(x1, x2, c, s):
+    """Rotate pairs: (x1 c - x2 s, x2 c + x1 s). Pass -s for the inverse (transpose) rotation."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+
+
+@triton.jit
+def rope_start_cos_sin(p, THETA, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """cos/sin (no factor) of one position ``p`` times theta: two (BLOCK_A,) float32 vectors.
+    Varlen dK/dV: a sequence's queries start at its own position, so the Q tile-start table
+    (built from 0) is combined with this per-program rotation (:func:`tile_rope`)."""
+    j = tl.arange(0, BLOCK_A)
+    theta = tl.load(THETA + j, mask=j < ROT_HALF, other=0.0)
+    return sincos_reduced(tl.cast(p, tl.float64) * theta)
+
+
+@triton.jit
+def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, c_seq, s_seq,
+              ROT: tl.constexpr, EXPLICIT_POS: tl.constexpr, SEQ_SHIFT: tl.constexpr,
+              ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Rotation of a loop tile ``offset`` positions after its sequence's first token, as
+    loader.load_qk takes it: (cos, sin, c0, s0). Explicit positions: per-element cos/sin
+    (no tile-start step); contiguous: the per-offset table (c_tab, s_tab) plus the tile-start
+    row of ROPE_TILES, rotated further by the sequence's own start (c_seq, s_seq:
+    :func:`rope_start_cos_sin`) when SEQ_SHIFT (varlen, whose table starts at 0)."""
+    check_rot(ROT)
+    cos = c_tab
+    sin = s_tab
+    c0 = 0.0
+    s0 = 0.0
+    if ROT == ROT_ROPE:
+        if EXPLICIT_POS:
+            cos, sin = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        else:
+            c0, s0 = rope_tile_start(ROPE_TILES, offset, BLOCK_A)
+            if SEQ_SHIFT:  # R((p_seq + offset) theta) = R(offset theta) R(p_seq theta)
+                c0, s0 = rope_rotate(c0, s0, c_seq, s_seq)
+    return cos, sin, c0, s0
