@@ -20,6 +20,7 @@ from posattn.pe import resolve_pe
 from posattn.positions import parse_positions
 from conftest import DEVICE
 from helpers import assert_rule, leaf, naive_attention, pe_leaves, with_params
+from pe_cases import REGISTERED, pe_factory
 
 
 def gen(seed):
@@ -30,18 +31,9 @@ def rand(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=gen(seed)) * scale
 
 
-def _param(H, lo, hi, seed):
-    return (lo + (hi - lo) * torch.rand(H, generator=gen(seed))).to(DEVICE).requires_grad_()
-
-
-# PE name -> factory(num_query_heads, head_dim) of a spec (fresh trainable leaves every call)
-PES = {
-    "none": lambda H, D: "none",
-    "rope": lambda H, D: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8), interleaved=True),
-    "alibi": lambda H, D: posattn.ALiBi(_param(H, 0.05, 0.5, 1)),
-    "kerple_log": lambda H, D: posattn.KERPLE("log", _param(H, 0.2, 2.0, 2), _param(H, 0.05, 1.0, 3)),
-    "kerple_power": lambda H, D: posattn.KERPLE("power", _param(H, 0.2, 1.0, 4), _param(H, 0.3, 1.5, 5)),
-}
+# registered PE name -> factory(num_query_heads, head_dim) of a spec (fresh trainable leaves
+# every call): every PE in posattn.pe.REGISTRY, the "harness" suite of tests/pe_cases.py
+PES = {name: pe_factory(name) for name in REGISTERED}
 
 
 def plain(L):

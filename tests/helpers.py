@@ -42,14 +42,23 @@ def run_attention(q, k, v, pe, backend, dout, **kw):
     return out, lse, dict(zip(leaves, grads))
 
 
+PE_PARAMS = ("slopes", "r1", "r2")  # the PE specs' trainable tensors (ALiBi, KERPLE)
+
+
 def pe_leaves(pe):
     """The PE's trainable tensors by name (slopes, r1, r2) that require grad."""
     spec = resolve_pe(pe)
     out = {}
-    for name in ("slopes", "r1", "r2"):
+    for name in PE_PARAMS:
         t = getattr(spec, name, None)
         if isinstance(t, torch.Tensor) and t.requires_grad:
             out[name] = t
+    # a new PE's parameter must not silently go unchecked
+    other = [n for n, t in vars(spec).items()
+             if n not in PE_PARAMS and isinstance(t, torch.Tensor) and t.requires_grad]
+    if other:
+        raise NotImplementedError(f"tests/helpers.py knows no trainable tensor {other} of "
+                                  f"{type(spec).__name__}: add it to PE_PARAMS and with_params")
     return out
 
 

@@ -36,9 +36,11 @@ import torch
 from posattn import KERPLE
 from conftest import DEVICE
 from helpers import assert_rule, force_splits
-from attn_harness import PES, check, gen, plain, qkv
+from attn_harness import check, gen, plain, qkv
+from pe_cases import bias_pes, pe_factory
 
-BIAS_PES = ["alibi", "alibi_trainable", "kerple_log", "kerple_power"]
+# every registered bias PE, and ALiBi's trainable variant after it
+BIAS_PES = bias_pes(variants=["alibi_trainable"])
 FP32, FP16 = torch.float32, torch.float16
 POWER_CAP = {FP32: 1000.0, FP16: 100.0}
 
@@ -51,7 +53,7 @@ def make_pe(name, H, D, dist=None, dtype=FP32):
     that carry a row would decide the rule (a case that fails or passes by chance)."""
     if name == "alibi":
         return "alibi"
-    pe = PES["alibi" if name == "alibi_trainable" else name](H, D)
+    pe = pe_factory(name)(H, D)
     if name == "kerple_power" and dist is not None:
         shrink = min(1.0, math.log(POWER_CAP[dtype]) / (pe.r2.max().item() * math.log(dist)))
         return KERPLE("power", pe.r1, (pe.r2.detach() * shrink).requires_grad_())

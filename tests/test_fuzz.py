@@ -29,6 +29,7 @@ import posattn
 from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, YaRN
 from conftest import DEVICE
 from attn_harness import check
+from pe_cases import REGISTERED
 
 CASES = int(os.environ.get("POSATTN_FUZZ_CASES", "60"))
 SEED = int(os.environ.get("POSATTN_FUZZ_SEED", "20240611"))
@@ -65,8 +66,14 @@ def _draw_scaling(rng, rotary_dim):
     return ("longrope", short, long_, L0, rng.choice([None, factor]))
 
 
+# What _draw_pe draws from: every registered PE, each followed by extra draws of its own (RoPE
+# twice as often: it has the most forms; ALiBi's trainable variant).
+EXTRA_DRAWS = {"rope": ["rope"], "alibi": ["alibi_trainable"]}
+PE_KINDS = [k for name in REGISTERED for k in [name] + EXTRA_DRAWS.get(name, [])]
+
+
 def _draw_pe(rng, Hq, D):
-    kind = rng.choice(["none", "rope", "rope", "alibi", "alibi_trainable", "kerple_log", "kerple_power"])
+    kind = rng.choice(PE_KINDS)
     if kind == "none":
         return {"kind": "none", "form": rng.choice(["none", None, "NoPE"])}
     if kind == "rope":
@@ -82,6 +89,9 @@ def _draw_pe(rng, Hq, D):
         return {"kind": "alibi", "slopes": None, "form": rng.choice(["alibi", "ALiBi()"])}
     if kind == "alibi_trainable":
         return {"kind": "alibi", "slopes": heads(0.005, 1.0)}
+    if not kind.startswith("kerple"):
+        raise NotImplementedError(f"test_fuzz draws no {kind!r} case: teach _draw_pe, make_pe and "
+                                  "_bias_bound about it")
     trainable = rng.choice(["r1", "r2", "both", "both"])
     r1 = heads(0.1, 2.0) if trainable in ("r1", "both") else round(rng.uniform(0.1, 2.0), 4)
     r2 = heads(0.05, 1.5) if trainable in ("r2", "both") else round(rng.uniform(0.05, 1.5), 4)

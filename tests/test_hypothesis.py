@@ -26,6 +26,7 @@ import posattn
 from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, YaRN
 from conftest import DEVICE, HAS_CUDA
 from attn_harness import check, snapshot, assert_unmodified
+from pe_cases import REGISTERED, pe_factory
 
 _EXPLORE = os.environ.get("POSATTN_HYPOTHESIS_RANDOM", "0") not in ("", "0")
 
@@ -150,8 +151,9 @@ def _scaling(name, rotary_dim):
 
 @st.composite
 def pe_specs(draw, Hq, D):
-    """A PE spec (name or instance) for Hq query heads of head dim D."""
-    kind = draw(st.sampled_from(["none", "rope", "alibi", "kerple_log", "kerple_power"]))
+    """A PE spec (name or instance) for Hq query heads of head dim D: every registered PE (a PE
+    drawn nowhere below gets its tests/pe_cases.py factory)."""
+    kind = draw(st.sampled_from(REGISTERED))
     if kind == "none":
         return draw(st.sampled_from(["none", None, posattn.NoPE()]))
     if kind == "rope":
@@ -170,9 +172,11 @@ def pe_specs(draw, Hq, D):
 
     if kind == "alibi":
         return "alibi" if draw(st.booleans()) else ALiBi(heads(0.01, 1.0))
-    r1 = heads(0.1, 2.0) if draw(st.booleans()) else draw(st.floats(0.1, 2.0))
-    r2 = heads(0.05, 1.5) if draw(st.booleans()) else draw(st.floats(0.05, 1.5))
-    return KERPLE(kind.split("_")[1], r1, r2)
+    if kind.startswith("kerple"):
+        r1 = heads(0.1, 2.0) if draw(st.booleans()) else draw(st.floats(0.1, 2.0))
+        r2 = heads(0.05, 1.5) if draw(st.booleans()) else draw(st.floats(0.05, 1.5))
+        return KERPLE(kind.split("_")[1], r1, r2)
+    return pe_factory(kind)(Hq, D)
 
 
 @st.composite

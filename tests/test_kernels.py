@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import posattn
+import pe_cases
+from posattn.pe import axes
 from conftest import DEVICE, HAS_CUDA
 from helpers import (assert_rule, force_bias_tables, force_splits, leaf, naive_attention,
                      pe_leaves, run_attention, with_params)
@@ -16,25 +18,24 @@ from helpers import (assert_rule, force_bias_tables, force_splits, leaf, naive_a
 
 def _pes():
     """PE name -> factory of a spec for head dim D and H query heads (fresh trainable leaves
-    on every call)."""
-    g = torch.Generator().manual_seed(7)
+    on every call): every registered PE, each followed by its variants (the "kernel" suite of
+    tests/pe_cases.py; a fresh table, so its trainable parameters draw the same values)."""
+    table = pe_cases.kernel_cases()
+    return {name: _flip(table[name].make if name in table else pe_cases.pe_factory(name, "kernel"))
+            for name in KERNEL_PES}
 
-    def param(H, lo, hi):
-        return (lo + (hi - lo) * torch.rand(H, generator=g)).to(DEVICE).requires_grad_()
 
-    return {
-        "none": lambda D, H: "none",
-        "rope": lambda D, H: "rope",
-        # partial rotary, GPT-J pairs: rotate 3/4 of the head dim (rounded to even)
-        "rope_interleaved_partial": lambda D, H: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8),
-                                                           interleaved=True),
-        "rope_yarn_partial": lambda D, H: posattn.RoPE(base=500000.0, scaling=posattn.YaRN(4.0, 32),
-                                                    rotary_dim=2 * max(1, D // 4)),
-        "alibi": lambda D, H: "alibi",
-        "alibi_trainable": lambda D, H: posattn.ALiBi(param(H, 0.05, 0.5)),
-        "kerple_log": lambda D, H: posattn.KERPLE("log", param(H, 0.2, 2.0), param(H, 0.05, 1.0)),
-        "kerple_power": lambda D, H: posattn.KERPLE("power", param(H, 0.2, 1.0), param(H, 0.3, 1.5)),
-    }
+def _flip(make):
+    return lambda D, H: make(H, D)
+
+
+# every registered PE and the kernel suite's variants (rope_interleaved_partial, ...), each
+# after its base
+KERNEL_PES = pe_cases.names("kernel", variants=True)
+# the KERPLE kinds (tile family "kerple"): their per-distance tables
+KERPLE_PES = pe_cases.names("kernel", family="kerple")
+# every bias PE, ALiBi with trainable slopes
+TRAINABLE_BIAS_PES = pe_cases.bias_pes(suite="kernel", substitute={"alibi": "alibi_trainable"})
 
 
 # (B, Hq, Hkv, Sq, Sk, D, layout, positions)
@@ -111,14 +112,14 @@ def check_case(pe, shape, causal, dtype, seed=0, scale=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", list(_pes()), ids=str)
+@pytest.mark.parametrize("pe", KERNEL_PES, ids=str)
 def test_kernel_matches_reference(pe, causal, shape, dtype):
     check_case(_pes()[pe], SHAPES[shape], causal, dtype)
 
 
 @pytest.mark.parametrize("shape", ["gqa_sq<sk_d40_bshd", "offset_pos_d32"], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", ["kerple_log", "kerple_power"], ids=str)
+@pytest.mark.parametrize("pe", KERPLE_PES, ids=str)
 def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
     """KERPLE with contiguous positions reads f and df/dr2 from per-distance tables once both
     sequences span a tile (launch.BIAS_TABLE_MIN_LEN). Forced on for these small shapes: the
@@ -183,7 +184,7 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", ["alibi_trainable", "kerple_log", "kerple_power"], ids=str)
+@pytest.mark.parametrize("pe", TRAINABLE_BIAS_PES, ids=str)
 def test_forward_128_key_tiles(pe, causal, monkeypatch):
     """Forward tiles of 128 keys form a bias PE's |q - k| per tile from the key columns
     (attn_fwd._fwd_tiles: no loop-invariant column vector), as ALiBi and KERPLE do on Hopper at
@@ -200,7 +201,7 @@ def test_forward_128_key_tiles(pe, causal, monkeypatch):
         return cfg
 
     monkeypatch.setattr(launch, "tile_config", spy)
-    family = "alibi" if pe.startswith("alibi") else "kerple"
+    family = axes(pe_cases.base_of(pe, "kernel"))[2]  # "alibi" / "kerple"
     arch = launch._arch(torch.empty(0, device=DEVICE))  # None in the interpreter
     with configs.override({("fwd", family, 64, arch): configs.TileConfig(32, 128, 4, 1)}):
         check_case(_pes()[pe], SHAPES["gqa_sq<sk_d40_bshd"], causal, torch.float16)
@@ -315,14 +316,18 @@ def test_split_k_propagates_nan(where, monkeypatch):
 
 
 def test_split_count_heuristic():
-    from posattn.kernels.launch import (PE_ALIBI, PE_KERPLE_POWER, PE_ROPE, KernelPE,
-                                        KernelPositions, split_allowed, split_count, splits_for)
+    from posattn.kernels.launch import (KernelPE, KernelPositions, split_allowed, split_count,
+                                        splits_for)
 
+    rope, alibi = KernelPE(rot="rope"), KernelPE(bias="alibi")
+    power = KernelPE(bias="kerple_power")
     explicit = KernelPositions(qpos=torch.zeros(1, 1), kpos=torch.zeros(1, 1))
-    assert split_allowed(KernelPE(PE_ROPE), KernelPositions()) and split_allowed(KernelPE(PE_ALIBI), explicit)
-    assert not split_allowed(KernelPE(PE_ROPE), explicit)  # its split variant spills (triton 3.6)
-    assert not split_allowed(KernelPE(PE_KERPLE_POWER), explicit)  # so does its centred one
-    assert split_allowed(KernelPE(PE_KERPLE_POWER), KernelPositions(q_start=9))
+    assert split_allowed(rope, KernelPositions()) and split_allowed(alibi, explicit)
+    assert not split_allowed(rope, explicit)  # its split variant spills (triton 3.6)
+    assert not split_allowed(power, explicit)  # so does its centred one
+    assert split_allowed(power, KernelPositions(q_start=9))
+    packed = KernelPositions(cu_q=torch.zeros(2), cu_k=torch.zeros(2), lens_q=(5,), lens_k=(5,))
+    assert not split_allowed(alibi, packed)  # varlen runs unsplit
 
     assert splits_for(132, 32, 1000) == 4  # decode, B=1, 32 heads: one wave of 128 programs
     assert splits_for(132, 1, 1000) == 132

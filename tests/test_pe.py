@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from posattn.pe import (
-    ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NoPE, NTK, PI, RoPE, YaRN, alibi_slopes, resolve_pe,
+    ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NoPE, NTK, PI, RoPE, YaRN, alibi_slopes, axes,
+    registered, resolve_pe,
 )
 from posattn.nn import KERPLEBias
+import pe_cases
+from conftest import DEVICE
 
 CPU = torch.device("cpu")
 
@@ -516,6 +519,58 @@ def test_kerple_bias_spec_gradients(kind):
 def test_kerple_bias_exported():
     import posattn
     assert posattn.nn.KERPLEBias is KERPLEBias
+
+
+# --------------------------------------------------------------------------------------------
+# The registry and the tests' factories (tests/pe_cases.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _spec_axes(case, H=4, D=32):
+    spec = resolve_pe(case.make(H, D))
+    spec.check(H, D, torch.device(DEVICE))  # a valid spec for the heads it was made for
+    return spec.rotary, spec.bias, spec.tile_family
+
+
+@pytest.mark.parametrize("suite", sorted(pe_cases.SUITES))
+@pytest.mark.parametrize("name", registered())
+def test_every_registered_pe_has_a_test_factory(name, suite):
+    """Tests enumerate the registry (tests/pe_cases.py): a newly registered PE fails here until
+    every suite has a factory for it whose spec has the axes the registry gives the name."""
+    table = pe_cases.cases(suite)
+    assert name in table, (f"registered PE {name!r} has no test factory: add one to tests/pe_cases.py, "
+                           f"suite {suite!r}")
+    assert table[name].base == name and not table[name].variant
+    assert _spec_axes(table[name]) == axes(name)
+
+
+VARIANTS = [(s, n) for s in sorted(pe_cases.SUITES) for n, c in pe_cases.cases(s).items() if c.variant]
+
+
+@pytest.mark.parametrize("suite,name", VARIANTS, ids=[f"{s}-{n}" for s, n in VARIANTS])
+def test_variants_name_their_registered_base(suite, name):
+    case = pe_cases.cases(suite)[name]
+    assert name not in registered() and case.base in registered()
+    assert pe_cases.base_of(name, suite) == case.base
+    assert _spec_axes(case) == axes(case.base)
+
+
+def test_pe_cases_enumerate_the_registry():
+    names = list(registered())
+    assert list(pe_cases.REGISTERED) == names == pe_cases.every_pe()
+    assert pe_cases.bias_pes() == [n for n in names if axes(n)[1] != "none"]
+    assert pe_cases.names(rotary=True) == [n for n in names if axes(n)[0] != "none"]
+    assert pe_cases.names(family="kerple") == [n for n in names if axes(n)[2] == "kerple"]
+    for suite in pe_cases.SUITES:
+        every = pe_cases.every_pe(variants=True, suite=suite)
+        assert set(every) == set(names) | set(pe_cases.cases(suite))
+        # each variant right after its base's group
+        bases = [pe_cases.base_of(n, suite) for n in every]
+        assert bases == sorted(bases, key=names.index)
+    assert pe_cases.bias_pes(suite="kernel", substitute={"alibi": "alibi_trainable"}) == \
+        [n if n != "alibi" else "alibi_trainable" for n in pe_cases.bias_pes()]
+    with pytest.raises(KeyError):
+        pe_cases.pe_factory("no_such_pe")
 
 
 def test_resolve_pe():

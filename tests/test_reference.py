@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import posattn
+from pe_cases import REGISTERED
 
 B, Hq, Hkv, D = 2, 4, 2, 16
 
@@ -136,7 +137,7 @@ def test_lse_and_empty_rows():
     torch.testing.assert_close(lse[:, :, 3:], torch.logsumexp(s, -1)[:, :, 3:].double())
 
 
-@pytest.mark.parametrize("pe_name", ["none", "rope", "alibi", "kerple_log", "kerple_power"])
+@pytest.mark.parametrize("pe_name", REGISTERED)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck(pe_name, causal):
     """fp64 gradcheck of the reference, including ALiBi slopes and KERPLE r1/r2."""

@@ -15,6 +15,7 @@ Shapes are tiny and odd: on CPU the kernels run in the Triton interpreter.
 """
 import ast
 import os
+import re
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from conftest import DEVICE, HAS_CUDA
 from helpers import assert_rule, leaf, naive_attention, with_params
 from attn_harness import (PES, assert_unmodified, gen, plain, rand, snapshot, check, dout_maker,
                           fwd_bwd, qkv, run_kernel)
+from pe_cases import REGISTERED, pe_factory
 
 KERNEL_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 OTHER_DEVICE = "cpu" if HAS_CUDA else "meta"
@@ -110,7 +112,9 @@ KW_ERRORS = [
     ("scale_str", lambda: dict(scale="0.1"), (TypeError, ValueError), r"scale must be a finite float"),
     ("scale_bool", lambda: dict(scale=True), (TypeError, ValueError), r"scale must be a finite float"),
     ("scale_tensor", lambda: dict(scale=torch.tensor(0.5)), (TypeError, ValueError), r"scale must be a finite float"),
-    ("pe_unknown", lambda: dict(pe="t5"), ValueError, r"pe must be one of \['alibi', 'kerple', 'none', 'rope'\].*got 't5'"),
+    # the names listed: every registered PE and the alias "kerple" (KERPLE's default kind)
+    ("pe_unknown", lambda: dict(pe="no_such_pe"), ValueError,
+     r"pe must be one of " + re.escape(str(sorted(set(REGISTERED) | {"kerple"}))) + r".*got 'no_such_pe'"),
     ("pe_int", lambda: dict(pe=3), TypeError, r"pe must be a str or a posattn PE spec .*got int"),
     ("pe_class", lambda: dict(pe=RoPE), TypeError, r"pe must be a str or a posattn PE spec .*got type"),
     ("pe_dict", lambda: dict(pe={"rope": 1}), TypeError, r"pe must be a str or a posattn PE spec .*got dict"),
@@ -258,7 +262,7 @@ def test_rope_on_odd_head_dim_names_head_dim(no_launch):
 def test_zero_query_heads_consistent_across_pes(backend):
     q, k, v = _inputs(Hq=0, Hkv=2)
     outcomes = {}
-    for pe in ("none", "rope", "alibi", "kerple"):
+    for pe in REGISTERED:
         try:
             out = posattn.attention(q, k, v, pe, backend=backend)
             outcomes[pe] = f"empty {tuple(out.shape)}"
@@ -314,7 +318,7 @@ def test_validation_survives_python_O():
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", list(PES))
+@pytest.mark.parametrize("pe", REGISTERED)
 def test_decode_single_query(pe, causal, dtype):
     """Sq = 1 (decode step with a KV cache), GQA, Sk crossing a tile boundary."""
     check(qkv(1, 2, 1, 1, 37, 16), plain, PES[pe](2, 16), dtype, causal=causal)
@@ -322,7 +326,7 @@ def test_decode_single_query(pe, causal, dtype):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", list(PES))
+@pytest.mark.parametrize("pe", REGISTERED)
 def test_single_key(pe, causal, dtype):
     """Sk = 1: with causal and the default alignment only the last query sees the key."""
     res = check(qkv(1, 2, 1, 5, 1, 16, Dv=8), plain, PES[pe](2, 16), dtype, causal=causal)
@@ -332,7 +336,7 @@ def test_single_key(pe, causal, dtype):
         assert (grads["q"][:, :, :4] == 0).all()
 
 
-@pytest.mark.parametrize("pe", list(PES))
+@pytest.mark.parametrize("pe", REGISTERED)
 @pytest.mark.parametrize("positions", ["default", "explicit"])
 def test_causal_rows_that_see_no_key(pe, positions):
     """Causal with Sq > Sk (default positions: the first Sq - Sk queries precede every key), and
@@ -366,7 +370,7 @@ def test_causal_rows_that_see_no_key(pe, positions):
 def test_empty_inputs(shape, pe, backend, no_launch):
     """B = 0 or S = 0: an empty (or all-zero, LSE -inf) result and zero gradients, no launch."""
     B, Hq, Hkv, Sq, Sk = shape
-    spec = RoPE(scaling=DynamicNTK(2.0, 4)) if pe == "dynamic_ntk" else PES[pe](Hq, 16)
+    spec = pe_factory(pe)(Hq, 16)  # dynamic_ntk: a RoPE variant (tests/pe_cases.py)
     q, k, v = (t.requires_grad_() for t in _inputs(B, Hq, Hkv, Sq, Sk, 16, Dv=8))
     out, lse = posattn.attention(q, k, v, spec, return_lse=True, backend=backend)
     assert out.shape == (B, Hq, Sq, 8) and out.dtype == q.dtype
@@ -496,7 +500,7 @@ def test_noncontiguous_inputs(name):
     base, build, layout, arrange = LAYOUTS[name]
     q = build(base)[0]
     Hq = q.shape[1] if layout == "bhsd" else q.shape[2]
-    pe = PES[list(PES)[list(LAYOUTS).index(name) % len(PES)]](Hq, 16)
+    pe = PES[REGISTERED[list(LAYOUTS).index(name) % len(REGISTERED)]](Hq, 16)
     kw = dict(causal=True, layout=layout)
     res = check(base, build, pe, torch.float16, arrange=arrange, **kw)
 
@@ -614,7 +618,7 @@ def test_unwritten_output_is_caught(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("pe", list(PES))
+@pytest.mark.parametrize("pe", REGISTERED)
 def test_deterministic_over_100_repeats(pe, dtype):
     """Forward and backward (incl. PE-parameter gradients) bitwise identical over 100 repeats,
     GQA, causal, shapes with partial tiles."""

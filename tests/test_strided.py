@@ -22,12 +22,14 @@ from posattn import ALiBi, KERPLE, RoPE
 from conftest import DEVICE
 from attn_harness import check, plain, qkv
 from helpers import force_bias_tables
+from pe_cases import bias_pes
 
 # small and odd: two key tiles of the interpreter's 32 x 32, GQA (2 query heads share 1 kv head).
 # Batch 2 where a view spans the batch (positions (B, S), k expanded along it), else 1 (the
 # interpreter's time grows with the programs: batch x heads x query blocks).
 HQ, HKV, SQ, SK, D = 2, 1, 17, 33, 16
 KINDS = ("strided", "expanded", "offset")
+BIAS_PES = bias_pes()  # every registered PE with a bias: its per-head parameters as views
 
 
 def _inputs(pe_name, B=1):
@@ -57,11 +59,22 @@ def _pe(pe_name, a):
         return RoPE()
     if pe_name == "alibi":
         return ALiBi(a["slopes"])
-    return KERPLE(pe_name.split("_")[1], a["r1"], a["r2"])
+    if pe_name.startswith("kerple"):
+        return KERPLE(pe_name.split("_")[1], a["r1"], a["r2"])
+    raise _unknown(pe_name)
 
 
 def _param_names(pe_name):
-    return {"rope": (), "alibi": ("slopes",)}.get(pe_name, ("r1", "r2"))
+    if pe_name.startswith("kerple"):
+        return ("r1", "r2")
+    if pe_name in ("rope", "alibi"):
+        return {"rope": (), "alibi": ("slopes",)}[pe_name]
+    raise _unknown(pe_name)
+
+
+def _unknown(pe_name):
+    return NotImplementedError(f"test_strided has no spec for PE {pe_name!r}: add its parameters "
+                               "to _inputs, _pe and _param_names")
 
 
 def _junk(t):
@@ -206,7 +219,7 @@ def _run_backward(pe_name, a, params):
     return out.detach(), {"q": q.grad, "k": k.grad, "v": v.grad}
 
 
-@pytest.mark.parametrize("pe_name", ["alibi", "kerple_log", "kerple_power"])
+@pytest.mark.parametrize("pe_name", BIAS_PES)
 def test_strided_leaf_parameter_gets_its_grad(pe_name):
     """A PE parameter that is itself a strided leaf (torch.empty_strided, stride 2; the gaps
     hold junk): its .grad equals the .grad of a contiguous leaf with the same values."""
@@ -231,7 +244,7 @@ def test_strided_leaf_parameter_gets_its_grad(pe_name):
         assert torch.equal(strided[n].grad, dense[n].grad), f"{n}.grad"
 
 
-@pytest.mark.parametrize("pe_name", ["alibi", "kerple_log", "kerple_power"])
+@pytest.mark.parametrize("pe_name", BIAS_PES)
 def test_view_of_leaf_parameter_grad_reaches_base(pe_name):
     """PE parameters that are views of a leaf that requires grad: ``base[:, 0]`` (ALiBi; the
     column beside it is junk) or ``base[:, 0]`` and ``base[:, 1]`` as KERPLE's r1 and r2 (one
