@@ -34,36 +34,30 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from posattn import pe as pe_registry  # noqa: E402
 from posattn.kernels import launch  # noqa: E402
 from posattn.kernels.attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel  # noqa: E402
 from posattn.kernels.attn_fwd import attn_fwd_kernel  # noqa: E402
-from posattn.kernels.configs import tile_config  # noqa: E402
+from posattn.kernels.configs import TileConfig  # noqa: E402
 
 ARCHS = (90, 80)
 MMA = {90: "wgmma.mma_async", 80: "mma.sync"}  # the tensor-core instruction each arch must use
 SMEM_LIMIT = {90: 227 * 1024, 80: 99 * 1024}  # bytes per block; 80 stands for sm_80/86/89
 KERNELS = {"fwd": attn_fwd_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel, "bwd_dq": attn_bwd_dq_kernel}
-PES = {"none": launch.PE_NONE, "rope": launch.PE_ROPE, "alibi": launch.PE_ALIBI,
-       "kerple_log": launch.PE_KERPLE_LOG, "kerple_power": launch.PE_KERPLE_POWER}
-# Pointer arguments and their element types (bf16 inputs); everything else is an int or float.
-# "io" is the input dtype (q, k, v and everything of their shape).
-POINTERS = {"Q": "io", "K": "io", "V": "io", "O": "io", "DO": "io",
-            "DQ": "io", "DK_OUT": "io", "DV_OUT": "io", "LSE": "*fp32", "NLSE2": "*fp32",
-            "DELTA": "*fp32",
-            "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64", "ROPE_TILES": "*fp32",
-            "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32", "GPB": "*fp32", "BIAS_F": "*fp32",
-            "BIAS_G": "*fp32", "DREF": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
-FLOATS = {"scale", "scale_log2", "rope_factor"}
-# The forward's TMA descriptor arguments (launch.tma_descriptors): (rows, columns) of a block
-DESCRIPTORS = {"KD": ("BLOCK_N", "BLOCK_A"), "VD": ("BLOCK_N", "BLOCK_DV")}
+PES = pe_registry.registered()  # every registered PE (posattn.pe.REGISTRY)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Triton's names of the argument types a launch passes (the signature is derived from the
+# launch itself: launch.capture)
+TL_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+            torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+# The representative launch: B=2, Hq=8, Hkv=2 (GQA 4), 4096 tokens (a full-length training
+# shape: KERPLE's tables and RoPE's tile tables in use), bhsd storage, int32 positions.
+SHAPE = dict(B=2, Hq=8, Hkv=2, S=4096)
 
 
 def _cuobjdump() -> str:
     import triton.backends.nvidia as nv
     return os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
@@ -74,18 +68,93 @@ def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
     return bool(pe_grad) and kernel == "bwd_dq" and pe not in ("none", "rope")
 
 
+def centred(pe: str, explicit: bool, center=None) -> bool:
+    """Whether the compile centres its bias rows (launch.bias_refs): always for a bias PE with
+    explicit positions; with contiguous ones only when queries lie outside the key range
+    (int offsets), which the shipped rows do not assume unless ``center`` says so."""
+    if center is None:
+        center = explicit
+    return bool(center) and pe_registry.axes(pe)[1] != "none"
+
+
+def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
+                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
+                    tma=None, center=None, window=None, softcap=None, varlen=False):
+    """The launch of ``kernel`` that the launchers make for this case, recorded by
+    launch.capture on meta tensors of SHAPE: (launch.Launch, TileConfig, tma). Arguments as in
+    compile_kernel. Every pointer dtype, constexpr and descriptor comes from the launcher."""
+    from posattn import _triton  # the spec -> record reduction the API uses
+
+    B, Hq, Hkv, S = SHAPE["B"], SHAPE["Hq"], SHAPE["Hkv"], SHAPE["S"]
+    dt, dev = DTYPES[dtype], "meta"
+    rec = _triton.kernel_pe(pe_registry.REGISTRY[pe](), head_dim, Hq, dev, None)
+    if varlen:  # (1, H, total, D) views of (total, H, D), as attention_varlen passes them
+        q, k, v, do = (torch.empty(B * S, h, head_dim, device=dev, dtype=dt).unsqueeze(0)
+                       .transpose(1, 2) for h in (Hq, Hkv, Hkv, Hq))
+        cu = torch.empty(B + 1, device=dev, dtype=torch.int32)
+        pos = launch.KernelPositions(cu_q=cu, cu_k=cu, lens_q=(S,) * B, lens_k=(S,) * B)
+        if explicit:
+            p = torch.empty(1, B * S, device=dev, dtype=torch.int32)
+            pos = launch.KernelPositions(qpos=p, kpos=p, cu_q=cu, cu_k=cu, lens_q=(S,) * B,
+                                         lens_k=(S,) * B)
+    else:
+        q, k, v, do = (torch.empty(B, h, S, head_dim, device=dev, dtype=dt)
+                       for h in (Hq, Hkv, Hkv, Hq))
+        if explicit:
+            p = torch.empty(1, S, device=dev, dtype=torch.int32)
+            pos = launch.KernelPositions(qpos=p, kpos=p)
+        elif centred(pe, explicit, center):  # queries past the keys (an int offset)
+            pos = launch.KernelPositions(q_start=S + 64, k_start=0)
+        else:
+            pos = launch.KernelPositions()
+    left, right = window if window is not None else (None, None)
+    mask = launch.Mask(causal=causal, left=left, right=right, softcap=float(softcap or 0.0))
+    scale = head_dim ** -0.5
+    saved = (os.environ.get("POSATTN_TMA"), launch.FORCE_SPLITS, launch.tile_config)
+    try:
+        if tma is False:
+            os.environ["POSATTN_TMA"] = "0"
+        if part == "split":
+            launch.FORCE_SPLITS = 2
+        if cfg is not None:  # a candidate tile (bench.tune): for this kernel only
+            real = launch.tile_config
+            launch.tile_config = lambda name, *a, **kw: cfg if name == kernel else real(name, *a, **kw)
+        with launch.capture(arch) as launches:
+            if kernel == "fwd":
+                launch.attn_fwd(q, k, v, rec, pos, mask, scale)
+            else:
+                lse = torch.empty(q.shape[:3], device=dev, dtype=torch.float32)
+                launch.attn_bwd(do, q, k, v, torch.empty_like(do), lse, rec, pos, mask, scale,
+                                ck_pe_grad(kernel, pe, pe_grad))
+    finally:
+        if saved[0] is None:
+            os.environ.pop("POSATTN_TMA", None)
+        else:
+            os.environ["POSATTN_TMA"] = saved[0]
+        launch.FORCE_SPLITS, launch.tile_config = saved[1], saved[2]
+    mine = [ln for ln in launches if ln.fn is KERNELS[kernel]]
+    if not mine:
+        raise ValueError(f"the launchers made no {kernel} launch for {pe} D={head_dim}")
+    want = {}
+    if kernel == "bwd_dkdv" and len(mine) == 2:  # a split tile: one launch per part
+        want = {"dv": dict(DO_DK=False), "dk": dict(DO_DV=False)}.get(part, {})
+    if kernel == "fwd":
+        want = dict(SPLIT=part == "split")
+    pick = [ln for ln in mine if all(ln.kwargs.get(n) == val for n, val in want.items())]
+    if not pick:
+        raise ValueError(f"no {kernel} launch with part {part!r} for {pe} D={head_dim}")
+    kw = pick[0].kwargs
+    tile = TileConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"],
+                      split=kernel == "bwd_dkdv" and len(mine) == 2)
+    return pick[0], tile, bool(kw.get("TMA", False))
+
+
 def shipped_tile(kernel: str, pe: str, head_dim: int, causal: bool, arch: int,
                  dtype: str = "bf16", pe_grad=None, explicit: bool = False, tma=None,
-                 center=None):
-    """The TileConfig tile_config ships for this compile (pe: a key of PES; pe_grad, tma,
-    center as in compile_kernel)."""
-    kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
-    width = launch._layout_meta(kpe, head_dim, head_dim)[1]
-    tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
-    roomy = launch.roomy_tile(launch.KernelPositions(qpos=torch.empty(0) if explicit else None),
-                              centred(pe, explicit, center))
-    return tile_config(kernel, width, causal, DTYPES[dtype], arch, launch._family(kpe),
-                       ck_pe_grad(kernel, pe, pe_grad), explicit=roomy, tma=tma)
+                 center=None, **opts):
+    """The TileConfig the launchers ship for this compile (as in compile_kernel)."""
+    return captured_launch(kernel, pe, head_dim, causal, explicit, None, arch, dtype, pe_grad,
+                           "both", tma, center, **opts)[1]
 
 
 def launches(kernel: str, cfg) -> tuple:
@@ -93,107 +162,101 @@ def launches(kernel: str, cfg) -> tuple:
     return ("dv", "dk") if kernel == "bwd_dkdv" and cfg.split else ("both",)
 
 
-def variants(kernel: str, pe: str, cfg, explicit: bool) -> tuple:
+def variants(kernel: str, pe: str, cfg, explicit: bool, varlen: bool = False) -> tuple:
     """The parts report() compiles for a config: its launches, and for the forward also its
     split-K variant where the launcher may split it (launch.split_allowed)."""
-    split = kernel == "fwd" and launch.split_allowed(
-        launch.KernelPE(PES[pe]), launch.KernelPositions(qpos=torch.empty(0) if explicit else None))
+    rec = launch.KernelPE(*_axes_kwargs(pe))
+    pos = launch.KernelPositions(qpos=torch.empty(0) if explicit else None,
+                                 cu_q=torch.empty(0) if varlen else None)
+    split = kernel == "fwd" and launch.split_allowed(rec, pos)
     return launches(kernel, cfg) + (("split",) if split else ())
 
 
-def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: bool = False) -> bool:
+def _axes_kwargs(pe: str) -> tuple:
+    rot, bias, family = pe_registry.axes(pe)
+    return rot, None, 1.0, 0, False, bias, None, family
+
+
+def uses_tma(kernel: str, pe: str, arch: int, dtype: str = "bf16", explicit: bool = False,
+             varlen: bool = False) -> bool:
     """Whether the launcher loads the loop tiles through TMA here (launch.tma_planned),
     for 16-byte-aligned inputs as every benchmark makes them."""
-    return kernel == "fwd" and launch.tma_planned(arch, launch.KernelPE(PES[pe]), DTYPES[dtype],
-                                                  explicit)
+    rec = launch.KernelPE(*_axes_kwargs(pe))
+    return kernel == "fwd" and launch.tma_planned(arch, rec, DTYPES[dtype], explicit, varlen)
 
 
-def centred(pe: str, explicit: bool, center=None) -> bool:
-    """Whether the compile centres its bias rows (launch.bias_refs): always for a bias PE with
-    explicit positions; with contiguous ones only when queries lie outside the key range
-    (int offsets), which the shipped rows do not assume unless ``center`` says so."""
-    if center is None:
-        center = explicit
-    return bool(center) and pe not in ("none", "rope")
+def _signature(fn, kw: dict, dtype: str):
+    """(signature, constexprs, attrs) of a recorded launch, for ASTSource: constexpr
+    parameters and None arguments are constexprs; tensors are pointers of their dtype
+    (16-byte aligned); TMA descriptors tensordesc; ints i32 (i64 past 2**31), strides of 1
+    specialised to the constant 1 (as the JIT does) and the others marked divisible by 16
+    when they are; floats fp32."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        name, val = p.name, kw[p.name]
+        if p.is_constexpr or val is None:
+            signature[name] = "constexpr"
+            constexprs[name] = val
+        elif isinstance(val, torch.Tensor):
+            signature[name] = "*" + TL_TYPES[val.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, TensorDescriptor):
+            block = ", ".join(str(b) for b in val.block_shape)
+            signature[name] = f"tensordesc<{TL_TYPES[val.base.dtype]}[{block}]>"
+        elif isinstance(val, bool):
+            signature[name] = "i1"
+        elif isinstance(val, int):
+            if name.startswith("stride_") and val == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if -2 ** 31 <= val < 2 ** 31 else "i64"
+                if name.startswith("stride_") and val % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: no signature type for {name}={val!r}")
+    return signature, constexprs, attrs
 
 
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                   tma=None, center=None):
-    """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``.
+                   tma=None, center=None, window=None, softcap=None, varlen=False):
+    """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``,
+    exactly as the launcher would launch it (captured_launch).
 
-    explicit: explicit position tensors (RoPE then evaluates cos/sin per element, not per tile).
-    dtype: the input dtype, a key of DTYPES. pe_grad: compile the dQ kernel with the bias
-    parameters' gradients (default: KERPLE yes, ALiBi no, as most use them). part: for dK/dV,
-    "both" or one launch of a split tile, "dv" or "dk" (configs.TileConfig.split); for the
-    forward, "split" is its split-K variant (launch.split_count: decode steps).
-    tma: load the loop tiles through TMA descriptors; default: where the launcher would
-    (uses_tma). False on sm_90 compiles the pointer path its unaligned inputs take.
-    center: centre the bias rows (see centred; default: with explicit positions).
+    pe: a registered PE name (posattn.pe.REGISTRY). explicit: explicit position tensors (RoPE
+    then evaluates cos/sin per element, not per tile). dtype: the input dtype, a key of
+    DTYPES. pe_grad: compile the dQ kernel with the bias parameters' gradients (default:
+    KERPLE yes, ALiBi no, as most use them). part: for dK/dV, "both" or one launch of a split
+    tile, "dv" or "dk" (configs.TileConfig.split); for the forward, "split" is its split-K
+    variant (launch.split_count: decode steps). tma: False compiles the pointer path that
+    unaligned inputs take (default: where the launcher would use TMA). center: centre the
+    bias rows (see centred; default: with explicit positions). window, softcap: as
+    posattn.attention; varlen: packed sequences.
     Returns (compiled kernel, TileConfig, seconds).
     """
-    fn = KERNELS[kernel]
-    kpe = launch.KernelPE(PES[pe], rot_dim=head_dim if pe == "rope" else 0)
-    meta, width = launch._layout_meta(kpe, head_dim, head_dim)
-    # ALiBi as most use it (fixed slopes: no PE gradient), KERPLE with trainable r1, r2 (the
-    # dQ kernel then also accumulates the parameter gradients)
-    pe_grad = ck_pe_grad(kernel, pe, pe_grad)
-    tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
-    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, dtype, pe_grad, explicit, tma,
-                              center)
-    # KERPLE with contiguous positions ships with its per-distance tables (launch._bias_tables)
-    # at the sequence lengths that matter; explicit positions evaluate f in the tile.
-    table = pe.startswith("kerple") and not explicit and not centred(pe, explicit, center)
-    constexprs = dict(meta, PE=PES[pe], CAUSAL=causal, EXPLICIT_POS=explicit,
-                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                      PREC=launch._prec(DTYPES[dtype]), BIAS_TABLE=table,
-                      CENTER=centred(pe, explicit, center))
-    if kernel == "bwd_dq":
-        constexprs["NEED_PE_GRAD"] = pe_grad
-    if kernel == "bwd_dkdv":
-        constexprs.update(DO_DK=part in ("both", "dk"), DO_DV=part in ("both", "dv"))
-    if kernel == "fwd":  # the default positive scale; part "split": a split-K launch
-        constexprs.update(TMA=tma, FOLD_SCALE=launch.fold_scale(1.0), SPLIT=part == "split")
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name == "DREF" and not constexprs["CENTER"]:  # the launcher passes None
-            signature[name] = "constexpr"
-            constexprs[name] = None
-        elif name in DESCRIPTORS:
-            if tma:
-                rows, cols = (constexprs[n] for n in DESCRIPTORS[name])
-                signature[name] = f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"
-            else:  # the launcher passes None
-                signature[name] = "constexpr"
-                constexprs[name] = None
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        elif name.startswith("stride_") and name.endswith("d"):
-            signature[name] = "constexpr"  # the head dim is contiguous: launches specialise it to 1
-            constexprs[name] = 1
-        elif name in POINTERS:
-            signature[name] = "*" + dtype if POINTERS[name] == "io" else POINTERS[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in FLOATS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
+                                  pe_grad, part, tma, center, window, softcap, varlen)
+    kw = dict(ln.kwargs)
+    options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
+    signature, constexprs, attrs = _signature(ln.fn, kw, dtype)
+    src = ASTSource(fn=ln.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     t0 = time.time()
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return ck, cfg, time.time() - t0
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return ck, tile, time.time() - t0
 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                tma=None, center=None):
+                tma=None, center=None, window=None, softcap=None, varlen=False):
     """Compile one config (see compile_kernel) and return its report row."""
-    tma = uses_tma(kernel, pe, arch, dtype, explicit) if tma is None else tma
+    tma = uses_tma(kernel, pe, arch, dtype, explicit, varlen) if tma is None else tma
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                      pe_grad, part, tma, center)
+                                      pe_grad, part, tma, center, window, softcap, varlen)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -211,7 +274,9 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
                stack=field("STACK"), local=field("LOCAL"), shared=ck.metadata.shared,
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
-               mma_util=None, tma=tma, center=centred(pe, explicit, center))
+               mma_util=None, tma=tma, center=centred(pe, explicit, center),
+               window=list(window) if window is not None else None, softcap=softcap,
+               varlen=varlen)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -221,45 +286,65 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
     return row
 
 
+# Rows for the geometry options (window, softcap, packed sequences): every PE with each
+# option at least once, and each option with causal and non-causal masks (pairwise, not the
+# product): (pe, causal, explicit, options).
+GEOMETRY_ROWS = (
+    ("none", True, False, dict(window=(1023, 0))),  # Mistral: causal sliding window
+    ("rope", True, False, dict(window=(1023, 0), softcap=50.0)),  # Gemma 2's local layers
+    ("alibi", False, False, dict(window=(256, 256), softcap=30.0)),  # both sides bounded
+    ("kerple_log", True, False, dict(varlen=True)),
+    ("kerple_power", False, False, dict(varlen=True, window=(512, None))),
+    ("rope", True, False, dict(varlen=True)),
+    ("none", False, True, dict(varlen=True, softcap=30.0)),  # packed, explicit positions
+)
+
+
 def shipped_configs(quick: bool = False, head_dims=(64, 128)):
-    """(kernel, pe, head_dim, causal, explicit[, pe_grad[, center]]) to check: every PE causal
-    with contiguous positions, plus non-causal without PE, and no PE, RoPE and KERPLE-power
-    with explicit positions (the causal mask from position tensors; per-element cos/sin; int64
-    position differences; centred bias rows); ALiBi and KERPLE-power with contiguous positions
-    and centred rows (int offsets that put queries past the keys: launch.bias_refs); the dQ
-    kernel also with the other gradient setting of each bias PE (trainable ALiBi, fixed
-    KERPLE), which tile_config gives its own tile. quick: none / rope / kerple_power (the
-    heaviest bias) only."""
-    pes = ("none", "rope", "kerple_power") if quick else tuple(PES)
+    """(kernel, pe, head_dim, causal, explicit, pe_grad, center, options) to check: every PE
+    causal with contiguous positions, plus non-causal without PE, and no PE, RoPE and
+    KERPLE-power with explicit positions (the causal mask from position tensors; per-element
+    cos/sin; int64 position differences; centred bias rows); ALiBi and KERPLE-power with
+    contiguous positions and centred rows (int offsets that put queries past the keys:
+    launch.bias_refs); the dQ kernel also with the other gradient setting of each bias PE
+    (trainable ALiBi, fixed KERPLE), which tile_config gives its own tile; and GEOMETRY_ROWS
+    (window, softcap, varlen). quick: none / rope / kerple_power (the heaviest bias) only,
+    no geometry rows."""
+    pes = ("none", "rope", "kerple_power") if quick else PES
     for kernel in KERNELS:
         for head_dim in head_dims:
             for pe in pes:
-                yield kernel, pe, head_dim, True, False
-            yield kernel, "none", head_dim, False, False
-            yield kernel, "none", head_dim, True, True
-            yield kernel, "rope", head_dim, True, True
-            yield kernel, "kerple_power", head_dim, True, True
+                yield kernel, pe, head_dim, True, False, None, None, {}
+            yield kernel, "none", head_dim, False, False, None, None, {}
+            yield kernel, "none", head_dim, True, True, None, None, {}
+            yield kernel, "rope", head_dim, True, True, None, None, {}
+            yield kernel, "kerple_power", head_dim, True, True, None, None, {}
             if not quick:
-                yield kernel, "alibi", head_dim, True, False, None, True
-                yield kernel, "kerple_power", head_dim, True, False, None, True
+                yield kernel, "alibi", head_dim, True, False, None, True, {}
+                yield kernel, "kerple_power", head_dim, True, False, None, True, {}
             if kernel == "bwd_dq" and not quick:
-                yield kernel, "alibi", head_dim, True, False, True
-                yield kernel, "alibi", head_dim, True, True, True
-                yield kernel, "kerple_log", head_dim, True, False, False
+                yield kernel, "alibi", head_dim, True, False, True, None, {}
+                yield kernel, "alibi", head_dim, True, True, True, None, {}
+                yield kernel, "kerple_log", head_dim, True, False, False, None, {}
+            if not quick:
+                for pe, causal, explicit, opts in GEOMETRY_ROWS:
+                    yield kernel, pe, head_dim, causal, explicit, None, None, opts
 
 
 def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf16", echo=None):
     """Compile every shipped config for ``arch``; returns the rows. echo: called with each row."""
     rows = []
-    for kernel, pe, hd, causal, explicit, *extra in shipped_configs(quick, head_dims):
-        pe_grad, center = (list(extra) + [None, None])[:2]
+    for kernel, pe, hd, causal, explicit, pe_grad, center, opts in shipped_configs(quick, head_dims):
         # where the forward's key tiles go through TMA, unaligned inputs take the pointer path
         # (launch.tma_ready), with the tile shipped for it: both are checked
-        for tma in (True, False) if uses_tma(kernel, pe, arch, dtype, explicit) else (False,):
-            cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma, center)
-            for part in variants(kernel, pe, cfg, explicit):  # every launch is checked
+        tmas = (True, False) if uses_tma(kernel, pe, arch, dtype, explicit,
+                                         opts.get("varlen", False)) else (False,)
+        for tma in tmas:
+            cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma,
+                               center, **opts)
+            for part in variants(kernel, pe, cfg, explicit, opts.get("varlen", False)):
                 rows.append(compile_one(kernel, pe, hd, causal, explicit, cfg, arch, dtype,
-                                        pe_grad, part, tma, center))
+                                        pe_grad, part, tma, center, **opts))
                 if echo:
                     echo(rows[-1])
     return rows
@@ -272,9 +357,15 @@ def _print_row(r):
                     and r["kernel"] == "bwd_dq" else "")
     if r.get("center") and not r["explicit"]:
         pe += " centred"
+    if r.get("window") is not None:
+        pe += " win" + ",".join("-" if x is None else str(x) for x in r["window"])
+    if r.get("softcap"):
+        pe += f" cap{r['softcap']:g}"
+    if r.get("varlen"):
+        pe += " varlen"
     if r.get("part", "both") != "both":
         pe += f" [{r['part']}-K]" if r["part"] == "split" else f" [{r['part']}]"
-    print(f"sm_{r['arch']} {r['kernel']:9s} {pe:15s} D={r['head_dim']:<4d} "
+    print(f"sm_{r['arch']} {r['kernel']:9s} {pe:28s} D={r['head_dim']:<4d} "
           f"causal={int(r['causal'])} pos={'explicit' if r['explicit'] else 'contig  '} "
           f"tile {r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}"
           f"{' tma' if r.get('tma') else ''}  "

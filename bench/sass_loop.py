@@ -43,7 +43,10 @@ import tempfile
 
 from posattn.kernels.configs import KERNELS  # torch only: safe under TRITON_INTERPRET
 
-PES = ("none", "rope", "alibi", "kerple_log", "kerple_power")
+# every registered PE (posattn.pe: torch only, safe under TRITON_INTERPRET)
+from posattn.pe import registered  # noqa: E402
+
+PES = registered()
 CLASSES = {"HGMMA": "mma", "HMMA": "mma", "MUFU": "mufu", "DFMA": "fp64", "DMUL": "fp64",
            "DADD": "fp64", "LDS": "smem", "STS": "smem", "LDSM": "smem", "STSM": "smem"}
 
@@ -115,15 +118,16 @@ def mma_utilisation(ck, kernel: str, cfg, head_dim: int, part: str = "both"):
     return _utilisation(hot_loop(sass_of(ck), raw=True), kernel, cfg, head_dim, part)
 
 
-def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=None):
+def loop_row(kernel: str, pe: str, head_dim: int, causal: bool, arch: int, cfg=None, **opts):
     """One table row. A split dK/dV tile counts both launches' loops (instr and per 1k are
-    their sums; mma% is over both)."""
+    their sums; mma% is over both). opts: window / softcap / varlen (compile_report)."""
     from bench.compile_report import compile_kernel, launches, shipped_tile
 
-    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch)
+    cfg = cfg or shipped_tile(kernel, pe, head_dim, causal, arch, **opts)
     text = []
     for part in launches(kernel, cfg):
-        ck, _, _ = compile_kernel(kernel, pe, head_dim, causal, cfg=cfg, arch=arch, part=part)
+        ck, _, _ = compile_kernel(kernel, pe, head_dim, causal, cfg=cfg, arch=arch, part=part,
+                                  **opts)
         text += hot_loop(sass_of(ck), raw=True)
     body = [opcode(t) for t in text]
     cls = collections.Counter(CLASSES.get(op, "other") for op in body)
@@ -140,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90, choices=(80, 90))
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--geometry", action="store_true",
+                    help="also the window / softcap / varlen variants (compile_report.GEOMETRY_ROWS)")
     args = ap.parse_args(argv)
     rows = []
     if not args.json:
@@ -163,6 +169,22 @@ def main(argv=None):
                           f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
                           f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} "
                           f"{r['vs_none']:7.2f} {100 * (r['mma_util'] or 0):4.0f}%", flush=True)
+    if args.geometry:  # the window / softcap / varlen variants (compile_report.GEOMETRY_ROWS)
+        from bench.compile_report import GEOMETRY_ROWS
+
+        for kernel in KERNELS:
+            for pe, causal, explicit, opts in GEOMETRY_ROWS:
+                if explicit:
+                    continue
+                r = loop_row(kernel, pe, args.head_dim, causal, args.arch, **opts)
+                r.update(opts=opts)
+                rows.append(r)
+                if not args.json:
+                    tag = " ".join(f"{k}={v}" for k, v in opts.items())
+                    print(f"{kernel:9s} {int(causal):<6d} {pe:13s} {r['tile']:7s} "
+                          f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
+                          f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} {'':7s} "
+                          f"{100 * (r['mma_util'] or 0):4.0f}%  {tag}", flush=True)
     if args.json:
         print(json.dumps(rows))
     return 0

@@ -183,15 +183,15 @@ class Case:
         self.out, _, self.lse = self.fwd()  # the backward takes the forward's row_lse
 
     def fwd(self):
-        return self.launch.attn_fwd(self.q, self.k, self.v, self.kpe, self.pos, self.shape.causal,
-                                    self.scale)
+        return self.launch.attn_fwd(self.q, self.k, self.v, self.kpe, self.pos,
+                                    self.launch.Mask(causal=self.shape.causal), self.scale)
 
     def bwd(self):
-        dq, dk, dv, (ga, gb) = self.launch.attn_bwd(self.dout, self.q, self.k, self.v, self.out,
-                                                    self.lse, self.kpe, self.pos,
-                                                    self.shape.causal, self.scale,
-                                                    self.need_pe_grad)
-        return [t for t in (dq, dk, dv, ga, gb) if t is not None]
+        dq, dk, dv, g = self.launch.attn_bwd(self.dout, self.q, self.k, self.v, self.out,
+                                             self.lse, self.kpe, self.pos,
+                                             self.launch.Mask(causal=self.shape.causal),
+                                             self.scale, self.need_pe_grad)
+        return [t for t in (dq, dk, dv, g) if t is not None]
 
     def runner(self, kernel: str):
         return self.fwd if kernel == "fwd" else self.bwd
@@ -231,8 +231,9 @@ def same_result(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], rtol:
 def _kernel_pe(pe: str, head_dim: int):
     """A kernel PE record standing for the family ``pe`` (the bias PEs share their layout)."""
     from posattn.kernels import launch
-    kind = {"none": launch.PE_NONE, "rope": launch.PE_ROPE}.get(pe, launch.PE_ALIBI)  # biases: D
-    return launch.KernelPE(kind, rot_dim=head_dim if kind == launch.PE_ROPE else 0)
+    if pe == "rope":
+        return launch.KernelPE(rot="rope", rot_dim=head_dim, family="rope")
+    return launch.KernelPE(family=pe)  # bias families share the no-PE head layout
 
 
 def padded_width(pe: str, head_dim: int) -> int:

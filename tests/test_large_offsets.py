@@ -176,32 +176,14 @@ _COMPILE_SCRIPT = textwrap.dedent('''
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     from triton._C.libtriton import ir
-    from posattn.kernels import launch
-    from posattn.kernels.attn_bwd import (attn_bwd_dkdv_kernel, attn_bwd_dq_kernel,
-                                          attn_bwd_preprocess_kernel)
-    from posattn.kernels.attn_fwd import attn_combine_kernel, attn_fwd_kernel
-    from posattn.kernels.configs import tile_config
+    from posattn.kernels.attn_bwd import attn_bwd_preprocess_kernel
+    from posattn.kernels.attn_fwd import attn_combine_kernel
+    from bench.compile_report import _signature, captured_launch
 
-    POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "DO": "*fp16",
-                "DQ": "*fp16", "DK_OUT": "*fp16", "DV_OUT": "*fp16", "OUT": "*fp16",
-                "LSE": "*fp32", "NLSE2": "*fp32", "DELTA": "*fp32", "PA": "*fp32", "PB": "*fp32", "GPA": "*fp32",
-                "GPB": "*fp32", "QPOS": "*i32", "KPOS": "*i32", "THETA": "*fp64",
-                "ROPE_TILES": "*fp32", "BIAS_F": "*fp32", "BIAS_G": "*fp32", "DREF": "*fp32",
-                "O_PART": "*fp32", "LSE_PART": "*fp32"}
-    FLOATS = {"scale", "scale_log2", "rope_factor"}
+    POINTERS = {"Q": "*fp16", "OUT": "*fp16", "O_PART": "*fp32", "LSE_PART": "*fp32",
+                "O": "*fp16", "LSE": "*fp32", "DO": "*fp16", "DELTA": "*fp32", "NLSE2": "*fp32"}
 
-    def ttir(fn, constexprs, num_warps=4, num_stages=2):
-        signature = {}
-        for p in fn.params:
-            if p.is_constexpr:
-                signature[p.name] = "constexpr"
-            elif p.name in POINTERS:
-                signature[p.name] = POINTERS[p.name]
-            elif p.name in FLOATS:
-                signature[p.name] = "fp32"
-            else:
-                signature[p.name] = "i32"
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={})
+    def ttir_of(src, num_warps=4, num_stages=2):
         target = GPUTarget("cuda", 90, 32)
         backend = make_backend(target)
         options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
@@ -214,25 +196,27 @@ _COMPILE_SCRIPT = textwrap.dedent('''
         backend.add_stages(stages, options, src.language)
         return str(stages["ttir"](mod, {}))
 
-    def attention(kernel, fn, pe, explicit, causal=True, head_dim=64, split=False):
-        """TTIR of one attention kernel with the tile config it ships for sm_90."""
-        kpe = launch.KernelPE(pe, rot_dim=head_dim if pe == launch.PE_ROPE else 0)
-        meta, width = launch._layout_meta(kpe, head_dim, head_dim)
-        args = [kernel, width, causal, torch.float16, 90]
-        if "pe" in inspect.signature(tile_config).parameters and hasattr(launch, "_family"):
-            args.append(launch._family(kpe))
-        cfg = tile_config(*args)
-        every = dict(meta, PE=pe, CAUSAL=causal, EXPLICIT_POS=explicit, BLOCK_M=cfg.BLOCK_M,
-                     BLOCK_N=cfg.BLOCK_N, PREC="tf32", GROUP_P2=4,
-                     NEED_PE_GRAD=pe not in (launch.PE_NONE, launch.PE_ROPE),
-                     FOLD_SCALE=True, TMA=False, DO_DK=True, DO_DV=True, SPLIT=split,
-                     BIAS_TABLE=pe in (launch.PE_KERPLE_LOG, launch.PE_KERPLE_POWER) and not explicit,
-                     CENTER=explicit and pe in launch.BIAS_KINDS)
-        wanted = [p.name for p in fn.params if p.is_constexpr]
-        missing = [n for n in wanted if n not in every]
-        if missing:
-            sys.exit(f"{fn.__name__}: no value for constexpr(s) {missing}; update tests/test_large_offsets.py")
-        return ttir(fn, {n: every[n] for n in wanted}, cfg.num_warps, cfg.num_stages)
+    def ttir(fn, constexprs, num_warps=4, num_stages=2):
+        """A helper kernel without a launcher capture: pointers by name, the rest i32."""
+        signature = {}
+        for p in fn.params:
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+            else:
+                signature[p.name] = POINTERS.get(p.name, "i32")
+        return ttir_of(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs={}),
+                       num_warps, num_stages)
+
+    def attention(kernel, pe, explicit, causal=True, head_dim=64, split=False, varlen=False):
+        """TTIR of one attention kernel exactly as the launcher launches it for sm_90
+        (bench.compile_report.captured_launch: its arguments, tile and constexprs), on the
+        pointer path (TMA coordinates are int32 by design; the hardware forms the address)."""
+        ln, _, _ = captured_launch(kernel, pe, head_dim, causal, explicit, dtype="fp16",
+                                   part="split" if split else "both", varlen=varlen, tma=False)
+        kw = dict(ln.kwargs)
+        nw, ns = kw.pop("num_warps"), kw.pop("num_stages")
+        sig, consts, attrs = _signature(ln.fn, kw, "fp16")
+        return ttir_of(ASTSource(fn=ln.fn, signature=sig, constexprs=consts, attrs=attrs), nw, ns)
 
     @triton.jit
     def bad_kernel(Q, OUT, stride_qb, stride_qd, Hq):
@@ -247,12 +231,11 @@ _COMPILE_SCRIPT = textwrap.dedent('''
         tl.store(OUT + bh * 16 + tl.arange(0, 16), x)
 
     out = {}
-    kernels = {"fwd": attn_fwd_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel, "bwd_dq": attn_bwd_dq_kernel}
-    for name, fn in kernels.items():
-        out[name + "/rope_explicit"] = attention(name, fn, launch.PE_ROPE, True)
-        out[name + "/kerple_power"] = attention(name, fn, launch.PE_KERPLE_POWER, False)
-    out["fwd/split_kerple_power"] = attention("fwd", attn_fwd_kernel, launch.PE_KERPLE_POWER,
-                                              False, split=True)
+    for name in ("fwd", "bwd_dkdv", "bwd_dq"):
+        out[name + "/rope_explicit"] = attention(name, "rope", True)
+        out[name + "/kerple_power"] = attention(name, "kerple_power", False)
+        out[name + "/varlen_alibi"] = attention(name, "alibi", False, varlen=True)
+    out["fwd/split_kerple_power"] = attention("fwd", "kerple_power", False, split=True)
     out["fwd_combine"] = ttir(attn_combine_kernel, dict(DV=64, BLOCK_M=16, BLOCK_DV=64))
     out["bwd_preprocess"] = ttir(attn_bwd_preprocess_kernel, dict(DV=64, BLOCK_M=64, BLOCK_DV=64))
     out["control/bad"] = ttir(bad_kernel, {})
@@ -344,9 +327,10 @@ def test_split_combine_offsets_are_64_bit(sm90_ttir):
 
 
 @pytest.mark.parametrize("name", ["fwd/rope_explicit", "fwd/kerple_power", "fwd/split_kerple_power",
-                                  "bwd_dkdv/rope_explicit",
-                                  "bwd_dkdv/kerple_power", "bwd_dq/rope_explicit",
-                                  "bwd_dq/kerple_power", "bwd_preprocess"])
+                                  "fwd/varlen_alibi", "bwd_dkdv/rope_explicit",
+                                  "bwd_dkdv/kerple_power", "bwd_dkdv/varlen_alibi",
+                                  "bwd_dq/rope_explicit", "bwd_dq/kerple_power",
+                                  "bwd_dq/varlen_alibi", "bwd_preprocess"])
 def test_compiled_offsets_are_64_bit(sm90_ttir, name):
     text = sm90_ttir[name]
     violations, sources = wide_offset_violations(text)
