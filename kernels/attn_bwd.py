@@ -233,6 +233,9 @@ def attn_bwd_dkdv_kernel(
     b = bhk // Hkv
     hk = bhk % Hkv
     h0 = hk * GROUP  # first query head of this KV head's group
+    lse_rows = Sq  # the LSE's row length: Sq, or total_q for packed sequences
+    if VARLEN:  # (lse_len is None otherwise: an argument the dense kernels do not carry)
+        lse_rows = lse_len
     q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
                                                             k_start, VARLEN)
     if VARLEN:
@@ -246,7 +249,7 @@ def attn_bwd_dkdv_kernel(
     QPOS += bt * stride_qpb + q_row0 * stride_qpm
     KPOS += bt * stride_kpb + k_row0 * stride_kpn
     if CENTER:  # DREF (B, Sq) or varlen (1, total_q); None without CENTER
-        DREF += bt * lse_len + q_row0
+        DREF += bt * lse_rows + q_row0
     scale_log2 = scale * LOG2E
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,7 +288,9 @@ def attn_bwd_dkdv_kernel(
     if EXPLICIT_POS and (CAUSAL or WIN_L or WIN_R):  # no order known: every tile masked
         t_lo = 0
         f_lo = m_tiles
-        f_hi = m_tiles
+        # an empty unmasked range the compiler cannot prove empty (f_hi - f_lo folded to 0
+        # cost 8 B of spills on sm_80, KERPLE power D=128)
+        f_hi = tl.maximum(f_lo, Sq // BLOCK_M)
         t_hi = m_tiles
     else:
         lo_off, hi_off = key_band(q_start - k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R)
@@ -299,35 +304,33 @@ def attn_bwd_dkdv_kernel(
     dkb = tl.zeros([BLOCK_N, BLOCK_A], tl.float32)
     dkc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lse_row0 = bt * Hq * lse_len + q_row0
+    lse_row0 = bt * Hq * lse_rows + q_row0
     Qb = Q + bt * stride_qb + q_row0 * stride_qm
     DOb = DO + bt * stride_dob + q_row0 * stride_dom
-    dka, dkb, dkc, dv = _dkdv_tiles(
-        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PARAMS, BIAS_F, DREF, bias_len,
-        c_tab, s_tab, c_seq, s_seq,
-        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
-        Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2, win_left, win_right,
-        lse_row0, lse_len, h0,
-        GROUP * n_masked, tl.maximum(n_masked, 1), t_lo, f_lo - t_lo, f_hi,
-        colA, colB, maskA, colC, maskC, colV, maskV,
-        ROT=ROT, BIAS=BIAS, NP=NP, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-        SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, SEQ_SHIFT=VARLEN, HAS_PASS=HAS_PASS,
-        ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-        DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER)
-    dka, dkb, dkc, dv = _dkdv_tiles(
-        dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
-        Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PARAMS, BIAS_F, DREF, bias_len,
-        c_tab, s_tab, c_seq, s_seq,
-        stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
-        Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2, win_left, win_right,
-        lse_row0, lse_len, h0,
-        GROUP * (f_hi - f_lo), tl.maximum(f_hi - f_lo, 1), f_lo, f_hi - f_lo, f_hi,
-        colA, colB, maskA, colC, maskC, colV, maskV,
-        ROT=ROT, BIAS=BIAS, NP=NP, MASKED=False, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-        SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, SEQ_SHIFT=VARLEN, HAS_PASS=HAS_PASS,
-        ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-        DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER)
+    # Two runs (unrolled): the masked tiles, [t_lo, f_lo) then [f_hi, t_hi) in one flat loop
+    # (the jump at f_lo), and the unmasked [f_lo, f_hi).
+    for run in tl.static_range(2):
+        if run == 0:
+            n_run = n_masked
+            lo = t_lo
+            split = f_lo - t_lo
+        else:
+            n_run = f_hi - f_lo
+            lo = f_lo
+            split = f_hi - f_lo
+        dka, dkb, dkc, dv = _dkdv_tiles(
+            dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
+            Qb, DOb, NLSE2, DELTA, QPOS, THETA, ROPE_TILES, PARAMS, BIAS_F, DREF, bias_len,
+            c_tab, s_tab, c_seq, s_seq,
+            stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
+            Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2, win_left, win_right,
+            lse_row0, lse_rows, h0,
+            GROUP * n_run, tl.maximum(n_run, 1), lo, split, f_hi,
+            colA, colB, maskA, colC, maskC, colV, maskV,
+            ROT=ROT, BIAS=BIAS, NP=NP, MASKED=run == 0, CAUSAL=CAUSAL, WIN_L=WIN_L,
+            WIN_R=WIN_R, SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, SEQ_SHIFT=VARLEN,
+            HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, PREC=PREC,
+            BIAS_TABLE=BIAS_TABLE, DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER)
 
     if DO_DK:
         store_grad_groups(DK_OUT, offs_n, n_mask, kpos, stride_dkn, stride_dkd, dka, dkb, dkc,
@@ -424,6 +427,9 @@ def attn_bwd_dq_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
+    lse_rows = Sq  # the LSE's row length: Sq, or total_q for packed sequences
+    if VARLEN:  # (lse_len is None otherwise: an argument the dense kernels do not carry)
+        lse_rows = lse_len
     q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
                                                             k_start, VARLEN)
     if VARLEN:
@@ -439,7 +445,7 @@ def attn_bwd_dq_kernel(
     BIAS_G += h * bias_len
     QPOS += bt * stride_qpb + q_row0 * stride_qpm
     KPOS += bt * stride_kpb + k_row0 * stride_kpn
-    lse_row = (bt * Hq + h) * lse_len + q_row0
+    lse_row = (h if VARLEN else bh) * lse_rows + q_row0  # (see attn_fwd_kernel)
     scale_log2 = scale * LOG2E
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -456,7 +462,7 @@ def attn_bwd_dq_kernel(
     else:
         qpos = q_start + offs_m
     pa, pb = bias_params(BIAS, PARAMS, h, NP)
-    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_len + q_row0 + offs_m, m_mask, pb)
+    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
     c_q = 0.0
     s_q = 0.0
     c_tab = 0.0
@@ -488,37 +494,29 @@ def attn_bwd_dq_kernel(
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     g1 = tl.zeros([BLOCK_M], tl.float32)
     g2 = tl.zeros([BLOCK_M], tl.float32)
-    if WIN_L:  # the masked tiles before the band's unmasked ones
-        dqa, dqb, dqc, g1, g2 = _dq_tiles(
-            dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
-            K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-            Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-            win_left, win_right, t_lo, f_lo, colA, colB, maskA, colC, maskC, colV, maskV,
-            ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-            SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
-            BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-            NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER)
-    dqa, dqb, dqc, g1, g2 = _dq_tiles(
-        dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
-        K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-        Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-        win_left, win_right, f_lo, f_hi, colA, colB, maskA, colC, maskC, colV, maskV,
-        ROT=ROT, BIAS=BIAS, MASKED=False, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-        SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
-        BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-        NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER)
-    dqa, dqb, dqc, g1, g2 = _dq_tiles(
-        dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
-        K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-        Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-        win_left, win_right, f_hi, t_hi, colA, colB, maskA, colC, maskC, colV, maskV,
-        ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-        SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
-        BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-        NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER)
+    # Runs of key tiles, as in the forward (unrolled; run 0 only with a window's left edge):
+    # 0 = masked before the band, 1 = unmasked, 2 = masked.
+    for run in tl.static_range(3):
+        if run != 0 or WIN_L:
+            if run == 0:
+                lo = t_lo
+                hi = f_lo
+            elif run == 1:
+                lo = f_lo
+                hi = f_hi
+            else:
+                lo = f_hi
+                hi = t_hi
+            dqa, dqb, dqc, g1, g2 = _dq_tiles(
+                dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
+                K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
+                Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
+                win_left, win_right, lo, hi, colA, colB, maskA, colC, maskC, colV, maskV,
+                ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
+                SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
+                ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
+                BIAS_TABLE=BIAS_TABLE, NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER)
     store_grad_groups(DQ, offs_m, m_mask, qpos, stride_dqm, stride_dqd, dqa, dqb, dqc, scale,
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS, ROT_HALF,
                       BLOCK_A)

@@ -195,6 +195,9 @@ def attn_fwd_kernel(
     h = bh % Hq
     hk = h // GROUP
     # geometry prologue: this sequence's rows, lengths and first positions
+    lse_rows = Sq  # the LSE's row length: Sq, or total_q for packed sequences
+    if VARLEN:  # (lse_len is None otherwise: an argument the dense kernels do not carry)
+        lse_rows = lse_len
     q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
                                                             k_start, VARLEN)
     tl.static_assert(not (TMA and VARLEN), "TMA descriptors address dense batches only")
@@ -208,7 +211,9 @@ def attn_fwd_kernel(
     K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
     V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
     O += bt * stride_ob + h * stride_oh + q_row0 * stride_om
-    lse_row = (bt * Hq + h) * lse_len + q_row0  # LSE (B, Hq, Sq) or varlen (Hq, total_q)
+    # LSE (B, Hq, Sq): row bh * Sq; varlen (Hq, total_q): h * total_q + the sequence's row.
+    # (bh, not (b * Hq + h): b and h would stay live across the loop -- 8 B of spills, sm_80)
+    lse_row = (h if VARLEN else bh) * lse_rows + q_row0
     LSE += lse_row
     QPOS += bt * stride_qpb + q_row0 * stride_qpm
     KPOS += bt * stride_kpb + k_row0 * stride_kpn
@@ -231,7 +236,7 @@ def attn_fwd_kernel(
     # bias parameters of this head, with log2(e) folded in where the bias is linear in them
     pa, pb = bias_params(BIAS, PARAMS, h, NP)
     pa2 = pa * LOG2E
-    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_len + q_row0 + offs_m, m_mask, pb)
+    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
 
     # RoPE: rotate the Q tile once; build the per-offset table for the key tiles.
     c_q = 0.0
@@ -259,45 +264,40 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    masked_lo = f_hi
-    masked_hi = t_hi
+    run_lo = 0
+    run_hi = 0
     if SPLIT:  # this program's run of key tiles only (may be empty), all through the masked
         # loop: no unmasked loop is compiled, one loop body instead of two (registers), and a
         # decode step is memory-bound anyway
         run0 = tl.program_id(2) * tiles_per_split
-        masked_lo = tl.maximum(run0, t_lo)
-        masked_hi = tl.minimum(run0 + tiles_per_split, t_hi)
-    else:
-        if WIN_L:  # the masked tiles before the band's unmasked ones
+        run_lo = tl.maximum(run0, t_lo)
+        run_hi = tl.minimum(run0 + tiles_per_split, t_hi)
+    # Three runs of tiles (unrolled at compile time; a run that cannot occur is not compiled):
+    # 0 = masked tiles before the band (a window's left edge), 1 = unmasked, 2 = masked.
+    for run in tl.static_range(3):
+        if (run == 2) or (run == 1 and not SPLIT) or (run == 0 and WIN_L and not SPLIT):
+            if run == 0:
+                lo = t_lo
+                hi = f_lo
+            elif run == 1:
+                lo = f_lo
+                hi = f_hi
+            elif SPLIT:
+                lo = run_lo
+                hi = run_hi
+            else:
+                lo = f_hi
+                hi = t_hi
             acc, l_i, m_i = _fwd_tiles(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kpn, k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                cap_in, cap_log2, win_left, win_right, t_lo, f_lo,
+                cap_in, cap_log2, win_left, win_right, lo, hi,
                 colA, colB, maskA, colC, maskC, colV, maskV,
-                ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
+                ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
-        acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA, ROPE_TILES,
-            BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-            k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in,
-            cap_log2, win_left, win_right, f_lo, f_hi,
-            colA, colB, maskA, colC, maskC, colV, maskV,
-            ROT=ROT, BIAS=BIAS, MASKED=False, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-            SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
-            BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-            FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
-    acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA, ROPE_TILES,
-        BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
-        k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in, cap_log2,
-        win_left, win_right, masked_lo, masked_hi, colA, colB, maskA, colC, maskC, colV, maskV,
-        ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
-        SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF,
-        BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC, BIAS_TABLE=BIAS_TABLE,
-        FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -191,16 +191,16 @@ def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False,
     if kernel == "fwd":
         if big:
             return TileConfig(128, 16 if pe == "rope" else 32, 8, 2)
-        if pe == "none":
-            return TileConfig(128, 64, 4, 3)
+        if pe == "none":  # geometry (a window's masked loop, softcap): 4 warps spill 168 B
+            return TileConfig(128, 64, 8, 3) if geometry else TileConfig(128, 64, 4, 3)
         # RoPE: registers; bias: KERPLE's f tile (fp32, pipelined through shared memory) must
         # fit 99 KiB next to three K/V stages
         return TileConfig(128, 32, 8, 3)
     if kernel == "bwd_dkdv":
         if pe == "rope":  # no RoPE dK/dV tile without duplicated S is spill-free at D=128
             return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 128, 8, 2)
-        if big and (pe == "alibi" or (pe == "kerple" and explicit)):  # 32 x 128 spills 8 B
-            return TileConfig(32, 64, 4, 2)
+        if big and (pe == "alibi" or (pe == "kerple" and (explicit or geometry))):
+            return TileConfig(32, 64, 4, 2)  # 32 x 128 spills 8-16 B
         return TileConfig(32, 128, 8, 2)
     # bwd_dq
     if not big:  # (centred KERPLE rows, explicit: their closed forms spill 64 x 32 by 24 B)
@@ -210,7 +210,8 @@ def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False,
         return TileConfig(32, 32, 4, 2)
     if pe == "kerple" and explicit:  # centred rows: 128 x 16 spills 56-72 B (KERPLE power, 3.6)
         return TileConfig(32, 32, 4, 1)
-    if pe == "kerple":  # 128 x 32 overflows 99 KiB with the gathered f tile
+    if pe == "kerple" or geometry:  # 128 x 32 overflows 99 KiB with the gathered f tile;
+        # a window's third loop spills 32 B there
         return TileConfig(128, 16, 8, 2)
     return TileConfig(128, 32, 8, 2)
 

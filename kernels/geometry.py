@@ -92,8 +92,9 @@ def tile_range(r0, R: tl.constexpr, C, lo_off, hi_off, HAS_LO: tl.constexpr,
         t_lo = tl.maximum(r0 + lo_off, 0) // BLOCK_C
         f_lo = tl.cdiv(tl.maximum(r0 + R - 1 + lo_off, 0), BLOCK_C)
     if HAS_HI:
-        t_hi = tl.cdiv(tl.maximum(tl.minimum(r0 + R + hi_off, C), 0), BLOCK_C)
-        f_hi = tl.minimum(tl.maximum(r0 + hi_off + 1, 0) // BLOCK_C, f_hi)
+        hi0 = hi_off + r0  # the first row's last visible column (one shared add)
+        t_hi = tl.cdiv(tl.maximum(tl.minimum(hi0 + R, C), 0), BLOCK_C)
+        f_hi = tl.minimum(tl.maximum(hi0 + 1, 0) // BLOCK_C, f_hi)
     if HAS_LO:
         t_lo = tl.minimum(t_lo, t_hi)
         f_lo = tl.minimum(tl.maximum(f_lo, t_lo), t_hi)

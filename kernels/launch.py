@@ -86,16 +86,21 @@ class Mask:
 
     def args(self, explicit: bool) -> dict:
         """Kernel arguments: window sides clamped to what the position arithmetic holds (a
-        larger side is unbounded anyway: contiguous |position| < 2**30), cap factors."""
+        larger side is unbounded anyway: contiguous |position| < 2**30). An unbounded side
+        is passed as None (a constexpr): an argument the kernel does not use still costs
+        registers on triton 3.6 (8 B of spills in the sm_90 D=128 ALiBi dQ tile)."""
         limit = 2 ** 62 if explicit else 2 ** 31 - 1
-        c = self.softcap
-        return dict(win_left=min(self.left or 0, limit), win_right=min(self.right or 0, limit),
+        return dict(win_left=None if self.left is None else min(self.left, limit),
+                    win_right=None if self.right is None else min(self.right, limit),
                     WIN_L=self.left is not None, WIN_R=self.right is not None,
-                    SOFTCAP=c > 0, CAUSAL=self.causal)
+                    SOFTCAP=self.softcap > 0, CAUSAL=self.causal)
 
     def cap_args(self, scale: float) -> dict:
+        """cap_in = scale / c, cap_log2 = c log2(e) (fmath.softcap_logits); None without one."""
         c = self.softcap
-        return dict(cap_in=scale / c if c > 0 else 0.0, cap_log2=c * 1.4426950408889634)
+        if c <= 0:
+            return dict(cap_in=None, cap_log2=None)
+        return dict(cap_in=scale / c, cap_log2=c * 1.4426950408889634)
 
 
 @dataclass
@@ -499,10 +504,11 @@ def new_output(q: torch.Tensor, DV: int) -> torch.Tensor:
 
 def _geometry(q, k, pos: KernelPositions):
     """(programs' batch B, Sq, Sk: the (longest) sequence lengths, lse_len: the LSE's row
-    length) of (B, H, S, D) views; varlen views are (1, H, total, D)."""
+    length, total_q, for packed sequences; None for dense ones, whose row length is Sq) of
+    (B, H, S, D) views; varlen views are (1, H, total, D)."""
     if pos.varlen:
         return pos.n_seqs, pos.max_q, pos.max_k, q.shape[2]
-    return q.shape[0], q.shape[2], k.shape[2], q.shape[2]
+    return q.shape[0], q.shape[2], k.shape[2], None  # dense: the kernels use Sq
 
 
 def _common_args(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, dummy):
