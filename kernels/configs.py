@@ -199,7 +199,7 @@ def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False,
     if kernel == "bwd_dkdv":
         if pe == "rope":  # no RoPE dK/dV tile without duplicated S is spill-free at D=128
             return TileConfig(32, 32, 8, 2) if big else TileConfig(16, 128, 8, 2)
-        if big and (pe == "alibi" or (pe == "kerple" and (explicit or geometry))):
+        if big and (pe == "alibi" or geometry or (pe == "kerple" and explicit)):
             return TileConfig(32, 64, 4, 2)  # 32 x 128 spills 8-16 B
         return TileConfig(32, 128, 8, 2)
     # bwd_dq

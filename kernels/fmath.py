@@ -38,12 +38,19 @@ def expm1_acc(y):
 
 @triton.jit
 def tanh_acc(x):
-    """tanh(x) to a few ulps for every x: -expm1(-2|x|) / (2 + expm1(-2|x|)) with x's sign.
-    No overflow (the exponent is never positive), and no cancellation near 0, where
-    (1 - e) / (1 + e) with e = exp(-2|x|) would lose log2(1 / |x|) bits."""
-    e = expm1_acc(-2.0 * tl.abs(x))
-    t = fast_div(-e, 2.0 + e)
-    return tl.where(x < 0, -t, t)
+    """tanh(x) to a few ulps for every x, with one exp2 and one fast division per element:
+    |x| < 1/2: x p(x^2), p a degree-5 least-squares fit of tanh(sqrt t) / sqrt t on
+    [0, 1/4] (relative error 3e-10, fitted in float64); else (1 - e) / (1 + e) with
+    e = exp(-2|x|) <= 1/e, where 1 - e loses at most a bit. No overflow (the exponent is never
+    positive), no cancellation near 0. About 16 instructions a score where the expm1 form
+    (exp, log, two divisions) took ~70 on sm_90 (bench.sass_loop)."""
+    ax = tl.abs(x)
+    t = x * x
+    p = 1.0 + t * (-0.3333332426937494 + t * (0.1333290500355026 + t * (
+        -0.05389375384147212 + t * (0.021276234121156593 + t * -0.006615864146020394))))
+    e = tl.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
+    big = fast_div(1.0 - e, 1.0 + e)
+    return tl.where(ax < 0.5, x * p, tl.where(x < 0, -big, big))
 
 
 @triton.jit

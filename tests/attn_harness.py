@@ -179,7 +179,7 @@ class FlashSlack:
                                   q_positions=q_positions, k_positions=k_positions, backend="reference")
         lse = lse64.detach().double()[..., None]  # (B, Hq, Sq, 1)
         # The kernels centre a bias PE's row on the bias of its nearest visible key (a row
-        # constant c_i; kernels/pe_helpers.py, "Centring"), so their rounding scales with the
+        # constant c_i; kernels/bias.py, "Centring"), so their rounding scales with the
         # centred logits s - c_i, not with the raw ones: a row whose keys are all far away
         # must not earn a slack the size of its bias (that slack hid the far-positions bug).
         c = self._row_centre(Hq, Sk, causal, lse)

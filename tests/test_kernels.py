@@ -130,7 +130,7 @@ def test_kerple_distance_tables(pe, causal, shape, monkeypatch):
     used = force_bias_tables(monkeypatch)
     check_case(_pes()[pe], SHAPES[shape], causal, torch.float16)
     # forward, backward; offset_pos_d32 puts the queries past the keys: centred rows compute
-    # f - f_ref in the tile (kernels/pe_helpers.py, "Centring") and take no table
+    # f - f_ref in the tile (kernels/bias.py, "Centring") and take no table
     centred = shape == "offset_pos_d32"
     assert used == [not centred] * 2, used
 
@@ -188,7 +188,7 @@ def test_shipped_gpu_tiles_in_interpreter(pe, shape, causal, arch, monkeypatch):
 def test_forward_128_key_tiles(pe, causal, monkeypatch):
     """Forward tiles of 128 keys form a bias PE's |q - k| per tile from the key columns
     (attn_fwd._fwd_tiles: no loop-invariant column vector), as ALiBi and KERPLE do on Hopper at
-    D=128; smaller tiles, which every other test runs, take pe_helpers.tile_dist. KERPLE here
+    D=128; smaller tiles, which every other test runs, take bias.tile_dist. KERPLE here
     evaluates f in the tile (both sequences are shorter than launch.BIAS_TABLE_MIN_LEN)."""
     from posattn.kernels import configs, launch
 
