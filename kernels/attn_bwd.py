@@ -32,7 +32,8 @@ from .attn_fwd import tile_logits
 from .bias import (BIAS_NONE, bias_grad_terms, bias_params, bias_row_ref, store_param_grads,
                    tile_bias_centred, tile_bias_grad_inputs)
 from .fmath import LOG2E, softcap_logits
-from .geometry import key_band, load_positions, seq_geometry, tile_range, visible
+from .geometry import (key_band, load_positions, query_key_tiles, seq_geometry, tile_range,
+                       visible)
 from .loader import load_qk, load_tile, qk_dot
 from .rotary import (ROT_ROPE, qk_columns, rope_angle_cos_sin, rope_rotate, rope_start_cos_sin,
                      tile_rope)
@@ -479,15 +480,9 @@ def attn_bwd_dq_kernel(
 
     # Key tiles, as in the forward: masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
     # [f_hi, t_hi).
-    if EXPLICIT_POS and (CAUSAL or WIN_L or WIN_R):  # no order known: every tile masked
-        t_lo = 0
-        f_lo = 0
-        t_hi = tl.cdiv(Sk, BLOCK_N)
-        f_hi = tl.minimum(0, t_hi)  # a runtime 0: a constant one cost 50 registers (sm_90)
-    else:
-        lo_off, hi_off = key_band(q_start - k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R)
-        t_lo, f_lo, f_hi, t_hi = tile_range(pid_m * BLOCK_M, BLOCK_M, Sk, lo_off, hi_off, WIN_L,
-                                            CAUSAL or WIN_R, BLOCK_N)
+    t_lo, f_lo, f_hi, t_hi = query_key_tiles(pid_m * BLOCK_M, Sk, q_start, k_start, win_left,
+                                             win_right, CAUSAL, WIN_L, WIN_R, EXPLICIT_POS,
+                                             BLOCK_M, BLOCK_N)
 
     dqa = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)

@@ -39,7 +39,7 @@ import triton.language as tl
 from .bias import (BIAS_ALIBI, BIAS_NONE, alibi_causal_split, bias_params, bias_row_ref,
                    bias_shape, tile_bias_centred)
 from .fmath import LN2, LOG2E, softcap_logits
-from .geometry import key_band, load_positions, seq_geometry, tile_range, visible
+from .geometry import load_positions, query_key_tiles, seq_geometry, visible
 from .loader import load_box, load_qk, load_tile, qk_dot
 from .rotary import ROT_ROPE, qk_columns, rope_angle_cos_sin, tile_rope
 
@@ -252,15 +252,9 @@ def attn_fwd_kernel(
 
     # Key tiles (geometry.tile_range): masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
     # [f_hi, t_hi). Causal or windowed explicit positions: every tile masked, none skipped.
-    if EXPLICIT_POS and (CAUSAL or WIN_L or WIN_R):  # no order known: every tile masked
-        t_lo = 0
-        f_lo = 0
-        t_hi = tl.cdiv(Sk, BLOCK_N)
-        f_hi = tl.minimum(0, t_hi)  # a runtime 0: a constant one cost 50 registers (sm_90)
-    else:
-        lo_off, hi_off = key_band(q_start - k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R)
-        t_lo, f_lo, f_hi, t_hi = tile_range(pid_m * BLOCK_M, BLOCK_M, Sk, lo_off, hi_off, WIN_L,
-                                            CAUSAL or WIN_R, BLOCK_N)
+    t_lo, f_lo, f_hi, t_hi = query_key_tiles(pid_m * BLOCK_M, Sk, q_start, k_start, win_left,
+                                             win_right, CAUSAL, WIN_L, WIN_R, EXPLICIT_POS,
+                                             BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)

@@ -117,3 +117,19 @@ def key_band(off, win_left, win_right, CAUSAL: tl.constexpr, WIN_L: tl.constexpr
         if CAUSAL:
             hi_off = tl.minimum(hi_off, off)
     return lo_off, hi_off
+
+
+@triton.jit
+def query_key_tiles(m0, Sk, q_start, k_start, win_left, win_right, CAUSAL: tl.constexpr,
+                    WIN_L: tl.constexpr, WIN_R: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(t_lo, f_lo, f_hi, t_hi) of the key tiles the query block starting at row m0 visits
+    (the forward and dQ): tile_range over keys, or, for causal / windowed explicit positions
+    (no order known), every tile masked."""
+    if EXPLICIT_POS and (CAUSAL or WIN_L or WIN_R):
+        t_hi = tl.cdiv(Sk, BLOCK_N)
+        # a runtime 0: a constant one cost the sm_90 forward 50 registers
+        return 0, 0, tl.minimum(0, t_hi), t_hi
+    else:
+        lo_off, hi_off = key_band(q_start - k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R)
+        return tile_range(m0, BLOCK_M, Sk, lo_off, hi_off, WIN_L, CAUSAL or WIN_R, BLOCK_N)

@@ -118,17 +118,7 @@ def attention(
         raise ValueError(f"head dim of k ({Dk}) differs from q ({D}); q {tuple(q.shape)}, k {tuple(k.shape)} (bhsd)")
     if tuple(v.shape[1:3]) != (Hkv, Sk):
         raise ValueError(f"v (heads, length) {tuple(v.shape[1:3])} must match k's {(Hkv, Sk)} (bhsd view)")
-    if Hq == 0 or Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"Hq={Hq} must be a positive multiple of Hkv={Hkv} (GQA/MQA)")
-    if D == 0 or v.shape[3] == 0:
-        raise ValueError(f"head dims must be positive, got D={D}, Dv={v.shape[3]}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    scale = float(scale)
+    scale = _check_heads_causal_scale(Hq, Hkv, D, v.shape[3], causal, scale)
 
     window = _check_window(window)
     softcap = _check_softcap(softcap)
@@ -152,6 +142,22 @@ def attention(
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def _check_heads_causal_scale(Hq: int, Hkv: int, D: int, Dv: int, causal, scale) -> float:
+    """GQA head counts, positive head dims, a bool causal; returns the scale (default
+    1 / sqrt(D)) as a float."""
+    if Hq == 0 or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a positive multiple of Hkv={Hkv} (GQA/MQA)")
+    if D == 0 or Dv == 0:
+        raise ValueError(f"head dims must be positive, got D={D}, Dv={Dv}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
 
 
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
@@ -297,17 +303,7 @@ def attention_varlen(
         raise ValueError(f"head dim of k ({Dk}) differs from q ({D}); q {tuple(q.shape)}, k {tuple(k.shape)}")
     if tuple(v.shape[:2]) != (total_k, Hkv):
         raise ValueError(f"v (tokens, heads) {tuple(v.shape[:2])} must match k's {(total_k, Hkv)}")
-    if Hq == 0 or Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"Hq={Hq} must be a positive multiple of Hkv={Hkv} (GQA/MQA)")
-    if D == 0 or v.shape[2] == 0:
-        raise ValueError(f"head dims must be positive, got D={D}, Dv={v.shape[2]}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    scale = float(scale)
+    scale = _check_heads_causal_scale(Hq, Hkv, D, v.shape[2], causal, scale)
     window = _check_window(window)
     softcap = _check_softcap(softcap)
     cu_q, lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q.device)
