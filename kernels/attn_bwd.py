@@ -124,8 +124,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2,
                 win_left, win_right, lse_row0, lse_len, h0,
-                n_iters, tiles_per_head, t_lo, t_split, t_jump,
-                colA, colB, maskA, colC, maskC, colV, maskV,
+                n_iters, tiles_per_head, t_lo, t_split, t_jump, cols,
                 ROT: tl.constexpr, BIAS: tl.constexpr, NP: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
                 SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, SEQ_SHIFT: tl.constexpr,
@@ -142,6 +141,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
     Q, DO, QPOS, DREF point at the sequence's first query row; its LSE rows of head h start
     at lse_row0 + h * lse_len.
     """
+    colA, colB, maskA, colC, maskC, colV, maskV = cols  # head-dim columns
     # (head, tile) as loop-carried counters rather than i // tiles_per_head and
     # i % tiles_per_head: an integer division by a runtime value is ~20 instructions a tile.
     h = h0
@@ -261,6 +261,7 @@ def attn_bwd_dkdv_kernel(
     maskC = colC < D
     colV = tl.arange(0, BLOCK_DV)
     maskV = colV < DV
+    cols = (colA, colB, maskA, colC, maskC, colV, maskV)  # loop-invariant: one argument
 
     if EXPLICIT_POS:
         kpos = load_positions(KPOS, 0, offs_n, n_mask, stride_kpn)
@@ -326,8 +327,7 @@ def attn_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
             Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2, win_left, win_right,
             lse_row0, lse_rows, h0,
-            GROUP * n_run, tl.maximum(n_run, 1), lo, split, f_hi,
-            colA, colB, maskA, colC, maskC, colV, maskV,
+            GROUP * n_run, tl.maximum(n_run, 1), lo, split, f_hi, cols,
             ROT=ROT, BIAS=BIAS, NP=NP, MASKED=run == 0, CAUSAL=CAUSAL, WIN_L=WIN_L,
             WIN_R=WIN_R, SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, SEQ_SHIFT=VARLEN,
             HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, PREC=PREC,
@@ -347,8 +347,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
               Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-              win_left, win_right, tile_lo, tile_hi,
-              colA, colB, maskA, colC, maskC, colV, maskV,
+              win_left, win_right, tile_lo, tile_hi, cols,
               ROT: tl.constexpr, BIAS: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
               SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
@@ -357,6 +356,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               CENTER: tl.constexpr):
     """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi), and with
     NEED_PE_GRAD the per-query sums g1, g2 (BLOCK_M,) of dS * d(bias)/d(param)."""
+    colA, colB, maskA, colC, maskC, colV, maskV = cols  # head-dim columns
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Sk
@@ -457,6 +457,7 @@ def attn_bwd_dq_kernel(
     maskC = colC < D
     colV = tl.arange(0, BLOCK_DV)
     maskV = colV < DV
+    cols = (colA, colB, maskA, colC, maskC, colV, maskV)  # loop-invariant: one argument
 
     if EXPLICIT_POS:
         qpos = load_positions(QPOS, 0, offs_m, m_mask, stride_qpm)
@@ -507,7 +508,7 @@ def attn_bwd_dq_kernel(
                 K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                 Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-                win_left, win_right, lo, hi, colA, colB, maskA, colC, maskC, colV, maskV,
+                win_left, win_right, lo, hi, cols,
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,

@@ -79,8 +79,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                BIAS_F, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in,
-               cap_log2, win_left, win_right, tile_lo, tile_hi,
-               colA, colB, maskA, colC, maskC, colV, maskV,
+               cap_log2, win_left, win_right, tile_lo, tile_hi, cols,
                ROT: tl.constexpr, BIAS: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
                SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
@@ -104,6 +103,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
     128 x 128 ALiBi tiles spilling or not; smaller tiles keep the cheaper tile_dist. Exact
     below 2**24, like tile_dist.
     """
+    colA, colB, maskA, colC, maskC, colV, maskV = cols  # head-dim columns (head_columns)
     exp_scale = 1.0  # what s is multiplied by inside max and exp2 (1: s is already scaled)
     pa_u = 0.0  # FOLD_SCALE: the bias's leading parameter in units of 1/scale
     q_base = tl.min(qpos, 0)  # contiguous positions: the block's first query
@@ -227,6 +227,7 @@ def attn_fwd_kernel(
     maskC = colC < D
     colV = tl.arange(0, BLOCK_DV)
     maskV = colV < DV
+    cols = (colA, colB, maskA, colC, maskC, colV, maskV)  # loop-invariant: one argument
 
     if EXPLICIT_POS:
         qpos = load_positions(QPOS, 0, offs_m, m_mask, stride_qpm)
@@ -286,8 +287,7 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kpn, k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                cap_in, cap_log2, win_left, win_right, lo, hi,
-                colA, colB, maskA, colC, maskC, colV, maskV,
+                cap_in, cap_log2, win_left, win_right, lo, hi, cols,
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
