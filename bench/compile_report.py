@@ -242,7 +242,8 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                   pe_grad, part, tma, center, window, softcap, varlen)
     kw = dict(ln.kwargs)
-    options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages")}
+    options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages"),
+               "enable_fp_fusion": kw.pop("enable_fp_fusion")}  # launch options, not arguments
     signature, constexprs, attrs = _signature(ln.fn, kw, dtype)
     src = ASTSource(fn=ln.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     t0 = time.time()

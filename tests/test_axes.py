@@ -59,3 +59,17 @@ def test_unknown_kind_does_not_compile():
     _rot_probe[(1,)](out, ROT=launch.ROT_CODES["none"])
     with pytest.raises(Exception, match="unknown rotary kind"):
         _rot_probe[(1,)](out, ROT=17)
+
+
+def test_every_launch_asks_for_fp_fusion():
+    """FMA contraction is requested per launch (launch.FP_FUSION), not left to triton's
+    default, which triton 3.10 turns off: the tuned tiles and instruction counts assume it."""
+    q = torch.empty(1, 2, 40, 32, device="meta", dtype=torch.float16)
+    rec = launch.KernelPE(bias="alibi", params=torch.ones(2, 1, device="meta"), family="alibi")
+    with launch.capture(90) as launches:
+        launch.attn_fwd(q, q, q, rec, launch.KernelPositions(q_start=50), launch.Mask(), 0.2)
+        lse = torch.empty(1, 2, 40, device="meta")
+        launch.attn_bwd(q, q, q, q, q, lse, rec, launch.KernelPositions(q_start=50),
+                        launch.Mask(causal=True, left=5, softcap=3.0), 0.2, True)
+    assert len(launches) >= 4  # forward, preprocess, dK/dV, dQ
+    assert all(ln.kwargs.get("enable_fp_fusion") is True for ln in launches)

@@ -215,6 +215,7 @@ _COMPILE_SCRIPT = textwrap.dedent('''
                                    part="split" if split else "both", varlen=varlen, tma=False)
         kw = dict(ln.kwargs)
         nw, ns = kw.pop("num_warps"), kw.pop("num_stages")
+        kw.pop("enable_fp_fusion")
         sig, consts, attrs = _signature(ln.fn, kw, "fp16")
         return ttir_of(ASTSource(fn=ln.fn, signature=sig, constexprs=consts, attrs=attrs), nw, ns)
 
@@ -302,7 +303,6 @@ def sm90_ttir(tmp_path_factory):
     script, result = d / "compile_ttir.py", d / "ttir.json"
     script.write_text(_COMPILE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(script), str(result)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
