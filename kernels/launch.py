@@ -286,7 +286,9 @@ def tma_planned(arch: Optional[int], pe: KernelPE, dtype: torch.dtype, explicit:
     registers, where staging the tiles through TMA took 90 -> 255 registers and spilled 248 B
     (sm_90, D=64). Contiguous positions only: with explicit ones triton 3.6's ptxas crashes
     (SIGSEGV) on the causal no-PE forward (sm_90, D=64 and 128), and the bias PEs' tiles are
-    no larger with TMA there."""
+    no larger with TMA there. Dense batches only: a packed sequence's key rows would need a
+    per-sequence row offset in the descriptor coordinates, and its last tile would read the
+    next sequence's keys (masked, but a NaN there would leak through P = 0 times V); not done."""
     return (tma_enabled(arch) and tma_applies(pe) and not explicit and not varlen
             and dtype != torch.float32)
 
