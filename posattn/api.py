@@ -71,7 +71,8 @@ def attention(
             (flash-attn's). float16 / bfloat16 / float32 (float64: reference backend only).
         k: (B, Hkv, Sk, D) or (B, Sk, Hkv, D). Hq must be a multiple of Hkv (GQA / MQA).
         v: (B, Hkv, Sk, Dv) or (B, Sk, Hkv, Dv); Dv may differ from D.
-        pe: ``"none" | "rope" | "alibi" | "kerple"`` or a spec: ``NoPE()``, ``RoPE(...)``,
+        pe: a registered name, ``"none" | "rope" | "alibi" | "kerple_log" | "kerple_power"``
+            (``"kerple"`` = ``"kerple_log"``; ``posattn.pe.registered()``), or a spec: ``NoPE()``, ``RoPE(...)``,
             ``ALiBi(slopes)``, ``KERPLE(kind, r1, r2)``. Bias PEs are added to the scaled logits.
         causal: key j is visible to query i iff ``k_pos[j] <= q_pos[i]``. A query that sees no
             key outputs 0, its LSE is -inf and it gets zero gradients.
