@@ -210,6 +210,9 @@ def kernel_mask(causal: bool, window, softcap) -> launch.Mask:
     return launch.Mask(causal=causal, left=left, right=right, softcap=float(softcap or 0.0))
 
 
+# Packed sequences run eagerly under torch.compile (a graph break): their launch plan depends
+# on the host-side lengths (validated from cu_seqlens), and there is no custom op for them yet.
+@torch.compiler.disable
 def attention_varlen(q, k, v, cu_q, cu_k, lens_q, lens_k, spec: PE, *, causal: bool,
                      scale: float, window=None, softcap=None, q_positions=None,
                      k_positions=None):
