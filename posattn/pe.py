@@ -157,7 +157,8 @@ class PE:
 
     A spec says everything the rest of posattn needs of it (the registry below enumerates them):
 
-    * ``name``: the registry name (one vocabulary: the API's ``pe=`` strings, tests, bench);
+    * ``name``: its short ``pe=`` string (REGISTRY below names every kernel kind, e.g.
+      KERPLE's "kerple_log" / "kerple_power");
     * its kernel axes: ``rotary`` ("none" | "rope") and ``bias`` ("none" | "alibi" |
       "kerple_log" | "kerple_power"), which kernels/rotary.py and kernels/bias.py implement;
     * ``tile_family``: the tile-config family (kernels/configs.py);

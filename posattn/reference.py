@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .pe import ALiBi, KERPLE, PE, RoPE
+from .pe import PE, RoPE
 from .positions import Positions
 
 
@@ -47,20 +47,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def bias(spec: PE, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> Optional[torch.Tensor]:
-    """Additive bias (B, H, Sq, Sk) in ``dtype`` for ALiBi / KERPLE, else None."""
-    if not isinstance(spec, (ALiBi, KERPLE)):
+    """Additive bias (B, H, Sq, Sk) in ``dtype`` of a bias PE (its ``reference_bias``: the spec
+    owns its formula, posattn.pe), else None."""
+    if spec.bias == "none":
         return None
     dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(dtype)[:, None]  # (B, 1, Sq, Sk)
-    if isinstance(spec, ALiBi):
-        slopes = spec.get_slopes(num_heads, q_pos.device).to(dtype)
-        return -slopes[:, None, None] * dist
-    r1, r2 = (t.to(dtype)[:, None, None] for t in spec.get_params(num_heads, q_pos.device))
-    if spec.kind == "log":
-        return -r1 * torch.log1p(r2 * dist)
-    # |Δ|**r2 written as exp(r2 log|Δ|) away from 0, and 0 at Δ = 0, so d/dr2 stays finite there.
-    pos = dist > 0
-    logd = torch.log(torch.where(pos, dist, torch.ones_like(dist)))
-    return -r1 * torch.where(pos, torch.exp(r2 * logd), torch.zeros_like(dist))
+    return spec.reference_bias(num_heads, dist)
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
