@@ -33,7 +33,7 @@ from .bias import (BIAS_NONE, bias_grad_terms, bias_params, bias_row_ref, store_
                    tile_bias_centred, tile_bias_grad_inputs)
 from .fmath import LOG2E, softcap_logits
 from .geometry import (key_band, load_positions, query_key_tiles, seq_geometry, tile_range,
-                       visible)
+                       tile_run, visible)
 from .loader import load_qk, load_tile, qk_dot
 from .rotary import (ROT_ROPE, qk_columns, rope_angle_cos_sin, rope_rotate, rope_start_cos_sin,
                      tile_rope)
@@ -234,11 +234,8 @@ def attn_bwd_dkdv_kernel(
     b = bhk // Hkv
     hk = bhk % Hkv
     h0 = hk * GROUP  # first query head of this KV head's group
-    lse_rows = Sq  # the LSE's row length: Sq, or total_q for packed sequences
-    if VARLEN:  # (lse_len is None otherwise: an argument the dense kernels do not carry)
-        lse_rows = lse_len
-    q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
-                                                            k_start, VARLEN)
+    q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows = seq_geometry(
+        CU_Q, CU_K, b, Sq, Sk, q_start, k_start, lse_len, VARLEN)
     if VARLEN:
         if pid_n * BLOCK_N >= Sk:  # the grid covers the longest sequence
             return
@@ -428,11 +425,8 @@ def attn_bwd_dq_kernel(
     b = bh // Hq
     h = bh % Hq
     hk = h // GROUP
-    lse_rows = Sq  # the LSE's row length: Sq, or total_q for packed sequences
-    if VARLEN:  # (lse_len is None otherwise: an argument the dense kernels do not carry)
-        lse_rows = lse_len
-    q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
-                                                            k_start, VARLEN)
+    q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows = seq_geometry(
+        CU_Q, CU_K, b, Sq, Sk, q_start, k_start, lse_len, VARLEN)
     if VARLEN:
         if pid_m * BLOCK_M >= Sq:  # the grid covers the longest sequence
             return
@@ -494,15 +488,7 @@ def attn_bwd_dq_kernel(
     # 0 = masked before the band, 1 = unmasked, 2 = masked.
     for run in tl.static_range(3):
         if run != 0 or WIN_L:
-            if run == 0:
-                lo = t_lo
-                hi = f_lo
-            elif run == 1:
-                lo = f_lo
-                hi = f_hi
-            else:
-                lo = f_hi
-                hi = t_hi
+            lo, hi = tile_run(run, t_lo, f_lo, f_hi, t_hi)
             dqa, dqb, dqc, g1, g2 = _dq_tiles(
                 dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
                 K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,

@@ -39,7 +39,7 @@ import triton.language as tl
 from .bias import (BIAS_ALIBI, BIAS_NONE, alibi_causal_split, bias_params, bias_row_ref,
                    bias_shape, tile_bias_centred)
 from .fmath import LN2, LOG2E, softcap_logits
-from .geometry import load_positions, query_key_tiles, seq_geometry, visible
+from .geometry import load_positions, query_key_tiles, seq_geometry, tile_run, visible
 from .loader import load_box, load_qk, load_tile, qk_dot
 from .rotary import ROT_ROPE, qk_columns, rope_angle_cos_sin, tile_rope
 
@@ -195,11 +195,8 @@ def attn_fwd_kernel(
     h = bh % Hq
     hk = h // GROUP
     # geometry prologue: this sequence's rows, lengths and first positions
-    lse_rows = Sq  # the LSE's row length: Sq, or total_q for packed sequences
-    if VARLEN:  # (lse_len is None otherwise: an argument the dense kernels do not carry)
-        lse_rows = lse_len
-    q_row0, Sq, k_row0, Sk, q_start, k_start = seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start,
-                                                            k_start, VARLEN)
+    q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows = seq_geometry(
+        CU_Q, CU_K, b, Sq, Sk, q_start, k_start, lse_len, VARLEN)
     tl.static_assert(not (TMA and VARLEN), "TMA descriptors address dense batches only")
     if VARLEN:
         if pid_m * BLOCK_M >= Sq:  # the grid covers the longest sequence
@@ -271,18 +268,10 @@ def attn_fwd_kernel(
     # 0 = masked tiles before the band (a window's left edge), 1 = unmasked, 2 = masked.
     for run in tl.static_range(3):
         if (run == 2) or (run == 1 and not SPLIT) or (run == 0 and WIN_L and not SPLIT):
-            if run == 0:
-                lo = t_lo
-                hi = f_lo
-            elif run == 1:
-                lo = f_lo
-                hi = f_hi
-            elif SPLIT:
+            lo, hi = tile_run(run, t_lo, f_lo, f_hi, t_hi)
+            if run == 2 and SPLIT:  # this program's run of the split
                 lo = run_lo
                 hi = run_hi
-            else:
-                lo = f_hi
-                hi = t_hi
             acc, l_i, m_i = _fwd_tiles(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,

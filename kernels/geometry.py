@@ -39,16 +39,21 @@ def seq_bounds(CU, b, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start, k_start, VARLEN: tl.constexpr):
-    """The geometry prologue: (q_row0, Sq, k_row0, Sk, q_start, k_start) of sequence b --
-    its first query / key rows, lengths, and the positions of its first query / key
-    (contiguous positions; varlen: len_k - len_q and 0, end-aligned per sequence)."""
+def seq_geometry(CU_Q, CU_K, b, Sq, Sk, q_start, k_start, lse_len, VARLEN: tl.constexpr):
+    """The geometry prologue: (q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows) of
+    sequence b -- its first query / key rows, lengths, the positions of its first query / key
+    (contiguous positions; varlen: len_k - len_q and 0, end-aligned per sequence), and the
+    row length of the LSE-shaped buffers: Sq dense, lse_len = total_q packed (lse_len is None
+    for dense launches: an argument the dense kernels do not carry)."""
+    lse_rows = Sq
+    if VARLEN:
+        lse_rows = lse_len
     q_row0, Sq = seq_bounds(CU_Q, b, Sq, VARLEN)
     k_row0, Sk = seq_bounds(CU_K, b, Sk, VARLEN)
     if VARLEN:
         q_start = Sk - Sq
         k_start = 0
-    return q_row0, Sq, k_row0, Sk, q_start, k_start
+    return q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows
 
 
 @triton.jit
@@ -133,3 +138,15 @@ def query_key_tiles(m0, Sk, q_start, k_start, win_left, win_right, CAUSAL: tl.co
     else:
         lo_off, hi_off = key_band(q_start - k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R)
         return tile_range(m0, BLOCK_M, Sk, lo_off, hi_off, WIN_L, CAUSAL or WIN_R, BLOCK_N)
+
+
+@triton.jit
+def tile_run(RUN: tl.constexpr, t_lo, f_lo, f_hi, t_hi):
+    """(lo, hi) of run RUN of a block's tiles (tile_range): 0 = masked before the band,
+    1 = unmasked, 2 = masked after it. The kernels unroll their runs (tl.static_range)."""
+    if RUN == 0:
+        return t_lo, f_lo
+    elif RUN == 1:
+        return f_lo, f_hi
+    else:
+        return f_hi, t_hi
