@@ -161,7 +161,6 @@ class FlashSlack:
 
     def __init__(self, qkv64, out64, lse64, dout64, pe, *, causal=False, scale=None, q_positions=None,
                  k_positions=None, layout="bhsd"):
-        eps = torch.finfo(torch.float32).eps
         self.spec = with_params(resolve_pe(pe), lambda t: t.detach().double())
         q, k, v = (t.detach() for t in qkv64)
         out, dout = out64.detach(), dout64.detach().double()
@@ -177,7 +176,17 @@ class FlashSlack:
         with torch.no_grad():  # P (the softmax rows) is the output for V = identity
             P = posattn.attention(q, k, eye, self.spec, causal=causal, scale=scale,
                                   q_positions=q_positions, k_positions=k_positions, backend="reference")
-        lse = lse64.detach().double()[..., None]  # (B, Hq, Sq, 1)
+        self._from_rows(P, lse64, q, k, v, out, dout, scale, g, causal)
+        if layout == "bshd":
+            self.out = self.out.transpose(1, 2)
+
+    def _from_rows(self, P, lse, q, k, v, out, dout, scale, g, causal):
+        """The slacks from the float64 softmax rows P (B, Hq, Sq, Sk) of the reference and
+        bhsd float64 q, k, v, out, dout (subclasses build P with other masks: see
+        tests/test_window_softcap.py)."""
+        eps = torch.finfo(torch.float32).eps
+        Hq, Sk = P.shape[1], P.shape[-1]
+        lse = lse.detach().double()[..., None]  # (B, Hq, Sq, 1)
         # The kernels centre a bias PE's row on the bias of its nearest visible key (a row
         # constant c_i; kernels/bias.py, "Centring"), so their rounding scales with the
         # centred logits s - c_i, not with the raw ones: a row whose keys are all far away
@@ -191,8 +200,6 @@ class FlashSlack:
         spread = (P[..., None] * (V[:, :, None] - out[:, :, :, None]).abs()).sum(-2)  # (B, Hq, Sq, Dv)
         self.out = 2 * eps * L * spread.amax(-1, keepdim=True)
         self.lse = 3 * eps * L[..., 0]
-        if layout == "bshd":
-            self.out = self.out.transpose(1, 2)
 
         dP = dout @ V.transpose(-1, -2)
         delta = (out * dout).sum(-1, keepdim=True)

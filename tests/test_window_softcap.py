@@ -54,7 +54,6 @@ class Slack(FlashSlack):
 
     def __init__(self, q, k, v, out, lse, dout, pe, *, causal, scale, qpos: Positions, kpos: Positions,
                  window=None, softcap=None):
-        eps = torch.finfo(torch.float32).eps
         self.spec = with_params(resolve_pe(pe), lambda t: t.detach().double())
         q, k, v, out, dout = (t.detach().double() for t in (q, k, v, out, dout))
         B, Hq, Sq, D = q.shape
@@ -68,30 +67,7 @@ class Slack(FlashSlack):
             P, _ = reference.attention_bhsd(q, k, eye, self.spec, causal=causal, scale=scale, q_pos=qpos,
                                             k_pos=kpos, compute_dtype=torch.float64, window=window,
                                             softcap=softcap)
-        lse = lse.detach().double()[..., None]
-        c = self._row_centre(Hq, Sk, causal, lse)
-        logits = torch.where(P > 0, torch.log(P) + lse - c, torch.zeros_like(P))
-        L = torch.maximum(logits.abs().amax(-1, keepdim=True) if Sk else torch.zeros_like(lse),
-                          torch.where(torch.isfinite(lse), (lse - c).abs(),
-                                      torch.zeros_like(lse))).clamp(min=1.0)
-        V = v.repeat_interleave(g, 1)
-        spread = (P[..., None] * (V[:, :, None] - out[:, :, :, None]).abs()).sum(-2)
-        self.out = 2 * eps * L * spread.amax(-1, keepdim=True)
-        self.lse = 3 * eps * L[..., 0]
-        dP = dout @ V.transpose(-1, -2)
-        delta = (out * dout).sum(-1, keepdim=True)
-        self.dS = (P * (dP - delta)).abs()
-        W = 4 * eps * L * (dP - delta).abs() + eps * (dout.abs() @ V.abs().transpose(-1, -2)
-                                                      + (out.abs() * dout.abs()).sum(-1, keepdim=True))
-        self.PW = P * W
-
-        def mx(t):
-            return t.abs().max().item() if t.numel() else 0.0
-
-        rot = 2.0
-        self.q = abs(scale) * rot * mx(k) * mx(self.PW.sum(-1))
-        self.k = abs(scale) * rot * mx(q) * mx(self.PW.sum(-2)) * g
-        self.v = mx((4 * eps * L * P).transpose(-1, -2) @ dout.abs()) * g
+        self._from_rows(P, lse, q, k, v, out, dout, scale, g, causal)
 
     def _row_centre(self, Hq, Sk, causal, lse):
         bias = reference.bias(self.spec, Hq, self.qp, self.kp, torch.float64)
