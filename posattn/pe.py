@@ -176,10 +176,16 @@ class PE:
         """(num_heads, P) per-head bias parameters, or None for a PE without a bias."""
         return None
 
-    def reference_bias(self, num_heads: int, dist: torch.Tensor) -> Optional[torch.Tensor]:
-        """The additive bias (B, H, Sq, Sk) from |q_pos - k_pos| ``dist`` (B, 1, Sq, Sk) in the
-        math dtype, or None. Written for clarity: the oracle the kernels are tested against."""
+    def reference_bias(self, num_heads: int, rel: torch.Tensor) -> Optional[torch.Tensor]:
+        """The additive bias (B, H, Sq, Sk) from the signed relative position
+        ``rel = k_pos - q_pos`` (B, 1, Sq, Sk) in the math dtype, or None. Written for
+        clarity: the oracle the kernels are tested against."""
         return None
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The tensors this spec's bias is computed from (those that require grad are the
+        learnable PE parameters; a backend returns their gradients). Empty by default."""
+        return ()
 
     def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
         """Validate this spec against a call's query head count, head dim and device.
@@ -776,9 +782,12 @@ class ALiBi(PE):
     def bias_params(self, num_heads: int, device) -> torch.Tensor:
         return self.get_slopes(num_heads, device)[:, None]
 
-    def reference_bias(self, num_heads: int, dist: torch.Tensor) -> torch.Tensor:
-        slopes = self.get_slopes(num_heads, dist.device).to(dist.dtype)
-        return -slopes[:, None, None] * dist
+    def reference_bias(self, num_heads: int, rel: torch.Tensor) -> torch.Tensor:
+        slopes = self.get_slopes(num_heads, rel.device).to(rel.dtype)
+        return -slopes[:, None, None] * rel.abs()
+
+    def tensors(self):
+        return () if self.slopes is None else (self.slopes,)
 
     def __repr__(self) -> str:
         if self.slopes is None:
@@ -845,7 +854,11 @@ class KERPLE(PE):
         r1, r2 = self.get_params(num_heads, device)
         return torch.stack((r1, r2.to(r1.dtype)), dim=1)
 
-    def reference_bias(self, num_heads: int, dist: torch.Tensor) -> torch.Tensor:
+    def tensors(self):
+        return tuple(x for x in (self.r1, self.r2) if isinstance(x, torch.Tensor))
+
+    def reference_bias(self, num_heads: int, rel: torch.Tensor) -> torch.Tensor:
+        dist = rel.abs()
         r1, r2 = (t.to(dist.dtype)[:, None, None] for t in self.get_params(num_heads, dist.device))
         if self.kind == "log":
             return -r1 * torch.log1p(r2 * dist)

@@ -51,8 +51,8 @@ def bias(spec: PE, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, dty
     owns its formula, posattn.pe), else None."""
     if spec.bias == "none":
         return None
-    dist = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(dtype)[:, None]  # (B, 1, Sq, Sk)
-    return spec.reference_bias(num_heads, dist)
+    rel = (k_pos[:, None, :] - q_pos[:, :, None]).to(dtype)[:, None]  # (B, 1, Sq, Sk), k - q
+    return spec.reference_bias(num_heads, rel)
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
