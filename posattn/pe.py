@@ -244,6 +244,24 @@ class RoPEScaling:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._fields().items())})"
 
 
+class _AtLength(RoPEScaling):
+    """A length-dependent scaling evaluated at a fixed ``cur_len`` (RoPE.at_length)."""
+
+    needs_cur_len = False
+
+    def __init__(self, inner: RoPEScaling, cur_len: int):
+        self.inner, self.cur_len = inner, cur_len
+
+    def check(self, rotary_dim):
+        self.inner.check(rotary_dim)
+
+    def apply(self, inv_freq, base, rotary_dim, cur_len):
+        return self.inner.apply(inv_freq, base, rotary_dim, self.cur_len)
+
+    def _fields(self):
+        return {"inner": self.inner, "cur_len": self.cur_len}
+
+
 def _ntk_exponent(rotary_dim: int, who: str) -> float:
     # base' = base * s ** (d / (d - 2)): the exponent is undefined for d = 2.
     if rotary_dim <= 2:
@@ -581,6 +599,17 @@ class RoPE(PE):
         self.scaling.check(d)
         inv, factor = self.scaling.apply(inv, self.base, d, cur_len)
         return inv, float(factor)
+
+    def at_length(self, cur_len: int) -> "RoPE":
+        """This RoPE with a length-dependent scaling (DynamicNTK, LongRoPE) frozen at
+        ``cur_len`` (max position + 1): its frequencies no longer depend on the positions of
+        a call. For a caller that attends in pieces (ring attention over shards, a KV cache
+        read in chunks) and must rotate every piece as the whole sequence would be. Specs
+        without such a scaling are returned unchanged."""
+        if not self.needs_cur_len:
+            return self
+        cur_len = _positive_int("cur_len", cur_len)
+        return RoPE(self.base, _AtLength(self.scaling, cur_len), self.rotary_dim, self.interleaved)
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: Optional[str] = None,
