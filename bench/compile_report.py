@@ -19,6 +19,7 @@ subprocess for that reason.
 """
 import argparse
 import json
+import dataclasses
 import os
 import re
 import subprocess
@@ -62,19 +63,21 @@ def _cuobjdump() -> str:
 
 def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
     """Whether a compile of ``kernel`` for ``pe`` carries the bias-parameter gradients: only
-    dQ, only bias PEs; by default KERPLE (trainable r1, r2) and not ALiBi (fixed slopes)."""
+    dQ, only bias PEs; by default KERPLE (trainable r1, r2) and T5 (a trainable table), not
+    ALiBi (fixed slopes)."""
     if pe_grad is None:
-        pe_grad = pe.startswith("kerple")
+        pe_grad = pe.startswith("kerple") or pe in launch.TABLE_BIASES
     return bool(pe_grad) and kernel == "bwd_dq" and pe not in ("none", "rope")
 
 
 def centred(pe: str, explicit: bool, center=None) -> bool:
     """Whether the compile centres its bias rows (launch.bias_refs): always for a bias PE with
     explicit positions; with contiguous ones only when queries lie outside the key range
-    (int offsets), which the shipped rows do not assume unless ``center`` says so."""
+    (int offsets), which the shipped rows do not assume unless ``center`` says so. A table
+    bias (T5) is bounded: never centred."""
     if center is None:
         center = explicit
-    return bool(center) and pe_registry.axes(pe)[1] != "none"
+    return bool(center) and pe_registry.axes(pe)[1] not in ("none",) + launch.TABLE_BIASES
 
 
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
@@ -88,6 +91,8 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
     B, Hq, Hkv, S = SHAPE["B"], SHAPE["Hq"], SHAPE["Hkv"], SHAPE["S"]
     dt, dev = DTYPES[dtype], "meta"
     rec = _triton.kernel_pe(pe_registry.REGISTRY[pe](), head_dim, Hq, dev, None)
+    if rec.params is not None and rec.params.device.type != dev:  # a spec's own tensor (T5's table)
+        rec = dataclasses.replace(rec, params=rec.params.to(dev))
     if varlen:  # (1, H, total, D) views of (total, H, D), as attention_varlen passes them
         q, k, v, do = (torch.empty(B * S, h, head_dim, device=dev, dtype=dt).unsqueeze(0)
                        .transpose(1, 2) for h in (Hq, Hkv, Hkv, Hq))
@@ -298,6 +303,8 @@ GEOMETRY_ROWS = (
     ("kerple_power", False, False, dict(varlen=True, window=(512, None))),
     ("rope", True, False, dict(varlen=True)),
     ("none", False, True, dict(varlen=True, softcap=30.0)),  # packed, explicit positions
+    ("t5", False, True, {}),  # T5 encoder: explicit positions (int64-wide clamp)
+    ("t5", False, False, dict(window=(256, 256), varlen=True)),
 )
 
 

@@ -13,7 +13,8 @@ stores it into a partials buffer (query_blocks, B, Hq, NP) that torch sums: dete
 kernel, not dK/dV, because dK/dV's register budget is the tighter one (its dK and dV
 accumulators): there the gradient terms forced tiles half as tall (bench.sass_loop).
 KERPLE with contiguous positions reads f and df/dr2 from per-distance tables BIAS_F, BIAS_G
-(Hq, bias_len) when BIAS_TABLE (bias.bias_table_kernel).
+(Hq, bias_len) when BIAS_TABLE (bias.bias_table_kernel); a table bias (T5) reads its f and
+buckets from them, and dQ sums its gradient per bucket (bias.py, "Table biases").
 
 dS below is the gradient of the natural-unit logits s = scale * q.k + bias:
 dS = P * (dP - Delta), dQ = scale * dS @ K, dK = scale * dS^T @ Q, dV = P^T @ dO. With a
@@ -29,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .attn_fwd import tile_logits
-from .bias import (BIAS_NONE, bias_grad_terms, bias_params, bias_row_ref, store_param_grads,
+from .bias import (BIAS_NONE, bias_params, bias_row_ref, param_grad_init, param_grad_update,
+                   store_param_grads,
                    tile_bias_centred, tile_bias_grad_inputs)
 from .fmath import LOG2E, softcap_logits
 from .geometry import (key_band, load_positions, query_key_tiles, seq_geometry, tile_range,
@@ -168,7 +170,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
             nlse2 = tl.load(NLSE2 + row0 + offs_m, mask=m_mask, other=float("-inf"))
         else:  # every row of an unmasked tile is < Sq: no predicates to carry through the loop
             nlse2 = tl.load(NLSE2 + row0 + offs_m)
-        pa_h, pb_h = bias_params(BIAS, PARAMS, h, NP)  # GQA: the loop walks the group's heads
+        pa_h, pb_h = bias_params(BIAS, PARAMS, h, NP, bias_len)  # GQA: the loop walks the group's heads
 
         # the exp2 argument of P^T, (BLOCK_N, BLOCK_M): scale and NLSE2 in one FFMA, a bias in
         # one more (tl.fma: the compiler does not contract them on its own)
@@ -350,9 +352,9 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
               ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
               PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
-              CENTER: tl.constexpr):
+              CENTER: tl.constexpr, NP: tl.constexpr):
     """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi), and with
-    NEED_PE_GRAD the per-query sums g1, g2 (BLOCK_M,) of dS * d(bias)/d(param)."""
+    NEED_PE_GRAD the accumulators g1, g2 of dS * d(bias)/d(param) (bias.param_grad_init)."""
     colA, colB, maskA, colC, maskC, colV, maskV = cols  # head-dim columns
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -385,9 +387,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
             f, r2_term = tile_bias_grad_inputs(BIAS, BIAS_TABLE, CENTER, BIAS_F, BIAS_G, qpos,
                                                kpos, k_start + t * BLOCK_N, EXPLICIT_POS, pb,
                                                dref, fref)
-            t1, t2 = bias_grad_terms(BIAS, ds, f, r2_term, pa)
-            g1 += t1
-            g2 += t2
+            g1, g2 = param_grad_update(BIAS, g1, g2, ds, f, r2_term, pa, NP)
         if SOFTCAP:  # d(c tanh(x)) = c (1 - tanh^2) dx: back to the scaled q.k
             ds = ds * (1.0 - x * x)
         dqa, dqb, dqc = grad_dot(ds.to(qa.dtype), ka, kb, kc, dqa, dqb, dqc, ROT, HAS_PASS, PREC)
@@ -457,7 +457,7 @@ def attn_bwd_dq_kernel(
         qpos = load_positions(QPOS, 0, offs_m, m_mask, stride_qpm)
     else:
         qpos = q_start + offs_m
-    pa, pb = bias_params(BIAS, PARAMS, h, NP)
+    pa, pb = bias_params(BIAS, PARAMS, h, NP, bias_len)
     dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
     c_q = 0.0
     s_q = 0.0
@@ -482,8 +482,7 @@ def attn_bwd_dq_kernel(
     dqa = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    g1 = tl.zeros([BLOCK_M], tl.float32)
-    g2 = tl.zeros([BLOCK_M], tl.float32)
+    g1, g2 = param_grad_init(BIAS, BLOCK_M, NP)
     # Runs of key tiles, as in the forward (unrolled; run 0 only with a window's left edge):
     # 0 = masked before the band, 1 = unmasked, 2 = masked.
     for run in tl.static_range(3):
@@ -498,9 +497,9 @@ def attn_bwd_dq_kernel(
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
-                BIAS_TABLE=BIAS_TABLE, NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER)
+                BIAS_TABLE=BIAS_TABLE, NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER, NP=NP)
     store_grad_groups(DQ, offs_m, m_mask, qpos, stride_dqm, stride_dqd, dqa, dqb, dqc, scale,
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS, ROT_HALF,
                       BLOCK_A)
     if NEED_PE_GRAD:  # partials (query blocks, B, Hq, NP); torch sums them
-        store_param_grads(GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP)
+        store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP)

@@ -21,7 +21,8 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
     ROPE_TILES (cdiv(Sk, TILE_STEP), 2, BLOCK_A) float32: cos/sin of the key tile starts
     (RoPE with contiguous positions; see rotary.rope_tile_table_kernel)
     BIAS_F (Hq, bias_len) float32: KERPLE's f per distance when BIAS_TABLE (contiguous positions;
-    see bias.bias_table_kernel)
+    see bias.bias_table_kernel); a table bias's f per clamped k - q (always; bias.py, "Table
+    biases")
     DREF (B, Sq) (varlen (1, total_q)) float32: with CENTER, each query's distance to its
     nearest visible key; the bias's rows are centred on the bias there (bias.py, "Centring"),
     and LSE holds the centred rows' log-sum-exp (the launcher subtracts a f_ref for the
@@ -232,7 +233,7 @@ def attn_fwd_kernel(
         qpos = q_start + offs_m
 
     # bias parameters of this head, with log2(e) folded in where the bias is linear in them
-    pa, pb = bias_params(BIAS, PARAMS, h, NP)
+    pa, pb = bias_params(BIAS, PARAMS, h, NP, bias_len)
     pa2 = pa * LOG2E
     dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
 

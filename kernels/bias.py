@@ -1,15 +1,18 @@
 """The bias axis: hooks that add a position bias to the logits (all ``@triton.jit``, inlined).
 
-The kind is the ``BIAS`` constexpr (BIAS_NONE, BIAS_ALIBI, BIAS_KERPLE_LOG, BIAS_KERPLE_POWER;
-posattn.pe's registry maps spec classes to them); a kind no hook knows is a
+The kind is the ``BIAS`` constexpr (BIAS_NONE, BIAS_ALIBI, BIAS_KERPLE_LOG, BIAS_KERPLE_POWER,
+BIAS_T5; posattn.pe's registry maps spec classes to them); a kind no hook knows is a
 ``tl.static_assert`` at compile time, never a fall-through. Every bias here is
-``bias = -a f(|q - k|; b)`` with the head's parameters read from one channel, PARAMS (Hq, NP)
-(:func:`bias_params`), and the gradients written to one buffer of partials
-(:func:`store_param_grads`). Hooks, one signature each:
+``bias = -a f(q, k; b)`` with the head's parameters read from one channel, PARAMS (Hq, NP)
+(:func:`bias_params`), and the gradients written to one buffer of partials of the same
+shape (:func:`store_param_grads`): for ALiBi / KERPLE f is a function of |q - k|, for T5
+(a = 1) a per-head table read by bucket of k - q, the table being PARAMS itself ("Table
+biases" below). Hooks, one signature each:
 
 * :func:`bias_params` (prepare): the head's (a, b);
 * :func:`bias_shape` / :func:`tile_bias_centred` (tile bias): f of a tile;
-* :func:`tile_bias_grad_inputs` + :func:`bias_grad_terms` (gradient terms).
+* :func:`tile_bias_grad_inputs` + :func:`param_grad_init` / :func:`param_grad_update` /
+  :func:`store_param_grads` (gradient terms, accumulated, stored).
 
 Scores live in the exp2 domain, ``s2 = (scale * q.k + bias) * log2(e)``: the kernels fold
 log2(e) into ``a`` (one FMA per element). A new bias kind adds its case to these hooks, its
@@ -26,26 +29,32 @@ BIAS_NONE = tl.constexpr(0)
 BIAS_ALIBI = tl.constexpr(1)
 BIAS_KERPLE_LOG = tl.constexpr(2)
 BIAS_KERPLE_POWER = tl.constexpr(3)
+BIAS_T5 = tl.constexpr(4)  # a learnable per-head table read by bucket (see "Table biases")
 # by the names posattn.pe's specs give their bias axis (the launcher maps names to codes here)
 KINDS = {"none": BIAS_NONE, "alibi": BIAS_ALIBI, "kerple_log": BIAS_KERPLE_LOG,
-         "kerple_power": BIAS_KERPLE_POWER}
+         "kerple_power": BIAS_KERPLE_POWER, "t5": BIAS_T5}
 
 
 @triton.jit
 def check_bias(BIAS: tl.constexpr):
     """Compile-time guard: the hooks call it, so an unknown BIAS never runs another's math."""
     tl.static_assert(BIAS == BIAS_NONE or BIAS == BIAS_ALIBI or BIAS == BIAS_KERPLE_LOG
-                     or BIAS == BIAS_KERPLE_POWER, "unknown bias kind (BIAS constexpr)")
+                     or BIAS == BIAS_KERPLE_POWER or BIAS == BIAS_T5,
+                     "unknown bias kind (BIAS constexpr)")
 
 
 @triton.jit
-def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr):
+def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr, bias_len):
     """(a, b) of head h, float32, from PARAMS (Hq, NP) contiguous: a = slope (ALiBi) or r1,
-    b = r2 (KERPLE); 0.0 where the kind has no such parameter."""
+    b = r2 (KERPLE); 0.0 where the kind has no such parameter. A table bias (T5) has a = 1
+    (its table holds -bias) and b = R, its table's radius (bias_len = 2R + 1)."""
     check_bias(BIAS)
     a = 0.0
     b = 0.0
-    if BIAS != BIAS_NONE:
+    if BIAS == BIAS_T5:
+        a = 1.0
+        b = ((bias_len - 1) // 2).to(tl.float32)
+    elif BIAS != BIAS_NONE:
         a = tl.load(PARAMS + h * NP).to(tl.float32)
         if NP > 1:
             b = tl.load(PARAMS + h * NP + 1).to(tl.float32)
@@ -53,13 +62,42 @@ def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr):
 
 
 @triton.jit
-def store_param_grads(GPARAM, slot, g1, g2, NP: tl.constexpr):
-    """One program's share of d(loss)/d(PARAMS[h]) at GPARAM (slots, NP): the (rows,) partial
-    sums g1, g2 of bias_grad_terms, reduced here once. Torch sums the slots: no atomics,
+def param_grad_init(BIAS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr):
+    """The dQ program's accumulators of d(loss)/d(PARAMS[h]) (param_grad_update): two
+    (BLOCK_M,) row sums, or for a table bias one (BLOCK_M, NP) tile, a column per bucket."""
+    if BIAS == BIAS_T5:  # g2: per row, the sum of dS and its reference bucket (table_grad_update)
+        tl.static_assert((NP & (NP - 1)) == 0, "table biases: NP must be a power of two")
+        two = tl.arange(0, 2)
+        return (tl.zeros([BLOCK_M, NP], tl.float32),
+                tl.where(two[None, :] == 1, -1.0, tl.zeros([BLOCK_M, 2], tl.float32)))
+    else:
+        return tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32)
+
+
+@triton.jit
+def param_grad_update(BIAS: tl.constexpr, g1, g2, ds, f, r2_term, a, NP: tl.constexpr):
+    """Add a tile's dS * d(bias)/d(param) to the accumulators (param_grad_init); f, r2_term:
+    :func:`tile_bias_grad_inputs` of the tile."""
+    if BIAS == BIAS_T5:
+        g1, g2 = table_grad_update(g1, g2, ds, r2_term, NP)
+    else:
+        t1, t2 = bias_grad_terms(BIAS, ds, f, r2_term, a)
+        g1 += t1
+        g2 += t2
+    return g1, g2
+
+
+@triton.jit
+def store_param_grads(BIAS: tl.constexpr, GPARAM, slot, g1, g2, NP: tl.constexpr):
+    """One program's share of d(loss)/d(PARAMS[h]) at GPARAM (slots, NP): the accumulators
+    of param_grad_update, reduced here once. Torch sums the slots: no atomics,
     deterministic."""
-    tl.store(GPARAM + slot * NP, tl.sum(g1, 0))
-    if NP > 1:
-        tl.store(GPARAM + slot * NP + 1, tl.sum(g2, 0))
+    if BIAS == BIAS_T5:
+        tl.store(GPARAM + slot * NP + tl.arange(0, NP), tl.sum(table_grad_centred(g1, g2, NP), 0))
+    else:
+        tl.store(GPARAM + slot * NP, tl.sum(g1, 0))
+        if NP > 1:
+            tl.store(GPARAM + slot * NP + 1, tl.sum(g2, 0))
 
 
 @triton.jit
@@ -228,7 +266,7 @@ def bias_table_kernel(F, G, PARAMS, L, BIAS: tl.constexpr, NP: tl.constexpr, NEE
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = d < L
     dist = d.to(tl.float32)
-    _, b = bias_params(BIAS, PARAMS, h, NP)
+    _, b = bias_params(BIAS, PARAMS, h, NP, L)
     f = bias_shape(BIAS, dist, b)
     row = h.to(tl.int64) * L
     tl.store(F + row + d, f, mask=mask)
@@ -236,13 +274,79 @@ def bias_table_kernel(F, G, PARAMS, L, BIAS: tl.constexpr, NP: tl.constexpr, NEE
         tl.store(G + row + d, bias_r2_term(BIAS, f, dist), mask=mask)
 
 
+# Table biases (T5)
+# ------------------
+# T5's bias is a learnable per-head table read by bucket: bias = table[h, bucket(k - q)].
+# The launcher hands the kernels two per-relative-position rows per head, for k - q in
+# [-R, R] (R = posattn.pe.T5Bias.radius: every further distance shares the bucket of +-R, so
+# a clamped index is exact at any position): BIAS_F = -table[h, bucket] (f, with a = 1, as
+# every bias here is -a f) and BIAS_G = the bucket itself (float32, small exact integers).
+# The forward reads f per score (one clamp and one L1-resident load, no log). The dQ kernel
+# accumulates the table's gradient: dS summed per bucket, over the buckets a tile spans
+# (table_grad_update); a tile far from the diagonal spans one bucket, one near it a few.
+
+
+@triton.jit
+def table_index(row_pos, col_pos, R, QUERY_AXIS: tl.constexpr):
+    """Index of k - q clamped to [-R, R], shifted to [0, 2R], (BLOCK_R, BLOCK_C) int32: queries
+    are the tile's rows (QUERY_AXIS 0) or its columns (1). Integer positions of any width: the
+    difference is clamped before it is narrowed."""
+    rel = col_pos[None, :] - row_pos[:, None]
+    if QUERY_AXIS == 1:
+        rel = -rel
+    return (tl.minimum(tl.maximum(rel, -R), R) + R).to(tl.int32)
+
+
+@triton.jit
+def table_grad_update(g, rows, ds, bucket, NP: tl.constexpr):
+    """g (BLOCK_M, NP) += this tile's dS summed per bucket: g[:, j] gets each row's sum of dS
+    over its scores in bucket j (bucket: the tile's BIAS_G, float). Walks only the buckets the
+    tile's live scores (dS != 0) span: one, far from the diagonal; none in a masked-out tile.
+    Each pass is a select and a row sum (no cross-warp reduction: rows are reduced once, at
+    the store). rows (BLOCK_M, 2): each row's running sum of dS and the largest bucket of its
+    live scores, for table_grad_centred."""
+    bk = bucket.to(tl.int32)
+    live = ds != 0.0
+    lo = tl.min(tl.min(tl.where(live, bk, NP), 1), 0)
+    hi = tl.max(tl.max(tl.where(live, bk, -1), 1), 0)
+    cols = tl.arange(0, NP)
+    for j in range(lo, hi + 1):
+        r = tl.sum(tl.where(bk == j, ds, 0.0), 1)
+        g += tl.where(cols[None, :] == j, r[:, None], 0.0)
+    two = tl.arange(0, 2)
+    ref = tl.max(tl.where(live, bk, -1), 1).to(tl.float32)
+    rows = tl.where(two[None, :] == 0, rows + tl.sum(ds, 1)[:, None],
+                    tl.maximum(rows, ref[:, None]))
+    return g, rows
+
+
+@triton.jit
+def table_grad_centred(g, rows, NP: tl.constexpr):
+    """g minus each row's sum of dS in its reference bucket (one its live scores fall in).
+
+    A softmax row's dS sums to 0 (the LSE is not differentiable), so this is the same
+    gradient -- but the kernels' dS rows sum to ~eps |dP|, not 0, and where all of a row's
+    keys share one bucket (every key beyond max_distance, or a single key) the naive math's
+    gradient is 0 to the last bit while an uncentred sum would keep that residual, summed
+    over every row. The same argument as the distance biases' centring (above), for a
+    table."""
+    two = tl.arange(0, 2)
+    total = tl.sum(tl.where(two[None, :] == 0, rows, 0.0), 1)
+    ref = tl.sum(tl.where(two[None, :] == 1, rows, 0.0), 1).to(tl.int32)
+    cols = tl.arange(0, NP)
+    return g - tl.where(cols[None, :] == ref[:, None], total[:, None], 0.0)
+
+
 @triton.jit
 def tile_bias(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, row_pos, col_pos, col0,
-              EXPLICIT_POS: tl.constexpr, b):
+              EXPLICIT_POS: tl.constexpr, b, QUERY_AXIS: tl.constexpr):
     """f of a tile (bias = -a f), (BLOCK_R, BLOCK_C) float32: read from head's row FT of the
     per-distance table when BIAS_TABLE (contiguous int32 positions, distance < its length by
-    construction), else computed from :func:`tile_dist`. Not centred (see centred)."""
-    if BIAS_TABLE:
+    construction; a table bias: always, by clamped k - q, b = its radius), else computed from
+    :func:`tile_dist`. Not centred (see centred). QUERY_AXIS as in query_axis."""
+    if BIAS == BIAS_T5:
+        return tl.load(FT + table_index(row_pos, col_pos, b.to(tl.int32), QUERY_AXIS))
+    elif BIAS_TABLE:
         return tl.load(FT + tl.abs(row_pos[:, None] - col_pos[None, :]))
     else:
         return bias_shape(BIAS, tile_dist(row_pos, col_pos, col0, EXPLICIT_POS), b)
@@ -303,7 +407,8 @@ def tile_bias_centred(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl.c
         f, _ = centred_shape(BIAS, dist, query_axis(dref, QUERY_AXIS), query_axis(fref, QUERY_AXIS), b)
         return f
     else:
-        return tile_bias(BIAS, BIAS_TABLE, FT, row_pos, col_pos, col0, EXPLICIT_POS, b)
+        return tile_bias(BIAS, BIAS_TABLE, FT, row_pos, col_pos, col0, EXPLICIT_POS, b,
+                         QUERY_AXIS)
 
 
 @triton.jit
@@ -311,8 +416,11 @@ def tile_bias_grad_inputs(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: 
                           GT, row_pos, col_pos, col0, EXPLICIT_POS: tl.constexpr, b, dref, fref):
     """(f, df/dr2) of a tile (queries are its rows) for :func:`bias_grad_terms`: centred on the
     queries' nearest visible keys when CENTER (computed in the tile), else from the tables or
-    computed."""
-    if CENTER:
+    computed. A table bias: (f, its bucket) by clamped k - q (b = the table's radius)."""
+    if BIAS == BIAS_T5:
+        idx = table_index(row_pos, col_pos, b.to(tl.int32), 0)
+        return tl.load(FT + idx), tl.load(GT + idx)
+    elif CENTER:
         dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
         fc, lr = centred_shape(BIAS, dist, dref[:, None], fref[:, None], b)
         return fc, centred_r2_term(BIAS, dist, dref[:, None], fref[:, None], fc, lr, b)

@@ -88,7 +88,9 @@ class TileConfig:
 
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
-FAMILIES = ("none", "rope", "alibi", "kerple")
+FAMILIES = ("none", "rope", "alibi", "kerple")  # the tuned families (bench.tune's PE names)
+# T5's family: KERPLE's tiles but for one (tile_config), not tuned on its own
+TABLE_FAMILY = "table"
 
 # Archs with ~227 KiB of shared memory per block; every other arch >= 80 gets the Ampere table.
 HOPPER_CLASS = (90, 100, 103)
@@ -107,8 +109,9 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 explicit: bool = False, tma: bool = False, geometry: bool = False) -> TileConfig:
     """Tile config for ``kernel`` in KERNELS. head_dim: padded (power of two) head width.
 
-    pe: the PE family in FAMILIES -- "none", "rope", "alibi" or "kerple" (log and power). RoPE
-    keeps rotation tables and a bias PE its bias terms live, so they may need smaller tiles.
+    pe: the PE family in FAMILIES -- "none", "rope", "alibi", "kerple" (log and power) or
+    "table" (T5: KERPLE's tiles, but for one). RoPE keeps rotation tables and a bias PE its
+    bias terms live, so they may need smaller tiles.
     pe_grad: the dQ kernel also accumulates the bias parameters' gradients (trainable ALiBi
     slopes / KERPLE r1, r2), which costs registers.
     explicit: explicit position tensors (the bias PEs then form distances in int64: more
@@ -125,8 +128,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if pe not in FAMILIES:
-        raise ValueError(f"pe must be one of {FAMILIES}, got {pe!r}")
+    if pe not in FAMILIES + (TABLE_FAMILY,):
+        raise ValueError(f"pe must be one of {FAMILIES + (TABLE_FAMILY,)}, got {pe!r}")
     if not _env_loaded:
         _load_env()
     if dtype != torch.float32 and _overrides and not explicit and (
@@ -136,6 +139,12 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
             return hit
     if arch is None:  # Triton interpreter on CPU
         return TileConfig(32, 32, 4, 1)
+    if pe == TABLE_FAMILY:  # a table read per score and a bucket per score in dQ, as KERPLE's
+        if (kernel == "bwd_dkdv" and explicit and head_dim > 64 and arch in HOPPER_CLASS
+                and dtype != torch.float32 and not geometry):
+            # the clamped int64 k - q per score: 32 x 128 spills 32 B (triton 3.9)
+            return TileConfig(16, 128, 8, 2)
+        pe = "kerple"
     if dtype == torch.float32:
         return _fp32(kernel, pe, head_dim > 64)
     if head_dim > 128:
@@ -245,9 +254,9 @@ def _d256(kernel: str, pe: str, hopper: bool) -> TileConfig:
 
 def _check_key(key) -> TileKey:
     kernel, family, head_dim, arch = key
-    if kernel not in KERNELS or family not in FAMILIES:
+    if kernel not in KERNELS or family not in FAMILIES + (TABLE_FAMILY,):
         raise ValueError(f"tile override key {key!r}: kernel must be one of {KERNELS} and family "
-                         f"one of {FAMILIES}")
+                         f"one of {FAMILIES + (TABLE_FAMILY,)}")
     return kernel, family, int(head_dim), None if arch is None else int(arch)
 
 

@@ -33,8 +33,11 @@ class KernelPE:
 
     rot: rotary axis ("none" | "rope"); theta (rot_dim // 2,) float64 inv_freq on the device,
     factor (the attention factor, multiplies cos and sin), rot_dim, interleaved.
-    bias: bias axis ("none" | "alibi" | "kerple_log" | "kerple_power"); params (Hq, P), any
-    float dtype: the one parameter channel (ALiBi: the slope; KERPLE: r1, r2).
+    bias: bias axis ("none" | "alibi" | "kerple_log" | "kerple_power" | "t5"); params (Hq, P),
+    any float dtype: the one parameter channel (ALiBi: the slope; KERPLE: r1, r2; a table
+    bias: its table, columns padded with zeros to a power of two here, through autograd).
+    buckets: a table bias's column per relative position k - q in [-R, R], int64 (2R + 1,)
+    (posattn.pe.PE.bias_buckets), else None.
     family: the tile-config family (configs.FAMILIES).
     """
 
@@ -46,6 +49,7 @@ class KernelPE:
     bias: str = "none"
     params: Optional[torch.Tensor] = None
     family: str = "none"
+    buckets: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.rot not in ROT_CODES:
@@ -60,6 +64,14 @@ class KernelPE:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.contiguous())
+        # (a record without params only names its axes: tile and TMA decisions)
+        if self.params is not None and (self.buckets is None) != (self.bias not in TABLE_BIASES):
+            raise ValueError(f"bias {self.bias!r}: buckets must be given exactly for a table bias "
+                             f"({TABLE_BIASES})")
+        if self.params is not None and self.buckets is not None:
+            # the dQ kernel's gradient accumulator is a (rows, P) tile: P a power of two
+            width = self.params.shape[1]
+            self.params = torch.nn.functional.pad(self.params, (0, triton.next_power_of_2(width) - width))
 
     @property
     def rope(self) -> bool:
@@ -343,12 +355,16 @@ def _rope_tiles(pe: KernelPE, pos: KernelPositions, start: int, S: int, meta: di
 BIAS_TABLE_MIN_LEN = 128
 BIAS_TABLE_MAX_BYTES = 256 << 20
 _TABLE_PAD = 256  # > any tile size: padded rows / columns of edge tiles stay inside the table
-TABLE_BIASES = ("kerple_log", "kerple_power")  # biases with a per-distance table
+DISTANCE_TABLES = ("kerple_log", "kerple_power")  # biases with an optional per-distance table
+
+
+TABLE_BIASES = ("t5",)  # biases that are a per-head table read by bucket (bias.py, "Table biases")
 
 
 @dataclass
 class BiasTables:
-    """KERPLE's f (and df/dr2) per distance, (Hq, length) float32 each, or unused (length 0)."""
+    """KERPLE's f (and df/dr2) per distance, or a table bias's f and bucket per relative
+    position, (Hq, length) float32 each; or unused (length 0)."""
 
     f: torch.Tensor
     g: torch.Tensor
@@ -364,7 +380,9 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
     """Sq, Sk: the (longest) sequences' lengths."""
     unused = BiasTables(dummy, dummy, 0)
     # centred rows compute f - f_ref in the tile (bias.py, "Centring"): no table
-    if pe.bias not in TABLE_BIASES or pos.explicit or centred:
+    if pe.buckets is not None:
+        return _bucket_tables(pe, need_g)
+    if pe.bias not in DISTANCE_TABLES or pos.explicit or centred:
         return unused
     if min(Sq, Sk) < BIAS_TABLE_MIN_LEN:
         return unused
@@ -383,6 +401,16 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
                                                          BIAS=BIAS_CODES[pe.bias], NP=pe.n_params,
                                                          NEED_G=need_g, BLOCK=block)
     return BiasTables(f, g, length)
+
+
+def _bucket_tables(pe: KernelPE, need_g: bool) -> BiasTables:
+    """A table bias's rows (bias.py, "Table biases"): f = -table[h, bucket] and the bucket
+    (float32) for each k - q in [-R, R], (Hq, 2R + 1). Gathered by torch from the detached
+    table: O(Hq * R), a few KiB."""
+    buckets = pe.buckets.to(pe.params.device)
+    f = (-pe.params.detach().float()[:, buckets]).contiguous()
+    g = buckets.float()[None].expand_as(f).contiguous() if need_g else f
+    return BiasTables(f, g, f.shape[1])
 
 
 # Row centring of the bias PEs (bias.py, "Centring": why, and the error analysis).
@@ -408,8 +436,8 @@ def bias_refs(pe: KernelPE, pos: KernelPositions, mask: Mask, Sq: int, Sk: int,
     Contiguous: d_ref = distance from the query to [k_start, k_last], (1, Sq). A window
     needs no more: a query inside its key range sees the key at its own position, and one
     past the keys sees the nearest key or none at all (then its row is empty)."""
-    if pe.bias == "none" or Sq == 0 or Sk == 0:
-        return None
+    if pe.bias == "none" or pe.buckets is not None or Sq == 0 or Sk == 0:
+        return None  # (a table bias is bounded: nothing to centre)
     if pos.varlen:
         qp, kp = pos.qpos, pos.kpos
         if qp is None:  # centre only where a non-causal query precedes its keys

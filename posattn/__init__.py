@@ -25,7 +25,7 @@ if (not _os.path.isdir(_os.path.join(_here, "kernels"))
     __path__.append(_os.path.dirname(_here))
 from .api import attention, attention_varlen
 from .pe import (
-    PE, NoPE, RoPE, ALiBi, KERPLE,
+    PE, NoPE, RoPE, ALiBi, KERPLE, T5Bias,
     RoPEScaling, PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE,
     alibi_slopes,
 )
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_varlen", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE",
+    "attention", "attention_varlen", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "alibi_slopes", "reference", "nn",
 ]

@@ -25,34 +25,34 @@ from .kernels import launch
 from .kernels.launch import KernelPE, KernelPositions
 
 
-def _records(theta, params, qpos, kpos, rot, bias, family, factor, rot_dim, interleaved,
-             q_start, k_start, causal, left, right, softcap):
+def _records(theta, params, buckets, qpos, kpos, rot, bias, family, factor, rot_dim,
+             interleaved, q_start, k_start, causal, left, right, softcap):
     pe = KernelPE(rot=rot, theta=theta, factor=factor, rot_dim=rot_dim, interleaved=interleaved,
-                  bias=bias, params=params, family=family)
+                  bias=bias, params=params, family=family, buckets=buckets)
     return (pe, KernelPositions(q_start=q_start, k_start=k_start, qpos=qpos, kpos=kpos),
             launch.Mask(causal=causal, left=left, right=right, softcap=softcap))
 
 
 def flat_args(pe: KernelPE, pos: KernelPositions, mask: launch.Mask) -> tuple:
-    """The records as the ops' arguments after (q, k, v): theta, params, qpos, kpos, rot,
-    bias, family, factor, rot_dim, interleaved, q_start, k_start, causal, left, right,
+    """The records as the ops' arguments after (q, k, v): theta, params, buckets, qpos, kpos,
+    rot, bias, family, factor, rot_dim, interleaved, q_start, k_start, causal, left, right,
     softcap. (Dense batches only: packed sequences run eagerly.)"""
-    return (pe.theta, pe.params, pos.qpos, pos.kpos, pe.rot, pe.bias, pe.family,
+    return (pe.theta, pe.params, pe.buckets, pos.qpos, pos.kpos, pe.rot, pe.bias, pe.family,
             float(pe.factor), int(pe.rot_dim), bool(pe.interleaved), int(pos.q_start),
             int(pos.k_start), bool(mask.causal), mask.left, mask.right, float(mask.softcap))
 
 
 @torch.library.custom_op("posattn::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], params: Optional[Tensor],
-        qpos: Optional[Tensor], kpos: Optional[Tensor], rot: str, bias: str, family: str,
+        buckets: Optional[Tensor], qpos: Optional[Tensor], kpos: Optional[Tensor], rot: str, bias: str, family: str,
         factor: float, rot_dim: int, interleaved: bool, q_start: int, k_start: int,
         causal: bool, left: Optional[int], right: Optional[int], softcap: float,
         scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """launch.attn_fwd: out (B, Hq, Sq, DV) in q's dtype, lse and row_lse (B, Hq, Sq) float32
     (the caller's LSE, and the one the backward takes; a copy when they are the same tensor:
     an op's outputs may not alias)."""
-    pe, pos, mask = _records(theta, params, qpos, kpos, rot, bias, family, factor, rot_dim,
-                             interleaved, q_start, k_start, causal, left, right, softcap)
+    pe, pos, mask = _records(theta, params, buckets, qpos, kpos, rot, bias, family, factor,
+                             rot_dim, interleaved, q_start, k_start, causal, left, right, softcap)
     out, lse, row_lse = launch.attn_fwd(q, k, v, pe, pos, mask, scale)
     return out, lse, (row_lse.clone() if row_lse is lse else row_lse)
 
@@ -67,15 +67,15 @@ def _fwd_fake(q, k, v, *args):
 
 @torch.library.custom_op("posattn::bwd", mutates_args=())
 def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-        theta: Optional[Tensor], params: Optional[Tensor], qpos: Optional[Tensor],
-        kpos: Optional[Tensor], rot: str, bias: str, family: str, factor: float, rot_dim: int,
+        theta: Optional[Tensor], params: Optional[Tensor], buckets: Optional[Tensor],
+        qpos: Optional[Tensor], kpos: Optional[Tensor], rot: str, bias: str, family: str, factor: float, rot_dim: int,
         interleaved: bool, q_start: int, k_start: int, causal: bool, left: Optional[int],
         right: Optional[int], softcap: float, scale: float,
         need_pe_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """launch.attn_bwd: dq, dk, dv like q, k, v; the gradient of params, (Hq, P) float32,
     when need_pe_grad, else an empty tensor (an op cannot return None)."""
-    pe, pos, mask = _records(theta, params, qpos, kpos, rot, bias, family, factor, rot_dim,
-                             interleaved, q_start, k_start, causal, left, right, softcap)
+    pe, pos, mask = _records(theta, params, buckets, qpos, kpos, rot, bias, family, factor,
+                             rot_dim, interleaved, q_start, k_start, causal, left, right, softcap)
     dq, dk, dv, g = launch.attn_bwd(do, q, k, v, out, lse, pe, pos, mask, scale, need_pe_grad)
     if g is None:
         g = q.new_empty((0,), dtype=torch.float32)
@@ -90,25 +90,27 @@ def _bwd_fake(do, q, k, v, out, lse, theta, params, *args):
             q.new_empty(shape, dtype=torch.float32))
 
 
-_N_TENSORS = 7  # q, k, v, theta, params, qpos, kpos
+_N_TENSORS = 8  # q, k, v, theta, params, buckets, qpos, kpos
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, theta, params, qpos, kpos = inputs[:_N_TENSORS]
+    q, k, v, theta, params, buckets, qpos, kpos = inputs[:_N_TENSORS]
     out, lse, row_lse = output
-    ctx.save_for_backward(q, k, v, out, row_lse, theta, params, qpos, kpos)
+    ctx.save_for_backward(q, k, v, out, row_lse, theta, params, buckets, qpos, kpos)
     ctx.scalars = inputs[_N_TENSORS:]  # rot ... softcap, scale
     ctx.mark_non_differentiable(lse, row_lse)  # as in eager (_triton._FusedAttention)
 
 
 def _backward(ctx, dout, _dlse, _drow_lse):
-    q, k, v, out, lse, theta, params, qpos, kpos = ctx.saved_tensors
+    q, k, v, out, lse, theta, params, buckets, qpos, kpos = ctx.saved_tensors
     need = ctx.needs_input_grad[4]
     if dout.stride(-1) != 1 and dout.shape[-1] != 1:  # the kernels want a unit last stride
         dout = dout.contiguous()
-    dq, dk, dv, g = bwd(dout, q, k, v, out, lse, theta, params, qpos, kpos, *ctx.scalars, need)
+    dq, dk, dv, g = bwd(dout, q, k, v, out, lse, theta, params, buckets, qpos, kpos,
+                        *ctx.scalars, need)
     n_rest = len(ctx.scalars)
-    return (dq, dk, dv, None, g.to(params.dtype) if need else None, None, None) + (None,) * n_rest
+    return ((dq, dk, dv, None, g.to(params.dtype) if need else None, None, None, None)
+            + (None,) * n_rest)
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -92,8 +92,17 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
             params, = _device_constant(
                 lambda: ("params", _state(spec), num_heads, torch.device(device)),
                 lambda: (spec.bias_params(num_heads, device),))
+    buckets = None
+    if spec.bias in launch.TABLE_BIASES:  # a table bias (T5): its column per relative position
+        # keyed on everything but the table's values (the buckets depend on its width only)
+        buckets, = _device_constant(
+            lambda: ("buckets", type(spec).__name__, params.shape[1],
+                     tuple(sorted((k, _state(v)) for k, v in vars(spec).items()
+                                  if not isinstance(v, torch.Tensor))),
+                     torch.device(device)),
+            lambda: (spec.bias_buckets().to(device),))
     return KernelPE(rot=spec.rotary, bias=spec.bias, params=params, family=spec.tile_family,
-                    **rope)
+                    buckets=buckets, **rope)
 
 
 def kernel_positions(q_pos: Positions, k_pos: Positions, batch: int, device) -> KernelPositions:

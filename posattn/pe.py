@@ -31,7 +31,7 @@ import torch
 Number = Union[int, float]
 
 __all__ = [
-    "PE", "NoPE", "RoPE", "ALiBi", "KERPLE",
+    "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "t5_bucket",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "alibi_slopes", "resolve_pe", "REGISTRY", "registered", "axes",
 ]
@@ -160,11 +160,13 @@ class PE:
     * ``name``: its short ``pe=`` string (REGISTRY below names every kernel kind, e.g.
       KERPLE's "kerple_log" / "kerple_power");
     * its kernel axes: ``rotary`` ("none" | "rope") and ``bias`` ("none" | "alibi" |
-      "kerple_log" | "kerple_power"), which kernels/rotary.py and kernels/bias.py implement;
+      "kerple_log" | "kerple_power" | "t5"), which kernels/rotary.py and kernels/bias.py implement;
     * ``tile_family``: the tile-config family (kernels/configs.py);
     * :meth:`bias_params`: its per-head parameters as one (H, P) tensor (the kernels' one
       parameter channel; autograd flows through it back into the spec's own tensors);
-    * :meth:`reference_bias`: the bias the naive reference adds (posattn.reference).
+    * :meth:`bias_buckets`: for a table bias (T5), the table column per relative position;
+    * :meth:`reference_bias`: the bias the naive reference adds (posattn.reference);
+    * :meth:`tensors`: the tensors its bias reads (those that require grad get gradients).
     """
 
     name: str = "?"
@@ -180,6 +182,13 @@ class PE:
         """The additive bias (B, H, Sq, Sk) from the signed relative position
         ``rel = k_pos - q_pos`` (B, 1, Sq, Sk) in the math dtype, or None. Written for
         clarity: the oracle the kernels are tested against."""
+        return None
+
+    def bias_buckets(self) -> Optional[torch.Tensor]:
+        """For a bias that is a per-head table looked up by relative position (T5): the
+        table column of every ``k_pos - q_pos`` in ``[-R, R]``, int64 (2R + 1,) on the CPU,
+        saturated beyond (a position further than R has the bucket of +-R). The kernels
+        read the table through it; None for a bias computed from a formula."""
         return None
 
     def tensors(self) -> Tuple[torch.Tensor, ...]:
@@ -902,6 +911,120 @@ class KERPLE(PE):
         return f"KERPLE(kind={self.kind!r}, r1={show(self.r1)}, r2={show(self.r2)})"
 
 
+def t5_bucket(rel: torch.Tensor, num_buckets: int = 32, bidirectional: bool = True,
+              max_distance: int = 128) -> torch.Tensor:
+    """T5's relative-position bucket of ``rel = k_pos - q_pos`` (any integer tensor) -> int64.
+
+    The rule of Raffel et al. as transformers' ``T5Attention._relative_position_bucket``
+    computes it (its checkpoints were trained with exactly these buckets, float32 log
+    included): bidirectional halves the buckets by sign (keys after the query, rel > 0, take
+    the upper half); unidirectional (a decoder) maps every key after the query to bucket 0
+    and uses n = -rel otherwise. Of a half's n_b buckets the first n_b / 2 are exact
+    distances, the rest log-spaced up to ``max_distance``, the last one for everything
+    beyond.
+    """
+    rel = rel.to(torch.int64)
+    out = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        out = out + (rel > 0).to(torch.int64) * num_buckets
+        n = rel.abs()
+    else:
+        n = (-rel).clamp_min(0)
+    exact = num_buckets // 2
+    # float32, as the reference implementation: a bucket edge is where its rounding puts it
+    ratio = torch.log(n.float() / exact) / math.log(max_distance / exact)
+    large = exact + (ratio * (num_buckets - exact)).to(torch.int64)
+    large = large.clamp_max(num_buckets - 1)
+    return out + torch.where(n < exact, n, large)
+
+
+class T5Bias(PE):
+    """T5's bucketed relative-position bias (Raffel et al. 2020): ``table[h, bucket(k - q)]``
+    added to the logits, with :func:`t5_bucket`'s buckets.
+
+    Args:
+        table: floating tensor (num_heads, num_buckets) on the inputs' device, learnable (its
+            gradient is returned, deterministically): T5's ``relative_attention_bias.weight``
+            transposed (``.weight.T``: that is (num_buckets, H)).
+        bidirectional: encoder-style buckets (True) or decoder-style (False: every key after
+            the query shares bucket 0).
+        max_distance: distances at or beyond it share the last bucket.
+
+    T5 does not scale its logits: pass ``scale=1.0`` to reproduce a T5 model. In the kernels
+    the bias is a table lookup per score (no log per element), so it costs about what KERPLE
+    with its distance table costs.
+    """
+
+    name = "t5"
+    bias = "t5"
+    tile_family = "table"  # KERPLE's tiles (a table read per score), but for one (configs.py)
+
+    def __init__(self, table: torch.Tensor, bidirectional: bool = True, max_distance: int = 128):
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"table must be a floating torch.Tensor (num_heads, num_buckets), "
+                            f"got {type(table).__name__}")
+        _check_tensor_type("table", table)
+        if table.dim() != 2 or table.shape[1] < 2:
+            raise ValueError(f"table must be 2-D (num_heads, num_buckets) with num_buckets >= 2, "
+                             f"got shape {tuple(table.shape)}")
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+        self.table = table
+        self.bidirectional = bidirectional
+        self.max_distance = _positive_int("max_distance", max_distance)
+        half = table.shape[1] // 2 if bidirectional else table.shape[1]
+        if half < 2:
+            raise ValueError(f"table has {table.shape[1]} buckets: too few for bidirectional={bidirectional} "
+                             f"(each direction needs >= 2)")
+        if self.max_distance <= half // 2:
+            raise ValueError(f"max_distance={self.max_distance} must exceed the exact buckets "
+                             f"({half // 2} per direction)")
+
+    @property
+    def num_buckets(self) -> int:
+        return self.table.shape[1]
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """table: floating, shape (num_heads, num_buckets), on ``device``, finite."""
+        _check_dims(num_heads, head_dim)
+        t = self.table
+        if t.shape[0] != num_heads:
+            raise ValueError(f"table must have shape (num_heads, num_buckets) = ({num_heads}, "
+                             f"{t.shape[1]}), got {tuple(t.shape)}")
+        if not _same_device(t.device, device):
+            raise ValueError(f"table must be on the inputs' device {torch.device(device)}, got {t.device}")
+        if not _all_true(torch.isfinite(t.detach())):
+            raise ValueError("table must be finite")
+
+    def radius(self) -> int:
+        """R: every |k - q| >= R has the bucket of +-R (the buckets saturate at max_distance;
+        the exact buckets end below it, so R = max_distance suffices)."""
+        return self.max_distance
+
+    def bias_buckets(self) -> torch.Tensor:
+        R = self.radius()
+        rel = torch.arange(-R, R + 1, dtype=torch.int64)
+        return t5_bucket(rel, self.num_buckets, self.bidirectional, self.max_distance)
+
+    def bias_params(self, num_heads: int, device) -> torch.Tensor:
+        return self.table
+
+    def tensors(self):
+        return (self.table,)
+
+    def reference_bias(self, num_heads: int, rel: torch.Tensor) -> torch.Tensor:
+        # rel is an integer difference cast to the math dtype: exact up to 2**24 in fp32, and
+        # every larger distance is in the last bucket anyway
+        b = t5_bucket(rel.round().to(torch.int64), self.num_buckets, self.bidirectional,
+                      self.max_distance)  # (B, 1, Sq, Sk)
+        return self.table.to(rel.dtype)[:, b[:, 0]].transpose(0, 1)  # (B, H, Sq, Sk)
+
+    def __repr__(self) -> str:
+        return (f"T5Bias(table=<tensor {tuple(self.table.shape)} {self.table.dtype}>, "
+                f"bidirectional={self.bidirectional}, max_distance={self.max_distance})")
+
+
 _PE_NAMES = {"none": NoPE, "rope": RoPE, "alibi": ALiBi, "kerple": KERPLE}
 
 # The registry: every kernel PE kind by its one name, with a factory of a default spec.
@@ -913,7 +1036,18 @@ REGISTRY = {
     "alibi": ALiBi,
     "kerple_log": lambda **kw: KERPLE("log", **kw),
     "kerple_power": lambda **kw: KERPLE("power", **kw),
+    # a name needs a default spec: T5's table is the model's, so the default is a small random
+    # one (8 heads x 32 buckets) -- for tests and the bench, not for a model
+    "t5": lambda table=None, num_heads=8, **kw: T5Bias(
+        _default_t5_table(num_heads) if table is None else table, **kw),
 }
+# names a user cannot pass as a string: the spec needs the model's data (T5's table)
+_NEEDS_DATA = {"t5": "posattn.T5Bias(table)"}
+
+
+def _default_t5_table(num_heads: int = 8, num_buckets: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(num_heads, num_buckets, generator=g) * 0.5
 
 
 def registered() -> Tuple[str, ...]:
@@ -937,6 +1071,8 @@ def resolve_pe(pe) -> PE:
         return pe
     if isinstance(pe, str):
         name = pe.lower()
+        if name in _NEEDS_DATA:
+            raise ValueError(f"pe={pe!r} needs the model's parameters: pass {_NEEDS_DATA[name]}")
         if name in REGISTRY:
             return REGISTRY[name]()
         if name in _PE_NAMES:

@@ -16,7 +16,7 @@ import torch
 
 import posattn
 from posattn import reference
-from posattn.pe import resolve_pe
+from posattn.pe import resolve_pe, t5_bucket
 from posattn.positions import parse_positions
 from conftest import DEVICE
 from helpers import assert_rule, leaf, naive_attention, pe_leaves, with_params
@@ -218,9 +218,11 @@ class FlashSlack:
 
     def _row_centre(self, Hq, Sk, causal, lse):
         """(B, Hq, Sq, 1) float64: each row's bias at its nearest visible key for a bias PE
-        (the largest bias it sees: every bias here is -a f(|q - k|), f increasing), else 0."""
+        (the largest bias it sees: every such bias is -a f(|q - k|), f increasing), else 0
+        (T5's table is bounded: the kernels do not centre it)."""
         bias = reference.bias(self.spec, Hq, self.qp, self.kp, torch.float64)
-        if bias is None or Sk == 0:
+        if bias is None or Sk == 0 or isinstance(self.spec, posattn.T5Bias):  # a table: bounded,
+            return torch.zeros_like(lse)  # never centred
             return torch.zeros_like(lse)
         if causal:
             visible = (self.kp[:, None, :] <= self.qp[:, :, None])[:, None]
@@ -242,6 +244,12 @@ class FlashSlack:
             f = f(dist) - f(dref) if callable(f) else f
             return (dS * f.abs()).sum(dim=(0, 2, 3))
 
+        if isinstance(spec, posattn.T5Bias):  # d bias / d table[h, j] = 1 on bucket j's scores
+            rel = (self.kp[:, None, :] - self.qp[:, :, None])[:, None]  # (B, 1, Sq, Sk)
+            bk = t5_bucket(rel, spec.num_buckets, spec.bidirectional, spec.max_distance)
+            out = torch.zeros(dS.shape[1], spec.num_buckets, dtype=dS.dtype, device=dS.device)
+            return out.scatter_add_(1, bk.expand_as(dS).transpose(0, 1).flatten(1),
+                                    dS.transpose(0, 1).flatten(1))
         if isinstance(spec, posattn.ALiBi):
             return per_head(lambda d: d)
         r1, r2 = (t[:, None, None] if isinstance(t, torch.Tensor) else t for t in (spec.r1, spec.r2))

@@ -42,7 +42,7 @@ def run_attention(q, k, v, pe, backend, dout, **kw):
     return out, lse, dict(zip(leaves, grads))
 
 
-PE_PARAMS = ("slopes", "r1", "r2")  # the PE specs' trainable tensors (ALiBi, KERPLE)
+PE_PARAMS = ("slopes", "r1", "r2", "table")  # the PE specs' trainable tensors (ALiBi, KERPLE, T5)
 
 
 def pe_leaves(pe):
@@ -71,6 +71,8 @@ def with_params(pe, cast):
         r1 = cast(spec.r1) if isinstance(spec.r1, torch.Tensor) else spec.r1
         r2 = cast(spec.r2) if isinstance(spec.r2, torch.Tensor) else spec.r2
         return posattn.KERPLE(spec.kind, r1, r2)
+    if isinstance(spec, posattn.T5Bias):
+        return posattn.T5Bias(cast(spec.table), spec.bidirectional, spec.max_distance)
     return spec
 
 

@@ -60,6 +60,11 @@ def _param(H, lo, hi, seed):
     return (lo + (hi - lo) * torch.rand(H, generator=_gen(seed))).to(DEVICE).requires_grad_()
 
 
+def _t5_table(H, buckets, seed):
+    """A T5 table (H, buckets) of a trained model's magnitude (entries of a few units)."""
+    return (2.0 * torch.randn(H, buckets, generator=_gen(seed))).to(DEVICE).requires_grad_()
+
+
 HARNESS = _table([
     Case("none", "none", lambda H, D: "none"),
     Case("rope", "rope", lambda H, D: posattn.RoPE(rotary_dim=2 * max(1, (3 * D) // 8), interleaved=True)),
@@ -68,7 +73,12 @@ HARNESS = _table([
          lambda H, D: posattn.KERPLE("log", _param(H, 0.2, 2.0, 2), _param(H, 0.05, 1.0, 3))),
     Case("kerple_power", "kerple_power",
          lambda H, D: posattn.KERPLE("power", _param(H, 0.2, 1.0, 4), _param(H, 0.3, 1.5, 5))),
+    # T5: max_distance 20, so that short test sequences reach the log-spaced buckets and
+    # the saturated last one
+    Case("t5", "t5", lambda H, D: posattn.T5Bias(_t5_table(H, 32, 6), max_distance=20)),
     # variants
+    Case("t5_decoder", "t5",
+         lambda H, D: posattn.T5Bias(_t5_table(H, 32, 6), bidirectional=False, max_distance=20)),
     Case("alibi_trainable", "alibi", lambda H, D: posattn.ALiBi(_param(H, 0.05, 0.5, 1))),  # = "alibi"
     Case("dynamic_ntk", "rope", lambda H, D: posattn.RoPE(scaling=posattn.DynamicNTK(2.0, 4))),
 ])
@@ -101,6 +111,8 @@ def kernel_cases() -> dict[str, Case]:
              lambda H, D: posattn.KERPLE("log", param(H, 0.2, 2.0), param(H, 0.05, 1.0))),
         Case("kerple_power", "kerple_power",
              lambda H, D: posattn.KERPLE("power", param(H, 0.2, 1.0), param(H, 0.3, 1.5))),
+        Case("t5", "t5", lambda H, D: posattn.T5Bias(
+            (2.0 * torch.randn(H, 32, generator=g)).to(DEVICE).requires_grad_(), max_distance=20)),
     ])
 
 

@@ -19,10 +19,17 @@ def test_every_registered_spec_maps_to_kernel_kinds():
         assert rot in launch.ROT_CODES and bias in launch.BIAS_CODES, name
         spec = REGISTRY[name]()
         rec = launch.KernelPE(rot=rot, bias=bias, family=family,
-                              params=spec.bias_params(4, "cpu"))
+                              params=spec.bias_params(4, "cpu"), buckets=spec.bias_buckets())
         codes = rec.codes()
         assert codes["ROT"] == launch.ROT_CODES[rot] and codes["BIAS"] == launch.BIAS_CODES[bias]
         assert (rec.params is None) == (bias == "none")
+
+
+def test_a_table_bias_needs_its_buckets():
+    with pytest.raises(ValueError, match="buckets"):
+        launch.KernelPE(bias="t5", params=torch.ones(2, 32))
+    with pytest.raises(ValueError, match="buckets"):
+        launch.KernelPE(bias="alibi", params=torch.ones(2, 1), buckets=torch.zeros(3, dtype=torch.long))
 
 
 def test_codes_are_numbered_once_and_distinct():
@@ -30,7 +37,7 @@ def test_codes_are_numbered_once_and_distinct():
     assert len(set(launch.BIAS_CODES.values())) == len(launch.BIAS_CODES)
 
 
-@pytest.mark.parametrize("kw", [dict(rot="xpos"), dict(bias="t5")])
+@pytest.mark.parametrize("kw", [dict(rot="xpos"), dict(bias="fire")])
 def test_unknown_kind_is_refused_by_the_record(kw):
     with pytest.raises(ValueError, match="unknown"):
         launch.KernelPE(**kw)

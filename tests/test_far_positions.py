@@ -33,7 +33,8 @@ import math
 import pytest
 import torch
 
-from posattn import KERPLE
+from posattn import KERPLE, T5Bias
+from posattn.pe import resolve_pe
 from conftest import DEVICE
 from helpers import assert_rule, force_splits
 from attn_harness import check, gen, plain, qkv
@@ -62,8 +63,14 @@ def make_pe(name, H, D, dist=None, dtype=FP32):
 
 def judge(base, pe, dtype, build=plain, **kw):
     """attn_harness.check (every quantity), then the bare rule on out, LSE, dv and the PE
-    parameters; on failure the message lists every quantity's kernel and naive errors."""
+    parameters; on failure the message lists every quantity's kernel and naive errors.
+
+    A table bias (T5) is bounded by its table: far away it is a row constant of a few units,
+    not of ~1e3, and FlashSlack's L_i is an honest bound on the rounding it causes (the
+    kernels do not centre it). Its out, LSE and dv are judged by check; its table gradient
+    -- a sum over every row, where the far-positions bug lived -- by the bare rule too."""
     res = check(base, build, pe, dtype, **kw)
+    table = isinstance(resolve_pe(pe), T5Bias)
     (out, lse, g), (out64, lse64, g64), (outn, lsen, gn) = res["kernel"], res["ref"], res["naive"]
     items = [("out", out, out64, outn, 2), ("lse", lse, lse64, lsen, 2)]
     items += [(f"d{n}", g[n], g64[n], gn[n], 3) for n in g64 if g64[n] is not None]
@@ -77,8 +84,8 @@ def judge(base, pe, dtype, build=plain, **kw):
         table.append(f"{name}: kernel {err_k:.3e}, naive {err_n:.3e}")
         if name == "out":  # the yardstick must be one, or the case could not fail
             assert 2 * err_n < 0.5 * ref[finite].abs().max().item(), f"the naive out is no yardstick: {table}"
-        if name in ("dq", "dk"):
-            continue  # the harness's rule only (module docstring)
+        if name in ("dq", "dk") or (table and name in ("out", "lse", "dv")):
+            continue  # the harness's rule only (module docstring, and above)
         try:
             assert_rule(name, got, ref, naive, factor, dtype)
         except AssertionError as e:
@@ -125,7 +132,8 @@ def test_issue_cases(name):
 
 B, HQ, HKV, SQ, SK, D = 2, 2, 1, 9, 37, 16  # GQA; 37 keys: two interpreter key tiles
 # fp16 distances where the naive fp16 bias rounds by <= 0.06 (|bias| <= 250; see make_pe)
-FP16_DIST = {"alibi": 1000, "alibi_trainable": 500, "kerple_log": 1000, "kerple_power": 1000}
+FP16_DIST = {"alibi": 1000, "alibi_trainable": 500, "kerple_log": 1000, "kerple_power": 1000,
+             "t5": 1000}
 
 
 def far_positions(kind, dist):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import posattn
-from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, YaRN
+from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, T5Bias, YaRN
 from conftest import DEVICE
 from attn_harness import check
 from pe_cases import REGISTERED
@@ -89,6 +89,11 @@ def _draw_pe(rng, Hq, D):
         return {"kind": "alibi", "slopes": None, "form": rng.choice(["alibi", "ALiBi()"])}
     if kind == "alibi_trainable":
         return {"kind": "alibi", "slopes": heads(0.005, 1.0)}
+    if kind == "t5":  # a trainable table; few buckets or T5's 32, short or T5's max_distance
+        nb = rng.choice([8, 32])
+        return {"kind": "t5", "table": [[round(rng.uniform(-3.0, 3.0), 3) for _ in range(nb)]
+                                        for _ in range(Hq)],
+                "bidirectional": rng.random() < 0.5, "max_distance": rng.choice([20, 128])}
     if not kind.startswith("kerple"):
         raise NotImplementedError(f"test_fuzz draws no {kind!r} case: teach _draw_pe, make_pe and "
                                   "_bias_bound about it")
@@ -147,6 +152,8 @@ def _bias_bound(pe, max_dist):
 
     if pe["kind"] == "alibi":
         return (mx(pe["slopes"]) if pe["slopes"] is not None else 1.0) * max_dist
+    if pe["kind"] == "t5":
+        return max(abs(x) for row in pe["table"] for x in row)
     if pe["kind"] == "kerple":
         if pe["type"] == "log":
             return mx(pe["r1"]) * math.log1p(mx(pe["r2"]) * max_dist)
@@ -207,6 +214,8 @@ def make_pe(desc):
         return ALiBi(param(desc["slopes"]))
     if kind == "kerple":
         return KERPLE(desc["type"], param(desc["r1"]), param(desc["r2"]))
+    if kind == "t5":
+        return T5Bias(param(desc["table"]), desc["bidirectional"], desc["max_distance"])
     scaling = desc["scaling"]
     if scaling is not None:
         name, *args = scaling

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import posattn
-from pe_cases import REGISTERED
+from helpers import with_params
+from pe_cases import REGISTERED, pe_factory
+from posattn.pe import resolve_pe
 
 B, Hq, Hkv, D = 2, 4, 2, 16
 
@@ -140,19 +142,16 @@ def test_lse_and_empty_rows():
 @pytest.mark.parametrize("pe_name", REGISTERED)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck(pe_name, causal):
-    """fp64 gradcheck of the reference, including ALiBi slopes and KERPLE r1/r2."""
+    """fp64 gradcheck of the reference, including every PE's parameters (spec.tensors())."""
     Sq, Sk = 4, 6
     q, k, v = (t.requires_grad_() for t in _qkv(Sq, Sk, d=8))
-    params = []
-    if pe_name == "alibi":
-        params = [torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64, requires_grad=True)]
-        make = lambda s: posattn.ALiBi(s)  # noqa: E731
-    elif pe_name.startswith("kerple"):
-        params = [torch.tensor([0.5, 1.0, 1.5, 0.8], dtype=torch.float64, requires_grad=True),
-                  torch.tensor([0.3, 0.9, 1.3, 0.6], dtype=torch.float64, requires_grad=True)]
-        make = lambda r1, r2: posattn.KERPLE(pe_name.split("_")[1], r1, r2)  # noqa: E731
-    else:
-        make = lambda: pe_name  # noqa: E731
+    # the registry's spec (tests/pe_cases.py), its tensors as float64 leaves
+    spec = resolve_pe(pe_factory(pe_name)(Hq, 8))
+    params = [t.detach().double().requires_grad_() for t in spec.tensors()]
+
+    def make(*p):
+        it = iter(p)
+        return with_params(spec, lambda t: next(it))
 
     def f(q, k, v, *p):
         return posattn.attention(q, k, v, make(*p), causal=causal, backend="reference")

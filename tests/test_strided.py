@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import posattn
-from posattn import ALiBi, KERPLE, RoPE
+from posattn import ALiBi, KERPLE, RoPE, T5Bias
 from conftest import DEVICE
 from attn_harness import check, plain, qkv
 from helpers import force_bias_tables
@@ -50,7 +50,9 @@ def _inputs(pe_name, B=1):
     a = {"q": randn(B, HQ, SQ, D), "k": randn(B, HKV, SK, D), "v": randn(B, HKV, SK, D),
          "dout": randn(B, HQ, SQ, D), "slopes": heads(0.05, 0.5), "r1": heads(0.2, 2.0),
          "r2": heads(0.3, 1.5) if pe_name == "kerple_power" else heads(0.05, 1.0),
-         "q_positions": qpos, "k_positions": kpos}
+         "q_positions": qpos, "k_positions": kpos,
+         # T5's table (a generator of its own: the values above stay what they were)
+         "table": 2.0 * torch.randn(HQ, 32, generator=torch.Generator().manual_seed(1))}
     return {n: t.to(DEVICE) for n, t in a.items()}
 
 
@@ -61,14 +63,16 @@ def _pe(pe_name, a):
         return ALiBi(a["slopes"])
     if pe_name.startswith("kerple"):
         return KERPLE(pe_name.split("_")[1], a["r1"], a["r2"])
+    if pe_name == "t5":
+        return T5Bias(a["table"], max_distance=20)
     raise _unknown(pe_name)
 
 
 def _param_names(pe_name):
     if pe_name.startswith("kerple"):
         return ("r1", "r2")
-    if pe_name in ("rope", "alibi"):
-        return {"rope": (), "alibi": ("slopes",)}[pe_name]
+    if pe_name in ("rope", "alibi", "t5"):
+        return {"rope": (), "alibi": ("slopes",), "t5": ("table",)}[pe_name]
     raise _unknown(pe_name)
 
 
@@ -226,14 +230,15 @@ def test_strided_leaf_parameter_gets_its_grad(pe_name):
     a = _inputs(pe_name)
     names = _param_names(pe_name)
 
-    def strided_leaf(t):
-        leaf = torch.empty_strided((HQ,), (2,), device=DEVICE)
-        leaf.as_strided((2 * HQ - 1,), (1,)).fill_(9.0)
+    def strided_leaf(t):  # every stride doubled: (2,) for a head vector, (2 T, 2) for a table
+        leaf = torch.empty_strided(t.shape, tuple(2 * x for x in t.contiguous().stride()),
+                                   device=DEVICE)
+        leaf.as_strided((2 * t.numel() - 1,), (1,)).fill_(9.0)
         return leaf.copy_(t).requires_grad_()
 
     strided = {n: strided_leaf(a[n]) for n in names}
     dense = {n: a[n].clone().requires_grad_() for n in names}
-    assert all(t.is_leaf and t.stride() == (2,) for t in strided.values())
+    assert all(t.is_leaf and t.stride()[-1] == 2 for t in strided.values())
     out_s, g_s = _run_backward(pe_name, a, strided)
     out_d, g_d = _run_backward(pe_name, a, dense)
     assert torch.equal(out_s, out_d)
@@ -252,7 +257,7 @@ def test_view_of_leaf_parameter_grad_reaches_base(pe_name):
     in those columns (0 in the junk column)."""
     a = _inputs(pe_name)
     names = _param_names(pe_name)
-    cols = [a[n] for n in names] + [torch.full_like(a["slopes"], 9.0)] * (2 - len(names))
+    cols = [a[n] for n in names] + [torch.full_like(a[names[0]], 9.0)] * (2 - len(names))
     base = torch.stack(cols, 1).requires_grad_()
     views = {n: base[:, i] for i, n in enumerate(names)}
     dense = {n: a[n].clone().requires_grad_() for n in names}
@@ -261,7 +266,7 @@ def test_view_of_leaf_parameter_grad_reaches_base(pe_name):
     assert torch.equal(out_v, out_d)
     for n in g_d:
         assert torch.equal(g_v[n], g_d[n]), n
-    want = torch.stack([dense[n].grad for n in names] + [torch.zeros_like(a["slopes"])] * (2 - len(names)), 1)
+    want = torch.stack([dense[n].grad for n in names] + [torch.zeros_like(a[names[0]])] * (2 - len(names)), 1)
     assert torch.equal(base.grad, want)
 
 

@@ -229,6 +229,11 @@ CASES = [
     ("kerple_power", True, "right3", CAP, "fp16", "gqa", "offset", 2, 16, 48, 40, None),
     ("kerple_power", False, "4_2", CAP, "fp32", "mha", "explicit", 1, 57, 57, 32, None),
     ("kerple_power", False, "0_0", CAP, "fp32", "gqa", "default", 1, 5, 69, 16, None),
+    ("t5", False, "None", None, "fp16", "mha", "explicit", 1, 39, 39, 16, None),
+    ("t5", True, "left5", CAP, "fp32", "gqa", "default", 2, 27, 45, 32, None),
+    ("t5", False, "right3", CAP, "fp16", "gqa", "offset", 1, 33, 21, 16, None),
+    ("t5", True, "4_2", None, "fp32", "mha", "explicit", 1, 50, 50, 32, None),
+    ("t5", False, "0_0", None, "fp16", "gqa", "default", 1, 31, 66, 16, None),
 ]
 DTYPES = {"fp16": FP16, "fp32": FP32}
 
