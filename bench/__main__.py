@@ -5,6 +5,7 @@
     python -m bench --quick --dry-run    # print the plan (works without a GPU)
     python -m bench --pes alibi --seqlens 4k,16k --head-dims 128 --modes fwd   # any subset
     python -m bench --pes kerple-train --modes fwd+bwd   # learnable r1, r2: their gradients too
+    python -m bench --cpu            # the CPU backend vs torch SDPA on CPU (bench/cpu.py; no GPU)
 
 Estimated, not yet measured: the full sweep (~900 measurements) takes tens of minutes on an
 H100/H200, most of it torch.compile of FlexAttention once per shape (static shapes: the
@@ -244,6 +245,11 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cpu" in argv:  # the CPU backend's benchmark (bench/cpu.py), its own options
+        from . import cpu
+
+        return cpu.main([a for a in argv if a != "--cpu"])
     args = parse_args(argv)
     if args.dry_run:
         print_plan(make_plan(args), args)

@@ -13,7 +13,7 @@ from .pe import PE, resolve_pe
 from .positions import parse_positions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "cpu", "reference")
 _LAYOUTS = ("bhsd", "bshd")
 
 
@@ -68,7 +68,7 @@ def attention(
 
     Args:
         q: (B, Hq, Sq, D) for ``layout="bhsd"`` (torch SDPA's), (B, Sq, Hq, D) for ``"bshd"``
-            (flash-attn's). float16 / bfloat16 / float32 (float64: reference backend only).
+            (flash-attn's). float16 / bfloat16 / float32 (float64: cpu and reference backends only).
         k: (B, Hkv, Sk, D) or (B, Sk, Hkv, D). Hq must be a multiple of Hkv (GQA / MQA).
         v: (B, Hkv, Sk, Dv) or (B, Sk, Hkv, Dv); Dv may differ from D.
         pe: a registered name, ``"none" | "rope" | "alibi" | "kerple_log" | "kerple_power"``
@@ -85,10 +85,12 @@ def attention(
             nothing is copied).
         return_lse: also return the log-sum-exp of the scaled, biased logits, (B, Hq, Sq)
             float32, natural log.
-        backend: ``"triton"`` (Triton or an error, never a silent fallback), ``"reference"``
-            (naive PyTorch), ``"auto"`` (CUDA tensors on an Ampere or newer GPU -> Triton,
+        backend: ``"triton"`` (Triton or an error, never a silent fallback), ``"cpu"`` (CPU
+            tensors only: exact blockwise attention on torch's CPU kernels, O(S) extra memory,
+            any dtype incl. float64; posattn/_cpu.py), ``"reference"`` (naive PyTorch,
+            materialises S x S), ``"auto"`` (CUDA tensors on an Ampere or newer GPU -> Triton,
             on older GPUs -> the reference; CPU tensors -> Triton when TRITON_INTERPRET=1,
-            else the reference).
+            else the cpu backend).
         window: ``None`` or ``(left, right)``, each an int >= 0 or ``None`` (unbounded): key j
             is visible to query i iff ``q_pos[i] - left <= k_pos[j] <= q_pos[i] + right``,
             ANDed with ``causal`` (Mistral's sliding window is ``(W - 1, 0)`` with causal;
@@ -131,8 +133,13 @@ def attention(
     backend = _pick_backend(backend, q)
     geo = dict(causal=causal, scale=scale, window=window, softcap=softcap)
 
-    if backend == "reference":
-        out, lse = reference.attention_bhsd(q, k, v, spec, q_pos=qpos, k_pos=kpos, **geo)
+    if backend in ("reference", "cpu"):
+        if backend == "reference":
+            out, lse = reference.attention_bhsd(q, k, v, spec, q_pos=qpos, k_pos=kpos, **geo)
+        else:
+            from . import _cpu
+
+            out, lse = _cpu.attention_bhsd(q, k, v, spec, q_pos=qpos, k_pos=kpos, **geo)
         if layout == "bshd":  # stored bshd, as the Triton backend returns it
             out = out.transpose(1, 2).contiguous().transpose(1, 2)
     else:
@@ -162,11 +169,21 @@ def _check_heads_causal_scale(Hq: int, Hkv: int, D: int, Dv: int, causal, scale)
 
 
 def _pick_backend(backend: str, q: torch.Tensor) -> str:
+    """"auto" -> Triton on Ampere+ GPUs and in the interpreter, the cpu backend on CPU tensors
+    otherwise (and for float64 CPU tensors), the reference elsewhere. "cpu" with non-CPU tensors
+    is a ValueError (no hidden fallback)."""
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors; q is on {q.device} "
+                             f"(use backend='triton' or 'auto')")
+        return backend
     if backend != "auto":
         return backend
     use_triton = ((q.is_cuda and cuda_arch(q.device) >= MIN_CUDA_ARCH)
                   or (q.device.type == "cpu" and interpreter_on()))
-    return "triton" if use_triton and q.dtype != torch.float64 else "reference"
+    if use_triton and q.dtype != torch.float64:
+        return "triton"
+    return "cpu" if q.device.type == "cpu" else "reference"
 
 
 def _check_window(window):
@@ -327,6 +344,10 @@ def attention_varlen(
                k_positions=kp)
     if backend == "reference":
         out, lse = reference.attention_varlen(q, k, v, cu_q, cu_k, spec, **geo)
+    elif backend == "cpu":
+        from . import _cpu
+
+        out, lse = _cpu.attention_varlen(q, k, v, lens_q, lens_k, spec, **geo)
     else:
         from . import _triton
 

@@ -43,7 +43,8 @@ Outputs in ``--out`` (default ``results/extrapolate_cpu``, ``results/extrapolate
 corpus hash and the environment) and ``ppl_vs_length.png``.
 
 Every attention call goes through :func:`posattn.attention` with ``causal=True`` (CPU: backend
-"auto", i.e. the PyTorch reference; ``--large``: backend "triton", so no silent fallback).
+"cpu", blockwise on torch's CPU kernels, O(S) memory; ``--large``: backend "triton", so no silent
+fallback).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class Config:
     # machinery
     seed: int = 0
     device: str = "cpu"
-    backend: str = "auto"            # posattn.attention backend
+    backend: str = "cpu"             # posattn.attention backend (CPU: exact, O(S) memory)
     amp_bf16: bool = False           # autocast to bf16 (GPU)
     corpus_max_bytes: int = 0        # 0 = the whole corpus
     log_every: int = 50
@@ -718,7 +719,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--pes", help=f"comma-separated subset of {','.join(PE_NAMES)}")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device")
-    ap.add_argument("--backend", choices=("auto", "triton", "reference"))
+    ap.add_argument("--backend", choices=("auto", "triton", "cpu", "reference"))
     a = ap.parse_args(argv)
     cfg = Config.large() if a.large else (Config.tiny() if a.tiny else Config())
     for k, v in (("steps", a.steps), ("train_len", a.train_len), ("seed", a.seed), ("device", a.device),
@@ -730,6 +731,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         bad = [p for p in cfg.pes if p not in PE_NAMES]
         if bad:
             ap.error(f"unknown PE(s) {bad}; choose from {PE_NAMES}")
+    if cfg.device.startswith("cuda") and a.backend is None and cfg.backend == "cpu":
+        cfg.backend = "auto"  # --device cuda without --large: the CPU default does not apply
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--large needs a CUDA GPU (use --device cpu --backend auto to try it on CPU)")
     out = a.out or (None if a.tiny else f"results/extrapolate_{cfg.name}")

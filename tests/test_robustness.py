@@ -102,7 +102,7 @@ KW_ERRORS = [
     ("layout_case", lambda: dict(layout="BHSD"), ValueError, r"layout must be one of"),
     ("layout_none", lambda: dict(layout=None), ValueError, r"layout must be one of .*got None"),
     ("backend_unknown", lambda: dict(backend="flash"), ValueError,
-     r"backend must be one of \('auto', 'triton', 'reference'\), got 'flash'"),
+     r"backend must be one of \('auto', 'triton', 'cpu', 'reference'\), got 'flash'"),
     ("causal_int", lambda: dict(causal=1), TypeError, r"causal must be a bool, got int"),
     ("causal_str", lambda: dict(causal="yes"), TypeError, r"causal must be a bool, got str"),
     ("causal_none", lambda: dict(causal=None), TypeError, r"causal must be a bool, got NoneType"),

@@ -1,0 +1,439 @@
+"""CPU backend: exact attention with any PE in O(S) extra memory, on torch's own CPU kernels.
+
+Work is done one **query block** at a time (``BLOCK_Q`` rows, every head): a block sees the key
+range its causal / window masks leave visible (``_key_range``; keys outside it are skipped), and
+its additive mask -- the PE's bias from ``posattn.reference.bias`` plus -inf where invisible -- is
+(B, Hq | 1, Bq, Bk): nothing S x S is ever alive. Two engines run a block:
+
+* ``sdpa``: torch's CPU flash-attention op (``aten._scaled_dot_product_flash_attention_for_cpu``
+  and its backward) with the block's mask as ``attn_mask``. It is blocked, vectorised and
+  multi-threaded inside, and returns the LSE. Used whenever it can express the math: no soft cap
+  (tanh sits *between* the logits and the bias), Dv == D, and in backward no PE parameter that
+  needs a gradient and no gradient flowing into the LSE (the op forms dS internally).
+  Without a bias and with no mask, or a causal mask that is the op's own top-left one, the whole
+  problem is one call (no blocks, no mask at all).
+* ``explicit``: blockwise matmuls with the block's full row of visible keys (so the softmax is
+  exact in one pass, no online rescaling), for everything else. Its backward forms
+  dS = P * (dP - D + dlse) per block, which also gives the PE parameters' gradients:
+  ``autograd.grad(bias_block, params, dS_block)`` accumulated over blocks, so any PE spec whose
+  ``reference_bias`` is differentiable gets gradients with no code here.
+
+Nothing here switches on a PE name: the rotary axis asks ``spec.rotary == "rope"`` (rotate Q and K
+once, float64 angles, ``reference.rope_cos_sin`` / ``apply_rope``; backward rotates dQ / dK back),
+the bias axis is whatever ``reference.bias`` returns. Math runs in float32 (float64 for float64
+inputs); forward saves q, k, v, out and lse only, backward recomputes every block.
+
+GQA: the op takes Hkv < Hq itself; the explicit engine folds each group of Hq / Hkv query heads
+into the rows of one matmul against its K/V head, so K and V are never repeated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import reference
+from .pe import PE
+from .positions import Positions
+
+# Query rows per block. The block's mask is B * Hq * BLOCK_Q * Sk_visible floats; MASK_BYTES caps
+# it (rows shrink for long keys, never below MIN_BLOCK_Q). Tests set both small to cross blocks.
+BLOCK_Q = 128
+MIN_BLOCK_Q = 16
+MASK_BYTES = 32 << 20
+# Run the explicit engine everywhere (tests: both engines on every case).
+FORCE_EXPLICIT = False
+
+_fa_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_fa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# --------------------------------------------------------------------------------------------
+# geometry: positions, visible key ranges, block masks
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Geometry:
+    """One (B, H, S, D) problem's geometry.
+
+    qpos (B, Sq), kpos (B, Sk): int64 positions (expanded views allowed). ``k_sorted``: every
+    row of kpos is non-decreasing, so a query block's visible keys are one range found by
+    binary search. ``top_left_causal``: the mask is exactly "key j visible to query i iff
+    j <= i" with every query seeing key 0 (contiguous positions starting together, Sq <= Sk).
+    """
+    qpos: torch.Tensor
+    kpos: torch.Tensor
+    causal: bool
+    window: Optional[Tuple[Optional[int], Optional[int]]]
+    scale: float
+    softcap: Optional[float]
+    k_sorted: bool
+    top_left_causal: bool
+
+    @property
+    def masked(self) -> bool:
+        return self.causal or self.window is not None
+
+
+def make_geometry(q_pos: Positions, k_pos: Positions, B: int, Sq: int, Sk: int, *, causal, window,
+                  scale, softcap) -> Geometry:
+    qp = q_pos.as_tensor(B, Sq, "cpu")
+    kp = k_pos.as_tensor(B, Sk, "cpu")
+    k_sorted = k_pos.is_contiguous or Sk < 2 or bool((kp[:, 1:] >= kp[:, :-1]).all())
+    top_left = (causal and window is None and q_pos.is_contiguous and k_pos.is_contiguous
+                and q_pos.start == k_pos.start and 0 < Sq <= Sk)
+    return Geometry(qp, kp, causal, window, scale, softcap, k_sorted, top_left)
+
+
+def _key_range(geo: Geometry, i0: int, i1: int) -> Tuple[int, int]:
+    """[j0, j1): the keys any query of rows [i0, i1) may see (all keys unless masks and sorted
+    keys let a binary search narrow it). Keys outside it are invisible to the whole block."""
+    Sk = geo.kpos.shape[1]
+    if not geo.masked or not geo.k_sorted or Sk == 0:
+        return 0, Sk
+    qb = geo.qpos[:, i0:i1]
+    left, right = geo.window if geo.window is not None else (None, None)
+    lo = hi = None
+    if left is not None:
+        lo = qb.min(dim=1).values - left  # (B,)
+    if right is not None:
+        hi = qb.max(dim=1).values + right
+    if geo.causal:
+        qmax = qb.max(dim=1).values
+        hi = qmax if hi is None else torch.minimum(hi, qmax)
+    kp = geo.kpos.contiguous()
+    j0 = 0 if lo is None else int(torch.searchsorted(kp, lo[:, None].contiguous()).min())
+    j1 = Sk if hi is None else int(torch.searchsorted(kp, hi[:, None].contiguous(), right=True).max())
+    return j0, max(j0, j1)
+
+
+def _block_visible(geo: Geometry, i0, i1, j0, j1) -> Optional[torch.Tensor]:
+    """(B, 1, Bq, Bk) bool where key j is visible to query i, or None when all are."""
+    if not geo.masked:
+        return None
+    vis = reference.visibility(geo.qpos[:, i0:i1], geo.kpos[:, j0:j1], geo.causal, geo.window)
+    return None if vis is None or bool(vis.all()) else vis
+
+
+def _block_bias(spec: PE, Hq: int, geo: Geometry, i0, i1, j0, j1, dtype) -> Optional[torch.Tensor]:
+    """(B, Hq, Bq, Bk) the PE's bias of the block (differentiable into spec.tensors() when grad
+    is enabled), or None for a PE without one."""
+    return reference.bias(spec, Hq, geo.qpos[:, i0:i1], geo.kpos[:, j0:j1], dtype)
+
+
+def _has_bias(spec: PE, Hq: int, geo: Geometry, dtype) -> bool:
+    """Does this PE add a bias? Asked of reference.bias on one position pair, so that any PE
+    spec answers for itself (no list of names)."""
+    one = torch.zeros(1, 1, dtype=torch.int64)
+    with torch.no_grad():
+        return reference.bias(spec, Hq, one, one, dtype) is not None
+
+
+def _blocks(B: int, Hq: int, Sq: int, Sk: int) -> List[Tuple[int, int]]:
+    """Query row blocks [i0, i1): BLOCK_Q rows, fewer when the block mask would pass MASK_BYTES."""
+    rows = BLOCK_Q
+    while rows > MIN_BLOCK_Q and B * Hq * rows * Sk * 4 > MASK_BYTES:
+        rows //= 2
+    return [(i, min(Sq, i + rows)) for i in range(0, Sq, rows)]
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE: rotate once, rotate gradients back
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Rotation:
+    """cos/sin (B, S, R/2) float64 (attention factor included) for q and k, or None (no RoPE)."""
+    q: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    k: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    interleaved: bool = False
+
+    def apply(self, x: torch.Tensor, which: str, inverse: bool = False) -> torch.Tensor:
+        """Rotate x (B, H, S, D); ``inverse``: by the transpose (f R(-theta)), which maps a
+        gradient w.r.t. the rotated tensor to one w.r.t. the unrotated."""
+        cs = getattr(self, which)
+        if cs is None:
+            return x
+        cos, sin = cs
+        return reference.apply_rope(x, cos, -sin if inverse else sin, self.interleaved)
+
+
+def make_rotation(spec: PE, head_dim: int, geo: Geometry, cur_len: Optional[int]) -> Rotation:
+    if spec.rotary != "rope":
+        return Rotation(None, None)
+    if not spec.needs_cur_len:
+        cur_len = None
+    elif cur_len is None:  # as reference.attention_bhsd: max position + 1 of this call
+        top = max([int(t.max()) for t in (geo.qpos, geo.kpos) if t.numel()], default=-1)
+        cur_len = top + 1
+    cs_q = reference.rope_cos_sin(spec, head_dim, geo.qpos, cur_len)
+    # self-attention: the same positions, the same angles (cos/sin in float64 cost as much as a
+    # rotation)
+    same = geo.qpos.shape == geo.kpos.shape and torch.equal(geo.qpos, geo.kpos)
+    cs_k = cs_q if same else reference.rope_cos_sin(spec, head_dim, geo.kpos, cur_len)
+    return Rotation(cs_q, cs_k, spec.interleaved)
+
+
+# --------------------------------------------------------------------------------------------
+# the explicit engine: one block's logits, forward and backward
+# --------------------------------------------------------------------------------------------
+
+def _fold(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """(B, Hq, R, C) -> (B, Hkv, g * R, C): each K/V head's query group as rows of one matmul."""
+    B, Hq, R, C = x.shape
+    return x.reshape(B, Hkv, (Hq // Hkv) * R, C)
+
+
+def _unfold(x: torch.Tensor, Hq: int) -> torch.Tensor:
+    """(B, Hkv, g * R, C) -> (B, Hq, R, C)."""
+    B, Hkv, GR, C = x.shape
+    return x.reshape(B, Hq, GR // (Hq // Hkv), C)
+
+
+def _block_logits(qb, kr, geo: Geometry, bias, visible):
+    """Scaled, soft-capped, biased, masked logits (B, Hq, Bq, Bk) of query block qb (B, Hq, Bq, D)
+    against keys kr (B, Hkv, Bk, D); also tanh(s / c) of the soft cap (None without one)."""
+    Hq, Hkv = qb.shape[1], kr.shape[1]
+    s = _unfold(torch.matmul(_fold(qb, Hkv), kr.transpose(-1, -2)), Hq).mul_(geo.scale)
+    t = None
+    if geo.softcap:
+        t = torch.tanh(s / geo.softcap)
+        s = t * geo.softcap
+    if bias is not None:
+        s = s.add_(bias)
+    if visible is not None:
+        s = s.masked_fill_(~visible, float("-inf"))
+    return s, t
+
+
+def _explicit_fwd(qb, kr, vr, geo, bias, visible):
+    """out (B, Hq, Bq, Dv), lse (B, Hq, Bq) of one block; a row that sees no key gets 0, -inf."""
+    s, _ = _block_logits(qb, kr, geo, bias, visible)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s.sub_(m))
+    l = p.sum(dim=-1, keepdim=True)
+    o = _unfold(torch.matmul(_fold(p, kr.shape[1]), vr), qb.shape[1])
+    o = o / torch.where(l == 0, torch.ones_like(l), l)
+    return o, (m + torch.log(l)).squeeze(-1)
+
+
+def _explicit_bwd(qb, kr, vr, dob, lse_b, delta_b, geo, bias, visible):
+    """One block's backward. lse_b, delta_b (B, Hq, Bq): the saved LSE and rowsum(dO * O) - dlse.
+
+    Returns dq (B, Hq, Bq, D), dk (B, Hkv, Bk, D), dv (B, Hkv, Bk, Dv) and dS (B, Hq, Bq, Bk)
+    (the gradient w.r.t. the biased logits, which is the bias's gradient)."""
+    Hq, Hkv = qb.shape[1], kr.shape[1]
+    s, t = _block_logits(qb, kr, geo, bias, visible)
+    lse_safe = torch.where(torch.isfinite(lse_b), lse_b, torch.full_like(lse_b, float("inf")))
+    p = torch.exp(s.sub_(lse_safe[..., None]))  # exactly 0 on masked keys and empty rows
+    dp = _unfold(torch.matmul(_fold(dob, Hkv), vr.transpose(-1, -2)), Hq)
+    ds = p * dp.sub_(delta_b[..., None])
+    dv = torch.matmul(_fold(p, Hkv).transpose(-1, -2), _fold(dob, Hkv))
+    dsr = ds if t is None else ds * (1 - t * t)  # d(c tanh(x / c)) = 1 - tanh^2
+    dq = _unfold(torch.matmul(_fold(dsr, Hkv), kr), Hq).mul_(geo.scale)
+    dk = torch.matmul(_fold(dsr, Hkv).transpose(-1, -2), _fold(qb, Hkv)).mul_(geo.scale)
+    return dq, dk, dv, ds
+
+
+# --------------------------------------------------------------------------------------------
+# the block loops
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    """Everything but the tensors: the PE spec, geometry, rotation and which engine runs."""
+    spec: PE
+    geo: Geometry
+    rot: Rotation
+    has_bias: bool
+    sdpa_fwd: bool  # the op can run the forward (no soft cap, Dv == D)
+
+
+def _additive_mask(bias, visible, dtype):
+    """The op's attn_mask (same dtype as q) from a block's bias and visibility: bias, 0 or -inf
+    ((B, Hq | 1, Bq, Bk)); None if neither."""
+    if bias is None and visible is None:
+        return None
+    if bias is None:
+        return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    bias = bias.to(dtype)
+    # out of place: a spec may hand back a broadcast view
+    return bias if visible is None else bias.masked_fill(~visible, float("-inf"))
+
+
+def _forward(pb: Problem, q, k, v):
+    """q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D|Dv), rotated, in the math dtype ->
+    out (B, Hq, Sq, Dv) math dtype, lse (B, Hq, Sq)."""
+    B, Hq, Sq, _ = q.shape
+    Sk, Dv = k.shape[2], v.shape[3]
+    geo = pb.geo
+    if pb.sdpa_fwd and not pb.has_bias and Sk > 0 and (not geo.masked or geo.top_left_causal):
+        return _fa_fwd(q, k, v, 0.0, geo.causal, scale=geo.scale)  # one call, no mask at all
+    out = q.new_zeros(B, Hq, Sq, Dv)
+    lse = q.new_full((B, Hq, Sq), float("-inf"))
+    for i0, i1 in _blocks(B, Hq, Sq, Sk):
+        j0, j1 = _key_range(geo, i0, i1)
+        if j1 == j0:
+            continue  # no key visible: out 0, lse -inf
+        qb, kr, vr = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1]
+        visible = _block_visible(geo, i0, i1, j0, j1)
+        bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
+        if pb.sdpa_fwd:
+            o, l = _fa_fwd(qb, kr, vr, 0.0, False, attn_mask=_additive_mask(bias, visible, q.dtype),
+                           scale=geo.scale)
+            if visible is not None:  # the op gives LSE 0 to a row that sees no key
+                l = l.masked_fill(~visible.any(-1), float("-inf"))
+        else:
+            o, l = _explicit_fwd(qb, kr, vr, geo, bias, visible)
+        out[:, :, i0:i1] = o
+        lse[:, :, i0:i1] = l
+    return out, lse
+
+
+def _backward(pb: Problem, q, k, v, out, lse, dout, dlse, params):
+    """Gradients of q, k, v (rotated, math dtype) and of ``params`` (the PE tensors that need
+    one; list of tensors or None). dlse (B, Hq, Sq) or None."""
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    geo = pb.geo
+    explicit = not pb.sdpa_fwd or bool(params) or dlse is not None
+    lse0 = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # the op's convention
+    if not explicit and not pb.has_bias and Sk > 0 and (not geo.masked or geo.top_left_causal):
+        dq, dk, dv = _fa_bwd(dout, q, k, v, out, lse0, 0.0, geo.causal, scale=geo.scale)
+        return dq, dk, dv, []
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    pgrads = [torch.zeros_like(p) for p in params or []]
+    delta = None
+    if explicit:
+        delta = (dout * out).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse
+    for i0, i1 in _blocks(B, Hq, Sq, Sk):
+        j0, j1 = _key_range(geo, i0, i1)
+        if j1 == j0:
+            continue
+        qb, kr, vr, dob = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], dout[:, :, i0:i1]
+        visible = _block_visible(geo, i0, i1, j0, j1)
+        if not explicit:
+            bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
+            g = _fa_bwd(dob, qb, kr, vr, out[:, :, i0:i1], lse0[:, :, i0:i1].contiguous(), 0.0, False,
+                        attn_mask=_additive_mask(bias, visible, q.dtype), scale=geo.scale)
+            dqb, dkb, dvb = g
+        else:
+            with torch.enable_grad():
+                bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
+            dqb, dkb, dvb, ds = _explicit_bwd(qb, kr, vr, dob, lse[:, :, i0:i1], delta[:, :, i0:i1], geo,
+                                              bias.detach() if bias is not None else None, visible)
+            if params and bias is not None:
+                gs = torch.autograd.grad(bias, params, grad_outputs=ds, allow_unused=True)
+                for acc, gp in zip(pgrads, gs):
+                    if gp is not None:
+                        acc += gp
+        dq[:, :, i0:i1] = dqb
+        dk[:, :, j0:j1] += dkb
+        dv[:, :, j0:j1] += dvb
+    return dq, dk, dv, pgrads
+
+
+class _CpuAttention(torch.autograd.Function):
+    """(q, k, v, problem, *pe_tensors) -> (out, lse). Saves q, k, v, out, lse only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pb: Problem, *pe_tensors):
+        mdt = _math_dtype(q.dtype)
+        qr = pb.rot.apply(q.to(mdt), "q")
+        kr = pb.rot.apply(k.to(mdt), "k")
+        out, lse = _forward(pb, qr, kr, v.to(mdt))
+        out = out.to(q.dtype)
+        lse = lse.to(mdt)
+        ctx.pb = pb
+        ctx.save_for_backward(q, k, v, out, lse, *pe_tensors)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *pe_tensors = ctx.saved_tensors
+        pb: Problem = ctx.pb
+        mdt = _math_dtype(q.dtype)
+        want = [i for i in range(len(pe_tensors)) if ctx.needs_input_grad[4 + i]]
+        # the spec's own tensor objects: the recomputed bias is built from them
+        params = [pb.spec.tensors()[i] for i in want]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None and not bool(dlse.any()):
+            dlse = None  # the common case: nothing flows into the LSE, the op can run
+        qr = pb.rot.apply(q.to(mdt), "q")
+        kr = pb.rot.apply(k.to(mdt), "k")
+        dq, dk, dv, pgrads = _backward(pb, qr, kr, v.to(mdt), out.to(mdt), lse, dout.to(mdt),
+                                       None if dlse is None else dlse.to(mdt), params)
+        dq = pb.rot.apply(dq, "q", inverse=True).to(q.dtype)
+        dk = pb.rot.apply(dk, "k", inverse=True).to(k.dtype)
+        grads = [None] * len(pe_tensors)
+        for i, g in zip(want, pgrads):
+            grads[i] = g.to(pe_tensors[i].dtype)
+        return (dq, dk, dv.to(v.dtype), None, *grads)
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# entry points (called by posattn.api after validation)
+# --------------------------------------------------------------------------------------------
+
+def check_runnable(q: torch.Tensor) -> None:
+    """backend='cpu' runs on CPU tensors or raises (no hidden fallback)."""
+    if q.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors; q is on {q.device} (use backend='triton' or "
+                         f"'auto' for {q.device.type} tensors)")
+
+
+def attention_bhsd(q, k, v, spec: PE, *, q_pos: Positions, k_pos: Positions, causal: bool, scale: float,
+                   window=None, softcap=None, cur_len: Optional[int] = None):
+    """(B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv) in q.dtype (q's
+    strides need not be contiguous), lse (B, Hq, Sq) float32 (float64 for float64 inputs)."""
+    check_runnable(q)
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    geo = make_geometry(q_pos, k_pos, B, Sq, Sk, causal=causal, window=window, scale=scale, softcap=softcap)
+    mdt = _math_dtype(q.dtype)
+    pb = Problem(spec=spec, geo=geo, rot=make_rotation(spec, D, geo, cur_len),
+                 has_bias=_has_bias(spec, Hq, geo, mdt),
+                 sdpa_fwd=not softcap and v.shape[3] == D and not FORCE_EXPLICIT)
+    return _CpuAttention.apply(q, k, v, pb, *spec.tensors())
+
+
+def attention_varlen(q, k, v, lens_q, lens_k, spec: PE, *, causal: bool, scale: float, window=None,
+                     softcap=None, q_positions=None, k_positions=None):
+    """Packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), host
+    lengths per sequence. Each sequence is one ``attention_bhsd`` on (1, H, len, D) views, with
+    positions and the dynamic-RoPE length chosen as reference.attention_varlen chooses them.
+    Returns out (total_q, Hq, Dv), lse (Hq, total_q)."""
+    check_runnable(q)
+    Hq, Dv = q.shape[1], v.shape[2]
+    if q_positions is None:
+        cur_len = max(lens_k, default=0)
+    else:
+        cur_len = int(max(q_positions.max().item() if q_positions.numel() else -1,
+                          k_positions.max().item() if k_positions.numel() else -1)) + 1
+    outs, lses = [], []
+    q0 = k0 = 0
+    for lq, lk in zip(lens_q, lens_k):
+        q1, k1 = q0 + lq, k0 + lk
+        if lq:
+            qb, kb, vb = (t[a:e].transpose(0, 1)[None] for t, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+            qpos = (Positions(lq, start=lk - lq) if q_positions is None
+                    else Positions(lq, tensor=q_positions[q0:q1][None]))
+            kpos = Positions(lk, start=0) if k_positions is None else Positions(lk, tensor=k_positions[k0:k1][None])
+            out, lse = attention_bhsd(qb, kb, vb, spec, q_pos=qpos, k_pos=kpos, causal=causal, scale=scale,
+                                      window=window, softcap=softcap, cur_len=cur_len)
+            outs.append(out[0].transpose(0, 1))
+            lses.append(lse[0])
+        q0, k0 = q1, k1
+    if not outs:
+        lse_dtype = _math_dtype(q.dtype)
+        return q.new_zeros((0, Hq, Dv)), torch.zeros((Hq, 0), dtype=lse_dtype)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
