@@ -26,11 +26,13 @@ setup(
     ],
     extras_require={
         # transformers: the RoPE-scaling parity tests compare against its own rope utilities,
-        # and the BLOOM test against its eager model. kernels (Hugging Face's): the test that
+        # the T5 test against its T5Attention, posattn.hf's tests against its eager models. kernels (Hugging Face's): the test that
         # this repository's kernels/ folder never shadows it. matplotlib: the study's plots.
         # ruff: .ci/run's lint step.
-        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers>=4.57",
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers>=5",
                  "kernels", "matplotlib", "ruff"],
         "bench": ["matplotlib"],
+        # posattn.hf (attn_implementation="posattn", fuse()): its attention and mask interfaces
+        "hf": ["transformers>=5"],
     },
 )
