@@ -44,6 +44,9 @@ MIN_BLOCK_Q = 16
 MASK_BYTES = 32 << 20
 # Run the explicit engine everywhere (tests: both engines on every case).
 FORCE_EXPLICIT = False
+# The op's masks from a relative-position table where positions are contiguous (rel_table);
+# tests turn it off to compare with the per-score masks.
+USE_REL_TABLE = True
 
 _fa_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _fa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -70,6 +73,9 @@ class Geometry:
     softcap: Optional[float]
     k_sorted: bool
     top_left_causal: bool
+    # both sides contiguous (the same for every batch row): the first positions, else None
+    q_start: Optional[int] = None
+    k_start: Optional[int] = None
 
     @property
     def masked(self) -> bool:
@@ -83,7 +89,9 @@ def make_geometry(q_pos: Positions, k_pos: Positions, B: int, Sq: int, Sk: int, 
     k_sorted = k_pos.is_contiguous or Sk < 2 or bool((kp[:, 1:] >= kp[:, :-1]).all())
     top_left = (causal and window is None and q_pos.is_contiguous and k_pos.is_contiguous
                 and q_pos.start == k_pos.start and 0 < Sq <= Sk)
-    return Geometry(qp, kp, causal, window, scale, softcap, k_sorted, top_left)
+    contiguous = q_pos.is_contiguous and k_pos.is_contiguous
+    return Geometry(qp, kp, causal, window, scale, softcap, k_sorted, top_left,
+                    q_pos.start if contiguous else None, k_pos.start if contiguous else None)
 
 
 def _key_range(geo: Geometry, i0: int, i1: int) -> Tuple[int, int]:
@@ -122,6 +130,81 @@ def _block_bias(spec: PE, Hq: int, geo: Geometry, i0, i1, j0, j1, dtype) -> Opti
     return reference.bias(spec, Hq, geo.qpos[:, i0:i1], geo.kpos[:, j0:j1], dtype)
 
 
+# The op's mask from a table over relative positions (contiguous positions)
+# ------------------------------------------------------------------------
+# Every bias PE is a function of k - q (PE.reference_bias takes the relative position), and so
+# is visibility (causal: k - q <= 0; a window: -left <= k - q <= right). With contiguous
+# positions a block's additive mask is then a Toeplitz matrix of one row per head over the
+# Sq + Sk - 1 relative positions of the call: the PE's math runs once per relative position,
+# not per score. With the block's query rows taken in reverse order that matrix is a strided
+# view of the row with unit strides (torch has no negative strides), which torch's CPU flash
+# op reads as its attn_mask as is: no mask is ever materialised. The reversed rows cost a
+# reversed copy of the block's q (and out, dO, LSE in the backward) -- Bq x D, not Bq x Bk.
+# Same values bit for bit as the per-score masks (the same elementwise math on the same
+# relative positions; tests/test_cpu.py).
+
+
+def rel_table(spec: PE, Hq: int, geo: Geometry, dtype) -> Optional[torch.Tensor]:
+    """(Hq | 1, Sq + Sk - 1) the additive mask (bias, and -inf where invisible) at relative
+    positions k - q from k_first - q_last up; None unless positions are contiguous and there is
+    a bias or a mask. Not differentiable (the op's paths; PE gradients take the explicit one)."""
+    if geo.q_start is None:
+        return None
+    Sq, Sk = geo.qpos.shape[1], geo.kpos.shape[1]
+    rel = torch.arange(Sq + Sk - 1, dtype=torch.int64) + (geo.k_start - (geo.q_start + Sq - 1))
+    zero = torch.zeros(1, 1, dtype=torch.int64)
+    with torch.no_grad():
+        bias = reference.bias(spec, Hq, zero, rel[None], dtype)  # (1, Hq, 1, L)
+    vis = reference.visibility(zero, rel[None], geo.causal, geo.window)  # (1, 1, 1, L)
+    if bias is None and vis is None:
+        return None
+    t = torch.zeros(1, 1, 1, rel.numel(), dtype=dtype) if bias is None else bias.to(dtype)
+    if vis is not None:
+        t = t.masked_fill(~vis, float("-inf"))
+    return t[0, :, 0].contiguous()
+
+
+@dataclass
+class BlockMask:
+    """A query block's attn_mask for the op (B|1, Hq|1, Bq, Bk) or None; ``empty``: (B|1, Bq)
+    bool, the rows that see no key (their LSE is -inf), or None; ``reversed``: the mask is for
+    the block's rows in reverse order (the caller reverses q's rows, and the results back)."""
+    mask: Optional[torch.Tensor]
+    empty: Optional[torch.Tensor]
+    reversed: bool = False
+
+    def rows(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """x's block rows in the order the mask wants (and back: the reversal is its own
+        inverse)."""
+        return x.flip(dim) if self.reversed else x
+
+
+def _toeplitz_mask(table: torch.Tensor, finite: torch.Tensor, Sq: int, i0, i1, j0, j1) -> BlockMask:
+    """The block's mask for its rows reversed: M[h, i', j] = table[h, (j0 + j) - (i1 - 1 - i')
+    + Sq - 1], unit strides in both i' and j: a view, nothing copied. ``finite``: prefix counts
+    of the visible relative positions (L + 1,), for the empty rows."""
+    H, L = table.shape
+    Bq, Bk = i1 - i0, j1 - j0
+    first = j0 + Sq - i1  # index of (i' = 0, j = 0); >= 0, and the last, first + Bq + Bk - 2, < L
+    view = table.as_strided((H, Bq, Bk), (L, 1, 1), table.storage_offset() + first)
+    rows = torch.arange(i0, i1)
+    lo = j0 - rows + Sq - 1  # each row's first and last table index (original row order)
+    empty = (finite[lo + Bk] - finite[lo]) == 0
+    return BlockMask(view[None], empty[None], reversed=True)
+
+
+def _block_mask(pb, Hq, i0, i1, j0, j1, dtype) -> BlockMask:
+    """The op's attn_mask for a block: a view of the relative-position table when there is one,
+    else built per score from reference.bias and reference.visibility."""
+    geo = pb.geo
+    if pb.table is not None:
+        return _toeplitz_mask(pb.table, pb.finite, geo.qpos.shape[1], i0, i1, j0, j1)
+    visible = _block_visible(geo, i0, i1, j0, j1)
+    bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, dtype)
+    empty = None if visible is None else ~visible[:, 0].any(-1)
+    return BlockMask(_additive_mask(bias, visible, dtype), empty)
+
+
 def _has_bias(spec: PE, Hq: int, geo: Geometry, dtype) -> bool:
     """Does this PE add a bias? Asked of reference.bias on one position pair, so that any PE
     spec answers for itself (no list of names)."""
@@ -130,8 +213,13 @@ def _has_bias(spec: PE, Hq: int, geo: Geometry, dtype) -> bool:
         return reference.bias(spec, Hq, one, one, dtype) is not None
 
 
-def _blocks(B: int, Hq: int, Sq: int, Sk: int) -> List[Tuple[int, int]]:
-    """Query row blocks [i0, i1): BLOCK_Q rows, fewer when the block mask would pass MASK_BYTES."""
+def _blocks(B: int, Hq: int, Sq: int, Sk: int, pb=None) -> List[Tuple[int, int]]:
+    """Query row blocks [i0, i1): BLOCK_Q rows, fewer when the block mask would pass MASK_BYTES.
+    One block when the op reads its mask as a view of the relative-position table (nothing is
+    materialised) and no mask leaves keys to skip: the op's own blocking then does the rest,
+    without a call, and a dK/dV accumulation, per query block."""
+    if pb is not None and pb.table is not None and not pb.geo.masked and pb.sdpa_fwd:
+        return [(0, Sq)] if Sq else []
     rows = BLOCK_Q
     while rows > MIN_BLOCK_Q and B * Hq * rows * Sk * 4 > MASK_BYTES:
         rows //= 2
@@ -249,6 +337,8 @@ class Problem:
     rot: Rotation
     has_bias: bool
     sdpa_fwd: bool  # the op can run the forward (no soft cap, Dv == D)
+    table: Optional[torch.Tensor] = None  # rel_table (the op's paths), or None
+    finite: Optional[torch.Tensor] = None  # prefix counts of the table's visible entries
 
 
 def _additive_mask(bias, visible, dtype):
@@ -273,19 +363,20 @@ def _forward(pb: Problem, q, k, v):
         return _fa_fwd(q, k, v, 0.0, geo.causal, scale=geo.scale)  # one call, no mask at all
     out = q.new_zeros(B, Hq, Sq, Dv)
     lse = q.new_full((B, Hq, Sq), float("-inf"))
-    for i0, i1 in _blocks(B, Hq, Sq, Sk):
+    for i0, i1 in _blocks(B, Hq, Sq, Sk, pb):
         j0, j1 = _key_range(geo, i0, i1)
         if j1 == j0:
             continue  # no key visible: out 0, lse -inf
         qb, kr, vr = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1]
-        visible = _block_visible(geo, i0, i1, j0, j1)
-        bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
         if pb.sdpa_fwd:
-            o, l = _fa_fwd(qb, kr, vr, 0.0, False, attn_mask=_additive_mask(bias, visible, q.dtype),
-                           scale=geo.scale)
-            if visible is not None:  # the op gives LSE 0 to a row that sees no key
-                l = l.masked_fill(~visible.any(-1), float("-inf"))
+            bm = _block_mask(pb, Hq, i0, i1, j0, j1, q.dtype)
+            o, l = _fa_fwd(bm.rows(qb), kr, vr, 0.0, False, attn_mask=bm.mask, scale=geo.scale)[:2]
+            o, l = bm.rows(o), bm.rows(l, -1)
+            if bm.empty is not None:  # the op gives LSE 0 to a row that sees no key
+                l = l.masked_fill(bm.empty[:, None], float("-inf"))
         else:
+            visible = _block_visible(geo, i0, i1, j0, j1)
+            bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
             o, l = _explicit_fwd(qb, kr, vr, geo, bias, visible)
         out[:, :, i0:i1] = o
         lse[:, :, i0:i1] = l
@@ -310,18 +401,21 @@ def _backward(pb: Problem, q, k, v, out, lse, dout, dlse, params):
         delta = (dout * out).sum(-1)
         if dlse is not None:
             delta = delta - dlse
-    for i0, i1 in _blocks(B, Hq, Sq, Sk):
+    # (the explicit engine materialises its blocks' scores: never one S x S block)
+    for i0, i1 in _blocks(B, Hq, Sq, Sk, None if explicit else pb):
         j0, j1 = _key_range(geo, i0, i1)
         if j1 == j0:
             continue
         qb, kr, vr, dob = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1], dout[:, :, i0:i1]
-        visible = _block_visible(geo, i0, i1, j0, j1)
         if not explicit:
-            bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
-            g = _fa_bwd(dob, qb, kr, vr, out[:, :, i0:i1], lse0[:, :, i0:i1].contiguous(), 0.0, False,
-                        attn_mask=_additive_mask(bias, visible, q.dtype), scale=geo.scale)
-            dqb, dkb, dvb = g
+            bm = _block_mask(pb, Hq, i0, i1, j0, j1, q.dtype)
+            r = bm.rows
+            dqb, dkb, dvb = _fa_bwd(r(dob), r(qb), kr, vr, r(out[:, :, i0:i1]),
+                                    r(lse0[:, :, i0:i1], -1).contiguous(), 0.0, False,
+                                    attn_mask=bm.mask, scale=geo.scale)
+            dqb = r(dqb)
         else:
+            visible = _block_visible(geo, i0, i1, j0, j1)
             with torch.enable_grad():
                 bias = _block_bias(pb.spec, Hq, geo, i0, i1, j0, j1, q.dtype)
             dqb, dkb, dvb, ds = _explicit_bwd(qb, kr, vr, dob, lse[:, :, i0:i1], delta[:, :, i0:i1], geo,
@@ -368,6 +462,7 @@ class _CpuAttention(torch.autograd.Function):
         kr = pb.rot.apply(k.to(mdt), "k")
         dq, dk, dv, pgrads = _backward(pb, qr, kr, v.to(mdt), out.to(mdt), lse, dout.to(mdt),
                                        None if dlse is None else dlse.to(mdt), params)
+        del qr, kr  # before the rotations back allocate theirs (peak memory)
         dq = pb.rot.apply(dq, "q", inverse=True).to(q.dtype)
         dk = pb.rot.apply(dk, "k", inverse=True).to(k.dtype)
         grads = [None] * len(pe_tensors)
@@ -403,6 +498,11 @@ def attention_bhsd(q, k, v, spec: PE, *, q_pos: Positions, k_pos: Positions, cau
     pb = Problem(spec=spec, geo=geo, rot=make_rotation(spec, D, geo, cur_len),
                  has_bias=_has_bias(spec, Hq, geo, mdt),
                  sdpa_fwd=not softcap and v.shape[3] == D and not FORCE_EXPLICIT)
+    if pb.sdpa_fwd and USE_REL_TABLE:
+        pb.table = rel_table(spec, Hq, geo, mdt)
+        if pb.table is not None:
+            fin = (~torch.isneginf(pb.table[0])).to(torch.int64).cumsum(0)
+            pb.finite = torch.cat((fin.new_zeros(1), fin))
     return _CpuAttention.apply(q, k, v, pb, *spec.tensors())
 
 

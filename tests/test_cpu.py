@@ -355,3 +355,40 @@ def test_16k_tokens_stay_in_linear_memory():
     assert res.returncode == 0, res.stderr[-2000:]
     grew = int(res.stdout.split()[-1])
     assert grew < 160 * 2 ** 20, f"peak RSS grew by {grew / 2 ** 20:.0f} MiB (S x S fp32 = {S * S * 4 / 2 ** 30:.0f} GiB)"
+
+
+# --------------------------------------------------------------------------------------------
+# the relative-position table (contiguous positions): the same masks as per score, bit for bit
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pe,causal,window,qstart", [
+    ("alibi", True, None, None), ("kerple_log", False, (5, 3), 11), ("t5", True, (9, None), None),
+    ("kerple_power", False, None, -4), ("none", False, (0, 0), 7), ("rope", True, (6, 0), None)])
+def test_rel_table_masks_equal_per_score_masks(pe, causal, window, qstart, monkeypatch):
+    """With contiguous positions the op's block masks come from one row per head over the
+    relative positions (_cpu.rel_table, a strided view per block); they must equal the masks
+    built per score (reference.bias + reference.visibility) exactly, on blocks that cut the
+    diagonal and windows (BLOCK_Q 16)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 4, S, 16, generator=g) for S in (37, 45, 45, 37))
+    spec = posattn.pe.resolve_pe(PES[pe](4, 16)) if pe != "none" else "none"
+    if not isinstance(spec, str):  # fixed PE tensors: the op's paths (no PE gradient)
+        spec = with_params(spec, lambda t: t.detach())
+    kw = dict(causal=causal, window=window, q_positions=qstart, return_lse=True, backend=BACKEND)
+    runs, tables = [], []
+    real = _cpu.rel_table
+    monkeypatch.setattr(_cpu, "rel_table", lambda *a: tables.append(real(*a)) or tables[-1])
+    for use in (True, False):
+        monkeypatch.setattr(_cpu, "USE_REL_TABLE", use)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = posattn.attention(qq, kk, vv, spec, **kw)
+        out.backward(dout)
+        runs.append((out, lse, qq.grad, kk.grad, vv.grad))
+    assert tables and all(t is not None for t in tables)
+    # out, LSE and dq bit for bit: the same masks; dk and dv sum over the block's query rows,
+    # which the table path hands the op in reverse order (another summation order)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        if name in ("dk", "dv"):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+        else:
+            assert torch.equal(a, b), name
