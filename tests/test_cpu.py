@@ -30,7 +30,7 @@ from posattn.positions import Positions
 from helpers import leaf, pe_leaves, with_params
 from attn_harness import PES
 from test_window_softcap import CAP, HEADS, W, assert_quantities, make_dout, position_kw, qkv_base, run_bhsd, Slack
-from test_varlen import CASES as VARLEN_CASES, cu, packed_base, run_varlen, varlen_positions, varlen_slack
+from test_varlen import CASES as VARLEN_CASES, case_inputs as varlen_case_inputs, cu, run_varlen, varlen_slack
 
 BACKEND = "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -251,16 +251,8 @@ def test_lse_gradient_matches_reference(pe, dtype):
 def test_varlen_matches_reference(name):
     """tests/test_varlen.py's table on backend="cpu" (lengths 0 and 1 on both sides, every PE,
     causal / window / soft cap, GQA, explicit and shuffled positions, Dv != D)."""
-    (lens_q, lens_k), pe, causal, window, cap, dtype, heads, D, Dv, pos, cu_dtype, maxlen, scale = VARLEN_CASES[name]
-    Hq, Hkv = HEADS[heads]
-    seed = list(VARLEN_CASES).index(name)
-    base = packed_base(lens_q, lens_k, Hq, Hkv, D, Dv, seed=20 * seed, q_scale=3.0 if cap else 1.0)
-    kw = dict(causal=causal, window=window, softcap=cap)
-    if scale is not None:
-        kw["scale"] = scale
-    if pos != "default":
-        kw.update(varlen_positions(lens_q, lens_k, seed=seed, shuffled=pos.startswith("shuffled"),
-                                   dtype=torch.int32 if pos.endswith("int32") else torch.int64))
+    case, base, Hq, kw = varlen_case_inputs(name)
+    (lens_q, lens_k), pe, _, _, _, dtype, _, D, _, _, cu_dtype, _, _ = case
     spec = PES[pe](Hq, D)
     cu_q, cu_k = cu(lens_q, cu_dtype), cu(lens_k, cu_dtype)
     got = run_varlen(base, spec, dtype, BACKEND, cu_q, cu_k, **kw)

@@ -154,9 +154,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_varlen_matches_reference(name):
-    (lens_q, lens_k), pe, causal, window, cap, dtype, heads, D, Dv, pos, cu_dtype, maxlen, scale = CASES[name]
+def case_inputs(name):
+    """A CASES entry's inputs: (the entry, base tensors, Hq, the call's keyword arguments); the
+    CPU backend's tests (test_cpu.py) run the same table."""
+    case = CASES[name]
+    (lens_q, lens_k), pe, causal, window, cap, dtype, heads, D, Dv, pos, cu_dtype, maxlen, scale = case
     Hq, Hkv = HEADS[heads]
     seed = list(CASES).index(name)
     base = packed_base(lens_q, lens_k, Hq, Hkv, D, Dv, seed=20 * seed, q_scale=3.0 if cap else 1.0)
@@ -166,6 +168,13 @@ def test_varlen_matches_reference(name):
     if pos != "default":
         kw.update(varlen_positions(lens_q, lens_k, seed=seed, shuffled=pos.startswith("shuffled"),
                                    dtype=torch.int32 if pos.endswith("int32") else torch.int64))
+    return case, base, Hq, kw
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_varlen_matches_reference(name):
+    case, base, Hq, kw = case_inputs(name)
+    (lens_q, lens_k), pe, _, _, _, dtype, _, D, _, _, cu_dtype, maxlen, _ = case
     max_seqlen = {None: (None, None), "exact": (max(lens_q), max(lens_k)),
                   "larger": (max(lens_q) + 7, max(lens_k) + 30)}[maxlen]
     check_varlen(lens_q, lens_k, base, PES[pe](Hq, D), dtype, cu_dtype, max_seqlen, **kw)
