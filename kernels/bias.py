@@ -307,16 +307,16 @@ def table_grad_update(g, rows, ds, bucket, NP: tl.constexpr):
     live scores, for table_grad_centred."""
     bk = bucket.to(tl.int32)
     live = ds != 0.0
+    row_hi = tl.max(tl.where(live, bk, -1), 1)  # each row's largest live bucket (its reference)
     lo = tl.min(tl.min(tl.where(live, bk, NP), 1), 0)
-    hi = tl.max(tl.max(tl.where(live, bk, -1), 1), 0)
+    hi = tl.max(row_hi, 0)
     cols = tl.arange(0, NP)
     for j in range(lo, hi + 1):
         r = tl.sum(tl.where(bk == j, ds, 0.0), 1)
         g += tl.where(cols[None, :] == j, r[:, None], 0.0)
     two = tl.arange(0, 2)
-    ref = tl.max(tl.where(live, bk, -1), 1).to(tl.float32)
     rows = tl.where(two[None, :] == 0, rows + tl.sum(ds, 1)[:, None],
-                    tl.maximum(rows, ref[:, None]))
+                    tl.maximum(rows, row_hi.to(tl.float32)[:, None]))
     return g, rows
 
 

@@ -91,6 +91,7 @@ KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 FAMILIES = ("none", "rope", "alibi", "kerple")  # the tuned families (bench.tune's PE names)
 # T5's family: KERPLE's tiles but for one (tile_config), not tuned on its own
 TABLE_FAMILY = "table"
+_KNOWN_FAMILIES = FAMILIES + (TABLE_FAMILY,)
 
 # Archs with ~227 KiB of shared memory per block; every other arch >= 80 gets the Ampere table.
 HOPPER_CLASS = (90, 100, 103)
@@ -128,8 +129,8 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if pe not in FAMILIES + (TABLE_FAMILY,):
-        raise ValueError(f"pe must be one of {FAMILIES + (TABLE_FAMILY,)}, got {pe!r}")
+    if pe not in _KNOWN_FAMILIES:
+        raise ValueError(f"pe must be one of {_KNOWN_FAMILIES}, got {pe!r}")
     if not _env_loaded:
         _load_env()
     if dtype != torch.float32 and _overrides and not explicit and (
@@ -254,9 +255,9 @@ def _d256(kernel: str, pe: str, hopper: bool) -> TileConfig:
 
 def _check_key(key) -> TileKey:
     kernel, family, head_dim, arch = key
-    if kernel not in KERNELS or family not in FAMILIES + (TABLE_FAMILY,):
+    if kernel not in KERNELS or family not in _KNOWN_FAMILIES:
         raise ValueError(f"tile override key {key!r}: kernel must be one of {KERNELS} and family "
-                         f"one of {FAMILIES + (TABLE_FAMILY,)}")
+                         f"one of {_KNOWN_FAMILIES}")
     return kernel, family, int(head_dim), None if arch is None else int(arch)
 
 

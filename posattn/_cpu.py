@@ -205,14 +205,6 @@ def _block_mask(pb, Hq, i0, i1, j0, j1, dtype) -> BlockMask:
     return BlockMask(_additive_mask(bias, visible, dtype), empty)
 
 
-def _has_bias(spec: PE, Hq: int, geo: Geometry, dtype) -> bool:
-    """Does this PE add a bias? Asked of reference.bias on one position pair, so that any PE
-    spec answers for itself (no list of names)."""
-    one = torch.zeros(1, 1, dtype=torch.int64)
-    with torch.no_grad():
-        return reference.bias(spec, Hq, one, one, dtype) is not None
-
-
 def _blocks(B: int, Hq: int, Sq: int, Sk: int, pb=None) -> List[Tuple[int, int]]:
     """Query row blocks [i0, i1): BLOCK_Q rows, fewer when the block mask would pass MASK_BYTES.
     One block when the op reads its mask as a view of the relative-position table (nothing is
@@ -496,7 +488,7 @@ def attention_bhsd(q, k, v, spec: PE, *, q_pos: Positions, k_pos: Positions, cau
     geo = make_geometry(q_pos, k_pos, B, Sq, Sk, causal=causal, window=window, scale=scale, softcap=softcap)
     mdt = _math_dtype(q.dtype)
     pb = Problem(spec=spec, geo=geo, rot=make_rotation(spec, D, geo, cur_len),
-                 has_bias=_has_bias(spec, Hq, geo, mdt),
+                 has_bias=spec.bias != "none",  # the spec's bias axis
                  sdpa_fwd=not softcap and v.shape[3] == D and not FORCE_EXPLICIT)
     if pb.sdpa_fwd and USE_REL_TABLE:
         pb.table = rel_table(spec, Hq, geo, mdt)
