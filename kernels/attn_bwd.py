@@ -414,6 +414,7 @@ def attn_bwd_dq_kernel(
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    TABLE_REF: tl.constexpr = -1,
 ):
     """dQ of one query block; with NEED_PE_GRAD also this block's share of the PE-parameter
     gradients, stored at GPARAM[pid_m, b, h, :] (every program of a dense batch writes its
@@ -482,7 +483,7 @@ def attn_bwd_dq_kernel(
     dqa = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqb = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
     dqc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    g1, g2 = param_grad_init(BIAS, BLOCK_M, NP)
+    g1, g2 = param_grad_init(BIAS, BLOCK_M, NP, TABLE_REF)
     # Runs of key tiles, as in the forward (unrolled; run 0 only with a window's left edge):
     # 0 = masked before the band, 1 = unmasked, 2 = masked.
     for run in tl.static_range(3):
@@ -502,4 +503,4 @@ def attn_bwd_dq_kernel(
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS, ROT_HALF,
                       BLOCK_A)
     if NEED_PE_GRAD:  # partials (query blocks, B, Hq, NP); torch sums them
-        store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP)
+        store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP, TABLE_REF)

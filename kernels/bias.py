@@ -62,14 +62,22 @@ def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr, bias_len):
 
 
 @triton.jit
-def param_grad_init(BIAS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr):
+def param_grad_init(BIAS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
+                    TABLE_REF: tl.constexpr):
     """The dQ program's accumulators of d(loss)/d(PARAMS[h]) (param_grad_update): two
-    (BLOCK_M,) row sums, or for a table bias one (BLOCK_M, NP) tile, a column per bucket."""
+    (BLOCK_M,) row sums, or for a table bias one (BLOCK_M, NP) tile, a column per bucket.
+    TABLE_REF: -1, or a fixed reference bucket for every row (table_grad_centred)."""
     if BIAS == BIAS_T5:  # g2: per row, the sum of dS and its reference bucket (table_grad_update)
         tl.static_assert((NP & (NP - 1)) == 0, "table biases: NP must be a power of two")
         two = tl.arange(0, 2)
+        # a fixed reference is stored as TABLE_REF + 2 NP: above every bucket, so the running
+        # max of table_grad_update keeps it
+        if TABLE_REF < 0:
+            ref0 = -1.0
+        else:
+            ref0 = TABLE_REF + 2.0 * NP
         return (tl.zeros([BLOCK_M, NP], tl.float32),
-                tl.where(two[None, :] == 1, -1.0, tl.zeros([BLOCK_M, 2], tl.float32)))
+                tl.where(two[None, :] == 1, ref0, tl.zeros([BLOCK_M, 2], tl.float32)))
     else:
         return tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32)
 
@@ -88,12 +96,14 @@ def param_grad_update(BIAS: tl.constexpr, g1, g2, ds, f, r2_term, a, NP: tl.cons
 
 
 @triton.jit
-def store_param_grads(BIAS: tl.constexpr, GPARAM, slot, g1, g2, NP: tl.constexpr):
+def store_param_grads(BIAS: tl.constexpr, GPARAM, slot, g1, g2, NP: tl.constexpr,
+                      TABLE_REF: tl.constexpr):
     """One program's share of d(loss)/d(PARAMS[h]) at GPARAM (slots, NP): the accumulators
     of param_grad_update, reduced here once. Torch sums the slots: no atomics,
     deterministic."""
     if BIAS == BIAS_T5:
-        tl.store(GPARAM + slot * NP + tl.arange(0, NP), tl.sum(table_grad_centred(g1, g2, NP), 0))
+        tl.store(GPARAM + slot * NP + tl.arange(0, NP),
+                 tl.sum(table_grad_centred(g1, g2, NP, TABLE_REF), 0))
     else:
         tl.store(GPARAM + slot * NP, tl.sum(g1, 0))
         if NP > 1:
@@ -321,7 +331,7 @@ def table_grad_update(g, rows, ds, bucket, NP: tl.constexpr):
 
 
 @triton.jit
-def table_grad_centred(g, rows, NP: tl.constexpr):
+def table_grad_centred(g, rows, NP: tl.constexpr, TABLE_REF: tl.constexpr):
     """g minus each row's sum of dS in its reference bucket (one its live scores fall in).
 
     A softmax row's dS sums to 0 (the LSE is not differentiable), so this is the same
@@ -329,10 +339,17 @@ def table_grad_centred(g, rows, NP: tl.constexpr):
     keys share one bucket (every key beyond max_distance, or a single key) the naive math's
     gradient is 0 to the last bit while an uncentred sum would keep that residual, summed
     over every row. The same argument as the distance biases' centring (above), for a
-    table."""
+    table.
+
+    TABLE_REF >= 0: every row's reference is that bucket. A call that is one piece of a row
+    (ring attention: the row's keys over several calls) has dS rows that do not sum to 0;
+    the correction still cancels over the pieces, but only if every piece subtracts its sum
+    in the same bucket."""
     two = tl.arange(0, 2)
     total = tl.sum(tl.where(two[None, :] == 0, rows, 0.0), 1)
     ref = tl.sum(tl.where(two[None, :] == 1, rows, 0.0), 1).to(tl.int32)
+    if TABLE_REF >= 0:
+        ref = ref - 2 * NP  # (param_grad_init's encoding)
     cols = tl.arange(0, NP)
     return g - tl.where(cols[None, :] == ref[:, None], total[:, None], 0.0)
 

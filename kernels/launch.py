@@ -528,15 +528,17 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def new_output(q: torch.Tensor, DV: int) -> torch.Tensor:
+def new_output(q: torch.Tensor, DV: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The forward's output (B, Hq, Sq, DV), uninitialised, stored like q: bshd storage (the
     head stride below the sequence stride) gives a bshd-contiguous output as a transposed
     view, so flash-attn-layout callers can reshape it to (B, S, H * DV) without a copy;
-    anything else is bhsd-contiguous. (With Hq = 1 or Sq = 1 the two are the same memory.)"""
+    anything else is bhsd-contiguous. (With Hq = 1 or Sq = 1 the two are the same memory.)
+    ``dtype``: q's by default (the kernels cast on store)."""
     B, Hq, Sq, _ = q.shape
+    dtype = dtype or q.dtype
     if q.stride(1) < q.stride(2):
-        return q.new_empty((B, Sq, Hq, DV)).transpose(1, 2)
-    return q.new_empty((B, Hq, Sq, DV))
+        return q.new_empty((B, Sq, Hq, DV), dtype=dtype).transpose(1, 2)
+    return q.new_empty((B, Hq, Sq, DV), dtype=dtype)
 
 
 def _geometry(q, k, pos: KernelPositions):
@@ -565,19 +567,27 @@ def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
     return {f"stride_{prefix}{d}": st for d, st in zip(dims, t.stride())}
 
 
-def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float):
+def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, *,
+             dref="auto", out_dtype: Optional[torch.dtype] = None):
     """Forward on (B, H, S, D) views (varlen: (1, H, total, D)). Returns out (B, Hq, Sq, DV) in
-    q's dtype, lse (B, Hq, Sq) float32 (the caller's) and row_lse, what attn_bwd takes: the LSE
-    of the centred rows of a bias PE (bias_refs), the same tensor as lse when no row is
-    centred."""
+    q's dtype (or ``out_dtype``), lse (B, Hq, Sq) float32 (the caller's) and row_lse, what
+    attn_bwd takes: the LSE of the centred rows of a bias PE (bias_refs), the same tensor as
+    lse when no row is centred.
+
+    ``dref``: ``"auto"`` (bias_refs: centre where this call's keys are all far), or the
+    centring frame to use instead -- None (no centring) or a (Bp, Sq) float32 distance per
+    query that is at most its distance to any key it sees. A caller that attends in pieces
+    and merges them by their LSEs (posattn.distributed) passes one frame for every piece, so
+    that their row_lse are comparable and every gradient sums over the pieces exactly."""
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)
-    out = new_output(q, DV)
+    out = new_output(q, DV, out_dtype)
     lse = torch.empty((Bt, Hq, S_rows), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos)
-    dref = bias_refs(pe, pos, mask, Sq, Sk, q.device)
+    if isinstance(dref, str):
+        dref = bias_refs(pe, pos, mask, Sq, Sk, q.device)
     DREF, center = _dref_args(dref, B, pos.varlen)
     cfg = tile_config("fwd", width, mask.causal, q.dtype, _arch(q), pe.family,
                       explicit=roomy_tile(pos, center), tma=tma,
@@ -680,16 +690,23 @@ def fold_scale(scale: float) -> bool:
 
 
 def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Mask,
-             scale: float, need_pe_grad: bool):
-    """Backward from the forward's row_lse (``lse``; see attn_fwd). Returns dq, dk, dv and,
-    when need_pe_grad, the gradient of pe.params, (Hq, P) float32 (summed deterministically
-    over per-program partials), else None."""
+             scale: float, need_pe_grad: bool, *, dref="auto",
+             out_dtype: Optional[torch.dtype] = None, table_ref: Optional[int] = None):
+    """Backward from the forward's row_lse (``lse``; see attn_fwd). Returns dq, dk, dv (like
+    q, k, v; ``out_dtype`` if given) and, when need_pe_grad, the gradient of pe.params,
+    (Hq, P) float32 (summed deterministically over per-program partials), else None.
+
+    ``out`` and ``lse`` may be those of a larger attention this call is a piece of (the same
+    queries against more keys, merged): the gradients are then this piece's share, exactly,
+    provided ``dref`` is the frame ``lse`` was formed in (see attn_fwd) and, for a table
+    bias, ``table_ref`` is one bucket that every piece centres its table gradient on
+    (bias.table_grad_centred; None: each call picks its own, exact only for whole rows)."""
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = torch.empty_like(q, dtype=out_dtype)
+    dk = torch.empty_like(k, dtype=out_dtype)
+    dv = torch.empty_like(v, dtype=out_dtype)
     meta, width = _layout_meta(pe, D, DV)
     arch = _arch(q)
 
@@ -701,7 +718,9 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
             out, do, lse, delta, nlse2, *out.stride(), *do.stride(), Hq, S_rows,
             DV=DV, BLOCK_M=pre_m, BLOCK_DV=meta["BLOCK_DV"])
 
-    DREF, center = _dref_args(bias_refs(pe, pos, mask, Sq, Sk, q.device), B, pos.varlen)
+    if isinstance(dref, str):
+        dref = bias_refs(pe, pos, mask, Sq, Sk, q.device)
+    DREF, center = _dref_args(dref, B, pos.varlen)
     roomy = roomy_tile(pos, center)
     geo = geometry_tile(pos, mask)
     common = _common_args(pe, pos, mask, scale, q)
@@ -745,6 +764,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
             bias_len=bt.length, **common, BIAS_TABLE=bt.used, CENTER=center, **meta,
             NEED_PE_GRAD=need_pe_grad, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             PREC=_prec(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            TABLE_REF=-1 if table_ref is None else int(table_ref),
         )
     g = gparam.sum(dim=(0, 1)) if need_pe_grad else None
     return dq, dk, dv, g

@@ -30,6 +30,7 @@ from .pe import (
     alibi_slopes,
 )
 from . import reference
+from . import distributed  # ring attention (context parallelism) over torch.distributed
 
 try:  # posattn.nn (KERPLEBias) is being written alongside; keep import-time robust meanwhile
     from . import nn
@@ -41,5 +42,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "attention_varlen", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
-    "alibi_slopes", "reference", "nn",
+    "alibi_slopes", "reference", "nn", "distributed",
 ]

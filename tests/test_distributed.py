@@ -1,0 +1,246 @@
+"""Ring attention (posattn.distributed) over gloo in spawned processes, vs the float64 reference.
+
+Each case shards one full problem over W ranks (posattn.distributed.shard), runs
+``ring_attention`` forward and backward on every rank, and judges every rank's output, LSE and
+gradients -- q, k, v shards and the PE parameters (all-reduced: the full sequence's) -- by the
+error rule against the float64 reference of the *whole* sequence in one process, with the
+slack of tests/test_window_softcap.py (flash-attention's own rounding).
+
+The table is a pairwise covering set over PE x backend x world size x load balance x causal x
+layout x heads x dtype x positions x window x softcap (test_cases_cover_every_pair); one spawn
+per world size runs its cases. Positions: "default" (implied by the layout), "explicit"
+(sorted with gaps, the same for q and k) and "far" (queries 300 past their keys: every row is
+centred, in one frame for every piece; kernels/bias.py "Centring").
+"""
+import itertools
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import posattn
+from posattn import distributed as pd
+from attn_harness import PES
+from helpers import leaf, with_params
+from pe_cases import cases as pe_cases
+from test_window_softcap import (CAP, HEADS, Slack, assert_quantities, explicit_positions, grads_of,
+                                 make_dout, qkv_base, run_bhsd)
+
+FAR = 300
+FACTORS = {
+    "pe": ["none", "rope", "dynamic_ntk", "alibi", "kerple_log", "kerple_power", "t5"],
+    "backend": ["triton", "cpu"],
+    "world": [2, 4],
+    "lb": ["zigzag", "none"],
+    "causal": [False, True],
+    "layout": ["bhsd", "bshd"],
+    "heads": ["mha", "gqa"],
+    "dtype": ["fp16", "fp32"],
+    "pos": ["default", "explicit", "far"],
+    "window": [None, "w"],
+    "softcap": [None, "cap"],
+}
+CASES = [
+    ("t5", "triton", 2, "zigzag", False, "bshd", "gqa", "fp32", "far", "w", "cap"),
+    ("alibi", "cpu", 4, "none", True, "bhsd", "mha", "fp16", "default", None, None),
+    ("kerple_log", "cpu", 4, "zigzag", False, "bshd", "mha", "fp32", "explicit", None, "cap"),
+    ("dynamic_ntk", "triton", 2, "none", True, "bhsd", "gqa", "fp16", "explicit", "w", None),
+    ("kerple_power", "triton", 4, "none", False, "bhsd", "mha", "fp32", "default", "w", "cap"),
+    ("rope", "cpu", 4, "zigzag", True, "bshd", "gqa", "fp16", "far", None, None),
+    ("none", "cpu", 2, "zigzag", True, "bshd", "gqa", "fp32", "default", "w", None),
+    ("none", "triton", 2, "none", False, "bhsd", "mha", "fp16", "far", None, "cap"),
+    ("kerple_power", "cpu", 2, "none", False, "bshd", "gqa", "fp16", "explicit", None, None),
+    ("alibi", "triton", 2, "zigzag", True, "bhsd", "gqa", "fp32", "far", "w", "cap"),
+    ("rope", "triton", 2, "none", False, "bhsd", "mha", "fp32", "default", "w", "cap"),
+    ("dynamic_ntk", "cpu", 4, "zigzag", False, "bshd", "mha", "fp32", "far", None, "cap"),
+    ("kerple_log", "triton", 2, "none", True, "bhsd", "gqa", "fp16", "default", "w", None),
+    ("t5", "cpu", 4, "none", True, "bhsd", "mha", "fp16", "default", None, None),
+    ("alibi", "cpu", 4, "none", False, "bshd", "mha", "fp16", "explicit", "w", None),
+    ("kerple_power", "cpu", 4, "zigzag", True, "bhsd", "gqa", "fp32", "far", "w", None),
+    ("none", "cpu", 4, "none", True, "bhsd", "gqa", "fp32", "explicit", "w", None),
+    ("kerple_log", "cpu", 4, "none", True, "bshd", "gqa", "fp16", "far", "w", None),
+    ("rope", "triton", 4, "zigzag", True, "bshd", "gqa", "fp32", "explicit", "w", "cap"),
+    ("t5", "triton", 4, "zigzag", False, "bhsd", "mha", "fp32", "explicit", "w", None),
+    ("dynamic_ntk", "triton", 2, "zigzag", True, "bhsd", "gqa", "fp16", "default", "w", "cap"),
+]
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def test_cases_cover_every_pair():
+    names = list(FACTORS)
+    rows = [dict(zip(names, c)) for c in CASES]
+    missing = [(a, x, b, y) for a, b in itertools.combinations(names, 2)
+               for x in FACTORS[a] for y in FACTORS[b]
+               if not any(r[a] == x and r[b] == y for r in rows)]
+    assert not missing, missing
+
+
+# --------------------------------------------------------------------------------------------
+# what every rank runs
+# --------------------------------------------------------------------------------------------
+
+def _make_pe(name, H, D):
+    return PES[name](H, D) if name in PES else pe_cases("harness")[name].make(H, D)
+
+
+def _problem(c, world, seed):
+    """The full problem of a case: base tensors, PE factory arguments and attention kwargs."""
+    pe_name, _, _, lb, causal, _, heads, dt, pos, win, cap = c
+    Hq, Hkv = HEADS[heads]
+    n = 6 if lb == "zigzag" else 5 + 2 * (seed % 2)  # shard length (zigzag: two chunks)
+    S, B, D = world * n, 1 + seed % 2, 16
+    base = qkv_base(B, Hq, Hkv, S, S, D, seed=seed, q_scale=3.0 if cap else 1.0)
+    kw = dict(causal=causal, softcap=CAP if cap else None)
+    if pos != "default":
+        kp = explicit_positions(B, S, seed)  # sorted, with gaps
+        qp = kp + FAR if pos == "far" else kp
+        kw.update(q_positions=qp, k_positions=kp)
+    if win:  # far queries need a window that reaches back to their keys
+        kw["window"] = (FAR + 4, 2) if pos == "far" else (3, 1)
+    return base, kw, DTYPES[dt], (Hq, D)
+
+
+def _shard(t, dim, lb):
+    return None if t is None else pd.shard(t, dim, load_balance=lb)
+
+
+def _check_case(c, seed, world):
+    pe_name, backend, _, lb, causal, layout, *_ = c
+    base, kw, dtype, (Hq, D) = _problem(c, world, seed)
+    pe = _make_pe(pe_name, Hq, D)
+
+    # the whole sequence in one process: float64 reference, naive in-dtype math, slack
+    ref = run_bhsd(base, pe, dtype, "naive", torch.float64, **kw)
+    naive = run_bhsd(base, pe, dtype, "naive", dtype, **kw)
+    q64, k64, v64 = (base[n].to(dtype).double() for n in "qkv")
+    B, S = q64.shape[0], q64.shape[2]
+    from posattn.positions import parse_positions
+    qpos = parse_positions(kw.get("q_positions"), "q_positions", B, S, 0, q64.device)
+    kpos = parse_positions(kw.get("k_positions"), "k_positions", B, S, 0, q64.device)
+    slack = Slack(q64, k64, v64, ref[0], ref[1], make_dout(ref[0].shape, dtype), pe, causal=causal,
+                  scale=D ** -0.5, qpos=qpos, kpos=kpos, window=kw.get("window"), softcap=kw.get("softcap"))
+
+    # the ring: this rank's shards
+    leaves = {n: _shard(base[n].to(dtype), 2, lb).detach().requires_grad_() for n in "qkv"}
+    pe_run = with_params(pe, leaf)
+    rkw = dict(kw)
+    for name in ("q_positions", "k_positions"):
+        if name in rkw:
+            rkw[name] = _shard(rkw[name], 1, lb)
+    q, k, v = (leaves[n] for n in "qkv")
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = pd.ring_attention(q, k, v, pe_run, load_balance=lb, layout=layout, return_lse=True,
+                                 backend=backend, **rkw)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    dout = _shard(make_dout(ref[0].shape, dtype), 2, lb)
+    grads = grads_of(out, leaves, pe_run, dout)
+
+    def sh(t, dim=2):
+        return _shard(t, dim, lb)
+
+    gref = {n: (sh(g) if n in "qkv" else g) for n, g in ref[2].items()}
+    gnaive = {n: (sh(g) if n in "qkv" else g) for n, g in naive[2].items()}
+    assert_quantities((out.detach(), lse.detach(), grads), (sh(ref[0]), sh(ref[1]), gref),
+                      (sh(naive[0]), sh(naive[1]), gnaive), dtype, sh(slack.out), sh(slack.lse),
+                      lambda n: getattr(slack, n) if n in "qkv" else slack.pe(n))
+    return out.detach(), grads
+
+
+def _extra_checks(world):
+    """Determinism, per-rank PE gradient shares, shard / unshard, errors (one small problem)."""
+    rank = dist.get_rank()
+    c = ("alibi", "triton", world, "zigzag", True, "bhsd", "gqa", "fp32", "default", None, None)
+    base, kw, dtype, (Hq, D) = _problem(c, world, 1)
+    pe = PES["alibi"](Hq, D)
+
+    def run(reduce=True):
+        p = with_params(pe, leaf)
+        q, k, v = (_shard(base[n], 2, "zigzag").requires_grad_() for n in "qkv")
+        out = pd.ring_attention(q, k, v, p, causal=True, reduce_pe_grads=reduce, backend="triton")
+        dout = _shard(make_dout((base["q"].shape[0], Hq, base["q"].shape[2], D), dtype), 2, "zigzag")
+        return (out,) + torch.autograd.grad(out, [q, k, v, p.slopes], dout)
+
+    a, b = run(), run()
+    for x, y in zip(a, b):  # deterministic: bit for bit
+        assert torch.equal(x, y)
+    share = run(reduce=False)[4]
+    assert not torch.equal(share, a[4])  # each rank's own rows' share ...
+    total = share.clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, a[4], rtol=1e-6, atol=1e-7)  # ... summing to the full gradient
+
+    # shard / unshard are inverse, and unshard's gradient is the sum over ranks' copies
+    full = torch.arange(2 * world * 3 * 2, dtype=torch.float32).view(1, 2 * world * 3, 2)
+    for lb in pd.LOAD_BALANCES:
+        x = pd.shard(full, 1, load_balance=lb).requires_grad_()
+        torch.testing.assert_close(pd.positions(x.shape[1], load_balance=lb).float(), x[0, :, 0] / 2)
+        y = pd.unshard(x, 1, load_balance=lb)
+        assert torch.equal(y, full)
+        (g,) = torch.autograd.grad(y, x, torch.ones_like(y) * (rank + 1))
+        assert torch.equal(g, torch.full_like(x, world * (world + 1) / 2))
+
+    # errors a user can cause
+    q = torch.zeros(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="even shard length"):
+        pd.ring_attention(q, q, q, load_balance="zigzag")
+    with pytest.raises(ValueError, match="load_balance"):
+        pd.ring_attention(q, q, q, load_balance="head-tail")
+    with pytest.raises(ValueError, match="both q and k"):
+        pd.ring_attention(q, q, q, load_balance="none", q_positions=torch.arange(5))
+    with pytest.raises(ValueError, match="q_positions must have shape"):
+        pd.ring_attention(q, q, q, load_balance="none", q_positions=torch.arange(4),
+                          k_positions=torch.arange(4))
+    with pytest.raises(ValueError, match="same length"):
+        pd.ring_attention(q, q[:, :, :4], q[:, :, :4], load_balance="none")
+    with pytest.raises(ValueError, match="does not split"):
+        pd.shard(torch.zeros(1, 2 * world + 1), 1, load_balance="zigzag")
+
+
+def _worker(rank, world, init_file, case_ids, extra):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        for i in case_ids:
+            try:
+                _check_case(CASES[i], i, world)
+            except AssertionError as e:
+                raise AssertionError(f"case {i} {CASES[i]}, rank {rank}: {e}") from e
+        if extra:
+            _extra_checks(world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, case_ids, extra=False):
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(world, os.path.join(d, "init"), case_ids, extra), nprocs=world,
+                           start_method="spawn")
+
+
+@pytest.mark.parametrize("world", FACTORS["world"])
+def test_ring_attention_matches_reference(world):
+    """Every case of this world size, in one spawn (process start-up is most of a case's cost)."""
+    _spawn(world, [i for i, c in enumerate(CASES) if c[2] == world], extra=True)
+
+
+def test_needs_a_process_group():
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        pd.ring_attention(q, q, q)
+
+
+def test_segments_and_visibility():
+    assert pd.segments(6, 1, 2, "zigzag") == (pd.Segment(0, 3, 3), pd.Segment(3, 3, 6))
+    assert pd.segments(5, 3, 4, "none") == (pd.Segment(0, 5, 15),)
+    starts = sorted(s.start for r in range(4) for s in pd.segments(4, r, 4, "zigzag"))
+    assert starts == list(range(0, 16, 2))  # the 8 chunks, each held once
+    assert not pd._visible(0, 4, 5, 9, True, None)  # causal: a future block is skipped
+    assert pd._visible(5, 9, 0, 4, True, None)
+    assert not pd._visible(10, 14, 0, 4, False, (3, None))  # beyond the window's left edge
+    assert pd._visible(10, 14, 0, 7, False, (3, None))
+    assert posattn.distributed is pd
