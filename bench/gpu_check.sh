@@ -17,15 +17,18 @@
 #             TMA (kernels/launch.py) earns its place
 #   7. decode python -m bench.decode (Sq = 1 against 8k-128k caches, none / ALiBi, with and
 #             without split-K, vs SDPA): OUTDIR/decode.md
+#   8. ring   python -m bench.ring on this GPU alone (W = 1, S = 16k, ALiBi: the ring's own cost
+#             over one posattn call; W > 1 needs more GPUs): OUTDIR/ring/ring.md
 #
 # Every step runs under `timeout`; its log is kept when it fails or times out, and the next step
 # still runs. OUTDIR gets setup.log tests.log main.log tune.log tune/{tune.md,tune.json,tiles.json}
 # bench.log bench.md bench.json bench_d128.png tma.log tma_off/bench.md decode.log decode.md
+# ring.log ring/ring.md
 # summary.txt; the summary
 # is printed last. Exit status 1 if any step failed. Budget (seconds, override by environment):
 # SETUP_TIMEOUT=30 TESTS_TIMEOUT=170 MAIN_TIMEOUT=75 TUNE_TIMEOUT=70 (TUNE_MINUTES=0.8: stop
 # starting measurements) BENCH_TIMEOUT=170 (BENCH_MINUTES=2.0: the bench stops starting new
-# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30. Worst case ~9.5 min,
+# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30 RING_TIMEOUT=25. Worst case ~9.9 min,
 # meant to fit one 600 s device call; typically less. Compiling dominates the first three steps: the suite
 # reaches ~1,100 kernel specialisations (1-2 s each), `python -m posattn` ~43 (its checks and
 # its D=128 timing table, which also warms the bench's kernels).
@@ -49,6 +52,7 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
 BENCH_MINUTES=${BENCH_MINUTES:-2.0}
 TMA_TIMEOUT=${TMA_TIMEOUT:-25}
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-30}
+RING_TIMEOUT=${RING_TIMEOUT:-25}
 NPROC=$(nproc 2>/dev/null || echo 4)
 TEST_WORKERS=${TEST_WORKERS:-$(( NPROC > 16 ? 14 : (NPROC > 3 ? NPROC - 2 : 1) ))}
 PYTEST_ARGS=${PYTEST_ARGS:-}
@@ -142,6 +146,8 @@ step tma "$TMA_TIMEOUT" env POSATTN_TMA=0 "$PY" -m bench --pes none,alibi,kerple
     --head-dims 128 --modes fwd --causal false --impls posattn --no-plot --max-minutes 0.3 \
     --out "$OUTDIR/tma_off"
 step decode "$DECODE_TIMEOUT" "$PY" -m bench.decode --pes none,alibi --max-seconds 20 --out "$OUTDIR"
+step ring "$RING_TIMEOUT" "$PY" -m bench.ring --world 1 --seqlen 16k --pes alibi --warmup 1 --reps 3 \
+    --out "$OUTDIR/ring"
 
 {
     echo
@@ -176,6 +182,10 @@ step decode "$DECODE_TIMEOUT" "$PY" -m bench.decode --pes none,alibi --max-secon
     if [ -f "$OUTDIR/decode.md" ]; then
         echo "decode: Sq=1, GB/s of K+V read (posattn with / without split-K, SDPA):"
         grep -E '^\| [0-9]' "$OUTDIR/decode.md" | sed 's/^/  /'
+    fi
+    if [ -f "$OUTDIR/ring/ring.md" ]; then
+        echo "ring:  W=1, S=16k (step = ring_attention fwd+bwd):"
+        grep -E '^\| [0-9]' "$OUTDIR/ring/ring.md" | sed 's/^/  /'
     fi
     echo "total $(($(date +%s) - T0)) s; logs and results in $OUTDIR"
 } >>"$SUMMARY"

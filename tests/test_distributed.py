@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 import posattn
 from posattn import distributed as pd
+from conftest import DEVICE, HAS_CUDA
 from attn_harness import PES
 from helpers import leaf, with_params
 from pe_cases import cases as pe_cases
@@ -107,10 +108,19 @@ def _shard(t, dim, lb):
     return None if t is None else pd.shard(t, dim, load_balance=lb)
 
 
+def _device(backend):
+    """Where a case's ring runs: the cpu backend on CPU; Triton on this rank's GPU when CUDA is
+    present (NCCL), else in the interpreter on CPU (gloo)."""
+    if backend == "triton" and HAS_CUDA:
+        return torch.device("cuda", dist.get_rank())
+    return torch.device("cpu")
+
+
 def _check_case(c, seed, world):
     pe_name, backend, _, lb, causal, layout, *_ = c
     base, kw, dtype, (Hq, D) = _problem(c, world, seed)
     pe = _make_pe(pe_name, Hq, D)
+    dev = _device(backend)
 
     # the whole sequence in one process: float64 reference, naive in-dtype math, slack
     ref = run_bhsd(base, pe, dtype, "naive", torch.float64, **kw)
@@ -123,13 +133,13 @@ def _check_case(c, seed, world):
     slack = Slack(q64, k64, v64, ref[0], ref[1], make_dout(ref[0].shape, dtype), pe, causal=causal,
                   scale=D ** -0.5, qpos=qpos, kpos=kpos, window=kw.get("window"), softcap=kw.get("softcap"))
 
-    # the ring: this rank's shards
-    leaves = {n: _shard(base[n].to(dtype), 2, lb).detach().requires_grad_() for n in "qkv"}
-    pe_run = with_params(pe, leaf)
+    # the ring: this rank's shards (on its device; compared on the reference's)
+    leaves = {n: _shard(base[n].to(dtype), 2, lb).to(dev).detach().requires_grad_() for n in "qkv"}
+    pe_run = with_params(pe, lambda t: t.detach().to(dev).requires_grad_(t.requires_grad))
     rkw = dict(kw)
     for name in ("q_positions", "k_positions"):
         if name in rkw:
-            rkw[name] = _shard(rkw[name], 1, lb)
+            rkw[name] = _shard(rkw[name], 1, lb).to(dev)
     q, k, v = (leaves[n] for n in "qkv")
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -137,8 +147,11 @@ def _check_case(c, seed, world):
                                  backend=backend, **rkw)
     if layout == "bshd":
         out = out.transpose(1, 2)
-    dout = _shard(make_dout(ref[0].shape, dtype), 2, lb)
+    dout = _shard(make_dout(ref[0].shape, dtype), 2, lb).to(dev)
     grads = grads_of(out, leaves, pe_run, dout)
+    here = ref[0].device
+    out, lse = out.to(here), lse.to(here)
+    grads = {n: None if g is None else g.to(here) for n, g in grads.items()}
 
     def sh(t, dim=2):
         return _shard(t, dim, lb)
@@ -158,11 +171,13 @@ def _extra_checks(world):
     base, kw, dtype, (Hq, D) = _problem(c, world, 1)
     pe = PES["alibi"](Hq, D)
 
+    dev = _device("triton")
+
     def run(reduce=True):
-        p = with_params(pe, leaf)
-        q, k, v = (_shard(base[n], 2, "zigzag").requires_grad_() for n in "qkv")
+        p = with_params(pe, lambda t: t.detach().to(dev).requires_grad_())
+        q, k, v = (_shard(base[n], 2, "zigzag").to(dev).requires_grad_() for n in "qkv")
         out = pd.ring_attention(q, k, v, p, causal=True, reduce_pe_grads=reduce, backend="triton")
-        dout = _shard(make_dout((base["q"].shape[0], Hq, base["q"].shape[2], D), dtype), 2, "zigzag")
+        dout = _shard(make_dout((base["q"].shape[0], Hq, base["q"].shape[2], D), dtype), 2, "zigzag").to(dev)
         return (out,) + torch.autograd.grad(out, [q, k, v, p.slopes], dout)
 
     a, b = run(), run()
@@ -202,7 +217,10 @@ def _extra_checks(world):
 
 
 def _worker(rank, world, init_file, case_ids, extra):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if HAS_CUDA:  # CPU tensors over gloo, CUDA tensors over NCCL (one GPU per rank)
+        torch.cuda.set_device(rank)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if HAS_CUDA else "gloo",
+                            init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         for i in case_ids:
@@ -222,10 +240,16 @@ def _spawn(world, case_ids, extra=False):
                            start_method="spawn")
 
 
+@pytest.mark.parametrize("backend", FACTORS["backend"])
 @pytest.mark.parametrize("world", FACTORS["world"])
-def test_ring_attention_matches_reference(world):
-    """Every case of this world size, in one spawn (process start-up is most of a case's cost)."""
-    _spawn(world, [i for i, c in enumerate(CASES) if c[2] == world], extra=True)
+def test_ring_attention_matches_reference(world, backend):
+    """Every case of this world size and backend, in one spawn (process start-up is most of a
+    case's cost); the Triton spawn also runs _extra_checks."""
+    if backend == "triton" and HAS_CUDA and torch.cuda.device_count() < world:
+        pytest.skip(f"Triton ring cases need {world} GPUs (one per rank) or the interpreter (no CUDA); "
+                    f"{torch.cuda.device_count()} here -- CPU CI runs them in the interpreter")
+    _spawn(world, [i for i, c in enumerate(CASES) if c[2] == world and c[1] == backend],
+           extra=backend == "triton")
 
 
 def test_needs_a_process_group():
@@ -244,3 +268,45 @@ def test_segments_and_visibility():
     assert not pd._visible(10, 14, 0, 4, False, (3, None))  # beyond the window's left edge
     assert pd._visible(10, 14, 0, 7, False, (3, None))
     assert posattn.distributed is pd
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pe_name", ["rope", "kerple_power", "t5"])
+def test_world_of_one_is_attention_bit_for_bit(world_of_one, pe_name):
+    """W = 1, no load balancing: one piece, the kernels' own call -- the same bits as
+    posattn.attention (out, LSE and every gradient), the fp32 accumulators notwithstanding.
+    Except T5's table gradient: the ring centres every row on the bucket of k - q = 0
+    (bias.table_grad_centred), one call on the row's largest live bucket; the two differ by
+    where the rows' rounding residual lands (the distributed cases judge the ring's)."""
+    base = qkv_base(2, 4, 2, 13, 13, 16, seed=5)
+    results = []
+    for fn in ("ring", "attention"):
+        pe = with_params(PES[pe_name](4, 16), leaf)
+        q, k, v = (base[n].to(DEVICE, torch.float16).requires_grad_() for n in "qkv")
+        if fn == "ring":
+            out, lse = pd.ring_attention(q, k, v, pe, causal=True, load_balance="none", return_lse=True,
+                                         backend="triton")
+        else:
+            out, lse = posattn.attention(q, k, v, pe, causal=True, return_lse=True, backend="triton")
+        leaves = [q, k, v] + [t for t in pe.tensors() if t.requires_grad]
+        results.append((out, lse) + torch.autograd.grad(out, leaves, make_dout(out.shape, torch.float16)))
+    n = len(results[0]) - (pe_name == "t5")
+    for a, b in zip(results[0][:n], results[1][:n]):
+        assert torch.equal(a, b)
+
+
+def test_bench_ring_runs_on_cpu(tmp_path):
+    """python -m bench.ring end to end on gloo (the GPU entry's code path, CPU backend)."""
+    from bench import ring
+
+    assert ring.main(["--dry-run"]) == 0
+    assert ring.main(["--device", "cpu", "--world", "2", "--seqlen", "32", "--heads", "1", "--head-dim", "16",
+                      "--pes", "alibi", "--warmup", "0", "--reps", "1", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "ring.md").read_text()
+    assert "| 2 | alibi | 16 |" in md, md
