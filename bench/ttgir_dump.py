@@ -21,6 +21,7 @@ CASES = (  # (kernel, pe, head_dim, causal, explicit, part, options)
     ("fwd", "kerple_power", 64, True, True, "both", {}),
     ("bwd_dq", "kerple_log", 64, True, False, "both", {}),
     ("bwd_dq", "rope", 64, True, False, "both", dict(window=(9, 3))),
+    ("bwd_dq", "t5", 128, True, False, "both", {}),  # the table gradient
     ("bwd_dkdv", "alibi", 64, True, False, "both", dict(window=(50, None))),
     ("bwd_dkdv", "rope", 128, True, True, "dk", {}),
 )
