@@ -118,6 +118,58 @@ def _timed(fn, device, warmup, reps) -> float:
     return float(t.item()) * 1e3
 
 
+def _measure(pd, pe, args, rank, world, device, backend, q, k, v, do) -> dict:
+    """One PE's row: step, compute-only, comm-only (and at W = 1 posattn.attention)."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    causal = args.causal == "true"
+
+    def step():
+        out = pd.ring_attention(*leaves, pe, causal=causal, load_balance=args.load_balance,
+                                backend=backend)
+        torch.autograd.grad(out, leaves, do)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_step = _timed(step, device, args.warmup, args.reps)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
+    real_ring = pd._Ring
+    pd._Ring = _NoComm
+    try:
+        t_comp = _timed(step, device, args.warmup, args.reps)
+    finally:
+        pd._Ring = real_ring
+    t_comm = 0.0
+    if world > 1:
+        ring = pd._Ring(None, rank, world)
+        dk = torch.zeros_like(k, dtype=torch.float32)
+
+        def comm():  # forward W-1, backward W-1 K/V and W dK/dV transfers
+            for _ in range(2 * (world - 1)):
+                ring.finish(ring.start([k, v]))
+            for _ in range(world):
+                ring.finish(ring.start([dk, dk]))
+
+        t_comm = _timed(comm, device, args.warmup, args.reps)
+    t_plain = None
+    if world == 1:  # the baseline: one posattn.attention call over the same sequence
+        from posattn import attention
+
+        def plain():
+            out = attention(*leaves, pe, causal=causal, backend=backend)
+            torch.autograd.grad(out, leaves, do)
+
+        t_plain = _timed(plain, device, args.warmup, args.reps)
+    hidden = None
+    if t_comm > 0:
+        hidden = min(1.0, max(0.0, 1.0 - (t_step - t_comp) / t_comm))
+    if rank == 0:
+        print(f"W={world} {pe:<10} step {t_step:8.2f} ms  compute {t_comp:8.2f} ms  comm "
+              f"{t_comm:8.2f} ms  hidden {'-' if hidden is None else f'{hidden:.0%}'}"
+              + (f"  peak {peak:.0f} MiB" if peak is not None else ""), flush=True)
+    return dict(world=world, pe=pe, seqlen=args.seqlen, shard=q.shape[2], step_ms=t_step,
+                compute_ms=t_comp, comm_ms=t_comm, hidden=hidden, peak_mib=peak, attention_ms=t_plain)
+
+
 def _worker(rank, world, init_file, args, results_file):
     from posattn import distributed as pd
 
@@ -136,57 +188,8 @@ def _worker(rank, world, init_file, args, results_file):
             return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
         q, k, v, do = rnd(B, H, n, D), rnd(B, Hkv, n, D), rnd(B, Hkv, n, D), rnd(B, H, n, D)
-        rows = []
         backend = "triton" if device == "cuda" else "cpu"
-        for pe in args.pes:
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-
-            def step():
-                out = pd.ring_attention(*leaves, pe, causal=args.causal == "true",
-                                        load_balance=args.load_balance, backend=backend)
-                torch.autograd.grad(out, leaves, do)
-
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t_step = _timed(step, device, args.warmup, args.reps)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else None
-            real_ring = pd._Ring
-            pd._Ring = _NoComm
-            try:
-                t_comp = _timed(step, device, args.warmup, args.reps)
-            finally:
-                pd._Ring = real_ring
-            t_comm = 0.0
-            if world > 1:
-                ring = pd._Ring(None, rank, world)
-                dk = torch.zeros_like(k, dtype=torch.float32)
-
-                def comm():  # forward W-1, backward W-1 K/V and W dK/dV transfers
-                    for _ in range(2 * (world - 1)):
-                        ring.finish(ring.start([k, v]))
-                    for _ in range(world):
-                        ring.finish(ring.start([dk, dk]))
-
-                t_comm = _timed(comm, device, args.warmup, args.reps)
-            t_plain = None
-            if world == 1:  # the baseline: one posattn.attention call over the same sequence
-                from posattn import attention
-
-                def plain():
-                    out = attention(*leaves, pe, causal=args.causal == "true", backend=backend)
-                    torch.autograd.grad(out, leaves, do)
-
-                t_plain = _timed(plain, device, args.warmup, args.reps)
-            hidden = None
-            if t_comm > 0:
-                hidden = min(1.0, max(0.0, 1.0 - (t_step - t_comp) / t_comm))
-            rows.append(dict(world=world, pe=pe, seqlen=args.seqlen, shard=n, step_ms=t_step,
-                             compute_ms=t_comp, comm_ms=t_comm, hidden=hidden, peak_mib=peak,
-                             attention_ms=t_plain))
-            if rank == 0:
-                print(f"W={world} {pe:<10} step {t_step:8.2f} ms  compute {t_comp:8.2f} ms  comm "
-                      f"{t_comm:8.2f} ms  hidden {'-' if hidden is None else f'{hidden:.0%}'}"
-                      + (f"  peak {peak:.0f} MiB" if peak is not None else ""), flush=True)
+        rows = [_measure(pd, pe, args, rank, world, device, backend, q, k, v, do) for pe in args.pes]
         if rank == 0:
             Path(results_file).write_text(json.dumps(rows))
     finally:
