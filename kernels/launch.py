@@ -691,9 +691,10 @@ def fold_scale(scale: float) -> bool:
 
 def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Mask,
              scale: float, need_pe_grad: bool, *, dref="auto",
-             out_dtype: Optional[torch.dtype] = None, table_ref: Optional[int] = None):
+             dq_dtype: Optional[torch.dtype] = None, table_ref: Optional[int] = None):
     """Backward from the forward's row_lse (``lse``; see attn_fwd). Returns dq, dk, dv (like
-    q, k, v; ``out_dtype`` if given) and, when need_pe_grad, the gradient of pe.params,
+    q, k, v; dq in ``dq_dtype`` if given -- not dk / dv: fp32 stores there spill the sm_90
+    KERPLE / T5 and the sm_80 dK/dV tiles) and, when need_pe_grad, the gradient of pe.params,
     (Hq, P) float32 (summed deterministically over per-program partials), else None.
 
     ``out`` and ``lse`` may be those of a larger attention this call is a piece of (the same
@@ -704,9 +705,9 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)
-    dq = torch.empty_like(q, dtype=out_dtype)
-    dk = torch.empty_like(k, dtype=out_dtype)
-    dv = torch.empty_like(v, dtype=out_dtype)
+    dq = torch.empty_like(q, dtype=dq_dtype)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     meta, width = _layout_meta(pe, D, DV)
     arch = _arch(q)
 

@@ -282,7 +282,7 @@ class _TritonEngine:
         pe = self._triton._detached(self.pe, self.pe.params)
         dq, dk, dv, g = launch.attn_bwd(do, q, k, v, out, lse.contiguous(), pe, self._pos(piece),
                                         self.mask, self.scale, bool(need and need[0]),
-                                        dref=self.dref, out_dtype=torch.float32,
+                                        dref=self.dref, dq_dtype=torch.float32,
                                         table_ref=self.table_ref)
         return dq, dk, dv, [g] if g is not None else []
 
