@@ -82,10 +82,12 @@ def centred(pe: str, explicit: bool, center=None) -> bool:
 
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                     cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                    tma=None, center=None, window=None, softcap=None, varlen=False):
+                    tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile"):
     """The launch of ``kernel`` that the launchers make for this case, recorded by
     launch.capture on meta tensors of SHAPE: (launch.Launch, TileConfig, tma). Arguments as in
-    compile_kernel. Every pointer dtype, constexpr and descriptor comes from the launcher."""
+    compile_kernel; ``rope``: the RoPE strategy (launch.rope_strategy; "once" makes RoPE run
+    pe="none"'s attention kernels). Every pointer dtype, constexpr and descriptor comes from
+    the launcher."""
     from posattn import _triton  # the spec -> record reduction the API uses
 
     B, Hq, Hkv, S = SHAPE["B"], SHAPE["Hq"], SHAPE["Hkv"], SHAPE["S"]
@@ -124,7 +126,7 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
         if cfg is not None:  # a candidate tile (bench.tune): for this kernel only
             real = launch.tile_config
             launch.tile_config = lambda name, *a, **kw: cfg if name == kernel else real(name, *a, **kw)
-        with launch.capture(arch) as launches:
+        with launch.capture(arch, rope=rope) as launches:
             if kernel == "fwd":
                 launch.attn_fwd(q, k, v, rec, pos, mask, scale)
             else:
@@ -229,7 +231,7 @@ def _signature(fn, kw: dict, dtype: str):
 
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                   tma=None, center=None, window=None, softcap=None, varlen=False):
+                   tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile"):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``,
     exactly as the launcher would launch it (captured_launch).
 
@@ -245,7 +247,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     Returns (compiled kernel, TileConfig, seconds).
     """
     ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                  pe_grad, part, tma, center, window, softcap, varlen)
+                                  pe_grad, part, tma, center, window, softcap, varlen, rope)
     kw = dict(ln.kwargs)
     options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages"),
                "enable_fp_fusion": kw.pop("enable_fp_fusion")}  # launch options, not arguments
@@ -358,6 +360,50 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
     return rows
 
 
+# The RoPE rotate-once pass (launch.rope_apply; kernels/launch.py, "RoPE strategies"): rotary
+# dims (full / partial with pass-through columns / interleaved partial), positions, direction.
+ROPE_PASS_ROWS = tuple((hd, rot, explicit, inverse) for hd in (64, 128)
+                       for rot, explicit, inverse in (("full", False, False), ("partial", True, False),
+                                                      ("interleaved", False, True), ("full", True, True)))
+
+
+def compile_rope_pass(head_dim: int, rot: str, explicit: bool, inverse: bool, arch: int = 90,
+                      dtype: str = "bf16") -> dict:
+    """Compile the rotation pass as launch.rope_apply launches it (captured on meta tensors,
+    B=2, Hq=8, S=4096) for ``arch``; returns a row: registers, stack, local, ok (no spills)."""
+    dt, dev = DTYPES[dtype], "meta"
+    rd = head_dim if rot == "full" else head_dim // 2
+    theta = torch.empty(rd // 2, device=dev, dtype=torch.float64)
+    rec = launch.KernelPE(rot="rope", theta=theta, rot_dim=rd, interleaved=rot == "interleaved")
+    x = torch.empty(SHAPE["B"], SHAPE["Hq"], SHAPE["S"], head_dim, device=dev,
+                    dtype=torch.float32 if inverse else dt)  # the backward rotates fp32 dQ back
+    out = torch.empty_like(x, dtype=dt)
+    pos = torch.empty(1, SHAPE["S"], device=dev, dtype=torch.int64) if explicit else None
+    with launch.capture(arch) as launches:
+        launch.rope_apply(x, rec, 0, pos, inverse=inverse, out=out)
+    (ln,) = launches
+    kw = dict(zip([p.name for p in ln.fn.params], ln.args), **ln.kwargs)
+    options = {"num_warps": kw.pop("num_warps"), "num_stages": 2, "enable_fp_fusion": kw.pop("enable_fp_fusion")}
+    signature, constexprs, attrs = _signature(ln.fn, kw, dtype)
+    ck = triton.compile(ASTSource(fn=ln.fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                        target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+
+    def field(key):
+        m = re.search(rf"\b{key}:(\d+)", res)
+        return int(m.group(1)) if m else None
+
+    row = dict(arch=arch, kernel="rope_pass", head_dim=head_dim, rot=rot, explicit=explicit,
+               inverse=inverse, registers=field("REG"), stack=field("STACK"), local=field("LOCAL"),
+               triton=triton.__version__)
+    row["ok"] = row["stack"] == 0 and row["local"] == 0
+    return row
+
+
 def _print_row(r):
     util = "" if r.get("mma_util") is None else f"useful mma {100 * r['mma_util']:.0f}%  "
     pe = r["pe"] + ("+grad" if r.get("pe_grad") and r["pe"] == "alibi" else
@@ -392,7 +438,14 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, action="append", dest="head_dims",
                     help="head dims to check (repeatable; default 64 and 128)")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    ap.add_argument("--rope-pass", action="store_true",
+                    help="compile the RoPE rotate-once pass instead (ROPE_PASS_ROWS)")
     args = ap.parse_args(argv)
+    if args.rope_pass:
+        rows = [compile_rope_pass(*r, arch=arch, dtype=args.dtype) for arch in args.arch or ARCHS
+                for r in ROPE_PASS_ROWS]
+        print(json.dumps(rows) if args.json else "\n".join(map(str, rows)))
+        return 0 if all(r["ok"] for r in rows) else 1
     rows = []
     for arch in args.arch or ARCHS:
         if not args.json:

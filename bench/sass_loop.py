@@ -159,8 +159,11 @@ def main(argv=None):
     for kernel in KERNELS:
         for causal in (False, True):
             base = None
-            for pe in PES:
-                r = loop_row(kernel, pe, args.head_dim, causal, args.arch)
+            # RoPE under the rotate-once strategy (launch.rope_strategy): pe="none"'s kernels
+            for pe, opts in [(pe, {}) for pe in PES] + [("rope", dict(rope="once"))]:
+                r = loop_row(kernel, pe, args.head_dim, causal, args.arch, **opts)
+                if opts:
+                    r["pe"] = pe = "rope (once)"
                 base = base or r["per_kscore"]
                 r["vs_none"] = round(r["per_kscore"] / base, 2) if base else None
                 rows.append(r)

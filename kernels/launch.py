@@ -6,6 +6,7 @@ the last dim should have stride 1 for speed (the caller makes sure).
 import contextlib
 import functools
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +20,7 @@ from .configs import HOPPER_CLASS, tile_config
 from . import bias as bias_axis
 from . import rotary as rotary_axis
 from .bias import bias_ref_kernel, bias_table_kernel
-from .rotary import TILE_STEP, rope_tile_table_kernel
+from .rotary import TILE_STEP, rope_apply_kernel, rope_tile_table_kernel
 
 # The kernels' ROT and BIAS constexpr values by name: numbered once, beside their hooks
 # (rotary.KINDS, bias.KINDS); posattn.pe's spec classes name their axes with these keys.
@@ -182,21 +183,24 @@ class Launch:
 class _Capture:
     arch: Optional[int]
     launches: list
+    rope: str = "tile"
 
 
 _capture: Optional[_Capture] = None
 
 
 @contextlib.contextmanager
-def capture(arch: Optional[int]):
+def capture(arch: Optional[int], rope: str = "tile"):
     """Within the block, the launchers record every kernel launch (``Launch``) in the yielded
     list instead of running it, and plan their tiles for ``arch``. Call them with tensors on
     the ``meta`` device: nothing is computed, nothing is allocated. bench.compile_report
     compiles exactly what a launch passes -- its pointer dtypes, constexprs, descriptors --
-    so the static report cannot drift from the launchers."""
+    so the static report cannot drift from the launchers. ``rope``: the RoPE strategy the
+    launchers take meanwhile (rope_strategy; "tile" by default, so that the static tools see
+    the in-tile RoPE kernels whatever the shape)."""
     global _capture
     saved = _capture
-    _capture = _Capture(arch, [])
+    _capture = _Capture(arch, [], rope)
     try:
         yield _capture.launches
     finally:
@@ -567,6 +571,89 @@ def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
     return {f"stride_{prefix}{d}": st for d, st in zip(dims, t.stride())}
 
 
+# RoPE strategies. "tile": every K tile (forward, dQ) and Q tile (dK/dV) is rotated in the
+# attention kernel as it is loaded -- by every query (key) block that visits it, Sq / BLOCK_M
+# (Sk / BLOCK_N) times, so the rotation work grows as S^2. "once": Q and K are rotated once by
+# a bandwidth-bound pass (rotary.rope_apply_kernel) into transient buffers of their size, the
+# attention kernels run exactly pe="none"'s code (TMA, tiles, split-K included), and the
+# backward rotates dQ and dK back (the transpose) after it. Nothing S x S, nothing saved: the
+# backward rotates again. The pass costs a fixed number of bytes per token, the in-tile
+# rotation a fixed share of the attention time (docs/internals.md, "RoPE: rotate once"), so
+# the rule is a number of visits: "once" when a K tile is visited by at least
+# ROPE_ONCE_MIN_VISITS query blocks of ROPE_VISIT_ROWS rows on average (half as many under
+# a causal mask over as many queries as keys), "tile" for decode and short chunks.
+# POSATTN_ROPE=tile|once (or ROPE_STRATEGY) overrides it; bench/gpu_check.sh times both.
+ROPE_ONCE_MIN_VISITS = 32  # the rule's constant: Sq >= 4096 (causal self-attention: 8192)
+ROPE_VISIT_ROWS = 128
+ROPE_STRATEGY: Optional[str] = None  # "tile" | "once" | None (POSATTN_ROPE, then the rule)
+ROPE_STRATEGIES = ("tile", "once")
+
+
+def rope_strategy(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, causal: bool) -> str:
+    """"tile" or "once" for a RoPE launch of Sq queries against Sk keys (varlen: the longest
+    sequences); "tile" for any other PE. Under ``capture``: its ``rope`` argument."""
+    if not pe.rope:
+        return "tile"
+    choice = _capture.rope if _capture is not None else (ROPE_STRATEGY or os.environ.get("POSATTN_ROPE") or None)
+    if choice is not None:
+        if choice not in ROPE_STRATEGIES:
+            raise ValueError(f"POSATTN_ROPE / ROPE_STRATEGY must be one of {ROPE_STRATEGIES}, got {choice!r}")
+        return choice
+    rows, keys = (pos.max_q, pos.max_k) if pos.varlen else (Sq, Sk)
+    visits = rows / ROPE_VISIT_ROWS * (0.5 if causal and rows >= keys else 1.0)
+    return "once" if visits >= ROPE_ONCE_MIN_VISITS else "tile"
+
+
+def _rope_source(pos: KernelPositions, which: str, device):
+    """(start, positions tensor or None) of the q or k rows, as rope_apply takes them."""
+    if pos.varlen:
+        if pos.explicit:
+            return 0, pos.qpos if which == "q" else pos.kpos
+        qp, kp = _varlen_positions(pos, device)
+        return 0, qp if which == "q" else kp
+    if pos.explicit:
+        return 0, pos.qpos if which == "q" else pos.kpos
+    return (pos.q_start if which == "q" else pos.k_start), None
+
+
+def rope_apply(x: torch.Tensor, pe: KernelPE, start: int, positions: Optional[torch.Tensor],
+               inverse: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """factor R(pos theta) x (or its transpose, ``inverse``) for x (B, H, S, D) (varlen: (1, H,
+    total, D)) at positions ``start + row`` or ``positions`` (B|1, S): one pass
+    (rotary.rope_apply_kernel) into ``out`` (default: a new tensor laid out like x; may be x)."""
+    B, H, S, D = x.shape
+    out = torch.empty_like(x) if out is None else out
+    meta, _ = _layout_meta(pe, D, D)
+    if B * H * S == 0:
+        return out
+    if positions is not None:
+        pstrides = (positions.stride(0) if positions.shape[0] > 1 else 0, positions.stride(1))
+        pos_arg = positions
+    else:
+        pstrides, pos_arg = (0, 0), x
+    block_s = 32 if meta["BLOCK_A"] <= 64 else 16
+    _run(rope_apply_kernel, (triton.cdiv(S, block_s), B * H),
+        x, out, pos_arg, pe.theta, *x.stride(), *out.stride(), *pstrides, H, S, start,
+        float(pe.factor), INVERSE=inverse, EXPLICIT_POS=positions is not None,
+        INTERLEAVED=meta["INTERLEAVED"], ROT_HALF=meta["ROT_HALF"], ROT_DIM=meta["ROT_DIM"], D=D,
+        BLOCK_A=meta["BLOCK_A"], BLOCK_C=meta["BLOCK_C"], HAS_PASS=meta["HAS_PASS"],
+        BLOCK_S=block_s, num_warps=4)
+    return out
+
+
+def _unrotated(pe: KernelPE) -> KernelPE:
+    """The record the attention kernels run once q and k are rotated: no rotary axis, and
+    pe="none"'s tiles when there is no bias either."""
+    return dataclasses.replace(pe, rot="none", theta=None, factor=1.0, rot_dim=0,
+                               interleaved=False, family="none" if pe.bias == "none" else pe.family)
+
+
+def _rotate_qk(q, k, pe: KernelPE, pos: KernelPositions):
+    """Rotated copies of q and k (the "once" strategy)."""
+    return (rope_apply(q, pe, *_rope_source(pos, "q", q.device)),
+            rope_apply(k, pe, *_rope_source(pos, "k", k.device)))
+
+
 def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, *,
              dref="auto", out_dtype: Optional[torch.dtype] = None):
     """Forward on (B, H, S, D) views (varlen: (1, H, total, D)). Returns out (B, Hq, Sq, DV) in
@@ -583,6 +670,9 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)
     out = new_output(q, DV, out_dtype)
+    if rope_strategy(pe, pos, Sq, Sk, mask.causal) == "once":
+        q, k = _rotate_qk(q, k, pe, pos)
+        pe = _unrotated(pe)
     lse = torch.empty((Bt, Hq, S_rows), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos)
@@ -705,6 +795,12 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)
+    once = rope_strategy(pe, pos, Sq, Sk, mask.causal) == "once"
+    if once:  # rotate again (nothing rotated was saved), run pe="none"'s kernels, rotate back
+        dq_final = torch.empty_like(q, dtype=dq_dtype)
+        pe_rot, dq_dtype = pe, torch.float32  # dq' in fp32: rounded once, after the rotation back
+        q, k = _rotate_qk(q, k, pe, pos)
+        pe = _unrotated(pe)
     dq = torch.empty_like(q, dtype=dq_dtype)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -768,4 +864,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
             TABLE_REF=-1 if table_ref is None else int(table_ref),
         )
     g = gparam.sum(dim=(0, 1)) if need_pe_grad else None
+    if once:  # d/dx of R x is R^T: the transpose rotation, in place for dK
+        dq = rope_apply(dq, pe_rot, *_rope_source(pos, "q", q.device), inverse=True, out=dq_final)
+        dk = rope_apply(dk, pe_rot, *_rope_source(pos, "k", k.device), inverse=True, out=dk)
     return dq, dk, dv, g

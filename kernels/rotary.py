@@ -177,3 +177,48 @@ def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, c_seq, 
             if SEQ_SHIFT:  # R((p_seq + offset) theta) = R(offset theta) R(p_seq theta)
                 c0, s0 = rope_rotate(c0, s0, c_seq, s_seq)
     return cos, sin, c0, s0
+
+
+@triton.jit
+def rope_apply_kernel(X, Y, POS, THETA, stride_xb, stride_xh, stride_xs, stride_xd,
+                      stride_yb, stride_yh, stride_ys, stride_yd, stride_pb, stride_ps,
+                      H, S, start, factor, INVERSE: tl.constexpr, EXPLICIT_POS: tl.constexpr,
+                      INTERLEAVED: tl.constexpr, ROT_HALF: tl.constexpr, ROT_DIM: tl.constexpr,
+                      D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
+                      HAS_PASS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Y = factor R(pos theta) X for BLOCK_S rows of one (batch, head): RoPE applied once, by
+    a bandwidth-bound pass (launch.rope_apply; the "once" strategy), with the angles the
+    attention kernels form (:func:`rope_angle_cos_sin`: float64, range-reduced), so both
+    strategies rotate by the same cos/sin. INVERSE: the transpose, factor R(-pos theta), which
+    takes a gradient of the rotated tensor back to the input (Y may be X: in place).
+
+    X, Y (B, H, S, D) by strides; POS (B|1, S) positions (stride_pb 0 broadcasts) when
+    EXPLICIT_POS, else ``start + row``. Columns past ROT_DIM (partial rotary) are copied."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    m = rows < S
+    if EXPLICIT_POS:
+        pos = tl.load(POS + b.to(tl.int64) * stride_pb + rows.to(tl.int64) * stride_ps, mask=m, other=0)
+        pos = pos.to(tl.int64)
+    else:
+        pos = start + rows.to(tl.int64)
+    c, s = rope_angle_cos_sin(pos, THETA, factor, ROT_HALF, BLOCK_A)
+    if INVERSE:
+        s = -s
+    colA, colB = qk_columns(ROT_ROPE, INTERLEAVED, ROT_HALF, BLOCK_A)
+    maskA = m[:, None] & (tl.arange(0, BLOCK_A) < ROT_HALF)[None, :]
+    xrow = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + rows.to(tl.int64)[:, None] * stride_xs
+    yrow = Y + b.to(tl.int64) * stride_yb + h.to(tl.int64) * stride_yh + rows.to(tl.int64)[:, None] * stride_ys
+    xa = tl.load(xrow + colA[None, :] * stride_xd, mask=maskA, other=0.0).to(tl.float32)
+    xb = tl.load(xrow + colB[None, :] * stride_xd, mask=maskA, other=0.0).to(tl.float32)
+    ya, yb = rope_rotate(xa, xb, c, s)
+    tl.store(yrow + colA[None, :] * stride_yd, ya.to(Y.dtype.element_ty), mask=maskA)
+    tl.store(yrow + colB[None, :] * stride_yd, yb.to(Y.dtype.element_ty), mask=maskA)
+    if HAS_PASS:  # the columns partial rotary leaves alone
+        colC = ROT_DIM + tl.arange(0, BLOCK_C)
+        maskC = m[:, None] & (colC < D)[None, :]
+        xc = tl.load(xrow + colC[None, :] * stride_xd, mask=maskC, other=0.0)
+        tl.store(yrow + colC[None, :] * stride_yd, xc.to(Y.dtype.element_ty), mask=maskC)

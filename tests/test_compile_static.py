@@ -101,3 +101,17 @@ def test_issued_mma_flops_counts_each_wgmma_once_per_warpgroup():
     assert issued_mma_flops(wg, 8) == 2 * 64 * 32 * 16 * 2
     assert issued_mma_flops(wg * 3 + ["FADD R1, R2, R3"], 4) == 3 * 2 * 64 * 32 * 16
     assert issued_mma_flops(["HMMA.16816.F32.BF16 R4, R8, R12, R4"], 8) == 2 * 16 * 8 * 16 * 8
+
+
+def test_rope_pass_compiles_clean():
+    """The RoPE rotate-once pass (launch.rope_apply) for sm_90 and sm_80: no spills, every
+    rotary layout, both directions (bench.compile_report --rope-pass)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--json", "--rope-pass"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert lines, f"compile_report --rope-pass printed no JSON (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    rows = json.loads(lines[-1])
+    assert {r["arch"] for r in rows} == {90, 80} and len(rows) == 16
+    bad = [r for r in rows if r["stack"] != 0 or r["local"] != 0]
+    assert not bad, bad
