@@ -19,16 +19,20 @@
 #             without split-K, vs SDPA): OUTDIR/decode.md
 #   8. ring   python -m bench.ring on this GPU alone (W = 1, S = 16k, ALiBi: the ring's own cost
 #             over one posattn call; W > 1 needs more GPUs): OUTDIR/ring/ring.md
+#   9. rope   RoPE's two strategies side by side (kernels/launch.py, "RoPE strategies"):
+#             POSATTN_ROPE=tile, then =once, each `python -m bench --pes none,rope` at D=128,
+#             S=8k and 2k, fwd and fwd+bwd, posattn and rotation+SDPA: OUTDIR/rope_{tile,once}/
+#             bench.md. Set against each other they place launch.ROPE_ONCE_MIN_VISITS.
 #
 # Every step runs under `timeout`; its log is kept when it fails or times out, and the next step
 # still runs. OUTDIR gets setup.log tests.log main.log tune.log tune/{tune.md,tune.json,tiles.json}
 # bench.log bench.md bench.json bench_d128.png tma.log tma_off/bench.md decode.log decode.md
-# ring.log ring/ring.md
+# ring.log ring/ring.md rope_tile.log rope_once.log rope_{tile,once}/bench.md
 # summary.txt; the summary
 # is printed last. Exit status 1 if any step failed. Budget (seconds, override by environment):
 # SETUP_TIMEOUT=30 TESTS_TIMEOUT=170 MAIN_TIMEOUT=75 TUNE_TIMEOUT=70 (TUNE_MINUTES=0.8: stop
-# starting measurements) BENCH_TIMEOUT=170 (BENCH_MINUTES=2.0: the bench stops starting new
-# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30 RING_TIMEOUT=25. Worst case ~9.9 min,
+# starting measurements) BENCH_TIMEOUT=130 (BENCH_MINUTES=1.4: the bench stops starting new
+# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30 RING_TIMEOUT=25 ROPE_TIMEOUT=25 (each of two). Worst case ~9.9 min,
 # meant to fit one 600 s device call; typically less. Compiling dominates the first three steps: the suite
 # reaches ~1,100 kernel specialisations (1-2 s each), `python -m posattn` ~43 (its checks and
 # its D=128 timing table, which also warms the bench's kernels).
@@ -48,11 +52,12 @@ TESTS_TIMEOUT=${TESTS_TIMEOUT:-170}
 MAIN_TIMEOUT=${MAIN_TIMEOUT:-75}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-70}
 TUNE_MINUTES=${TUNE_MINUTES:-0.8}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-170}
-BENCH_MINUTES=${BENCH_MINUTES:-2.0}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-130}
+BENCH_MINUTES=${BENCH_MINUTES:-1.4}
 TMA_TIMEOUT=${TMA_TIMEOUT:-25}
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-30}
 RING_TIMEOUT=${RING_TIMEOUT:-25}
+ROPE_TIMEOUT=${ROPE_TIMEOUT:-25}
 NPROC=$(nproc 2>/dev/null || echo 4)
 TEST_WORKERS=${TEST_WORKERS:-$(( NPROC > 16 ? 14 : (NPROC > 3 ? NPROC - 2 : 1) ))}
 PYTEST_ARGS=${PYTEST_ARGS:-}
@@ -148,6 +153,11 @@ step tma "$TMA_TIMEOUT" env POSATTN_TMA=0 "$PY" -m bench --pes none,alibi,kerple
 step decode "$DECODE_TIMEOUT" "$PY" -m bench.decode --pes none,alibi --max-seconds 20 --out "$OUTDIR"
 step ring "$RING_TIMEOUT" "$PY" -m bench.ring --world 1 --seqlen 16k --pes alibi --warmup 1 --reps 3 \
     --out "$OUTDIR/ring"
+for strategy in tile once; do
+    step "rope_$strategy" "$ROPE_TIMEOUT" env POSATTN_ROPE=$strategy "$PY" -m bench --pes none,rope \
+        --seqlens 8k,2k --head-dims 128 --impls posattn,rope+sdpa-flash --no-plot --max-minutes 0.25 \
+        --out "$OUTDIR/rope_$strategy"
+done
 
 {
     echo
@@ -187,6 +197,12 @@ step ring "$RING_TIMEOUT" "$PY" -m bench.ring --world 1 --seqlen 16k --pes alibi
         echo "ring:  W=1, S=16k (step = ring_attention fwd+bwd):"
         grep -E '^\| [0-9]' "$OUTDIR/ring/ring.md" | sed 's/^/  /'
     fi
+    for strategy in tile once; do
+        if [ -f "$OUTDIR/rope_$strategy/bench.md" ]; then
+            echo "rope:  POSATTN_ROPE=$strategy (D=128; none and rope, posattn and rotation+SDPA):"
+            grep -E '^\| (none|rope) +\| (posattn|rope\+sdpa-flash) ' "$OUTDIR/rope_$strategy/bench.md" | sed 's/^/  /'
+        fi
+    done
     echo "total $(($(date +%s) - T0)) s; logs and results in $OUTDIR"
 } >>"$SUMMARY"
 echo

@@ -216,6 +216,9 @@ def test_gpu_check_reports_tune_and_bench_without_a_gpu(tmp_path, tiles):
     assert "tma    FAILED    rc=2" in summary, summary  # the POSATTN_TMA=0 forward A/B
     assert "decode FAILED    rc=2" in summary, summary
     assert "needs a CUDA GPU" in (tmp_path / "decode.log").read_text()
+    assert "ring   FAILED    rc=1" in summary, summary  # bench.ring: needs 1 GPU, found 0
+    for strategy in ("tile", "once"):  # RoPE's strategies side by side
+        assert f"rope_{strategy} FAILED    rc=2" in summary, summary
     assert "needs a CUDA GPU" in (tmp_path / "tune.log").read_text()
     assert ("bench runs with POSATTN_TILES" in summary) == (tiles == "valid"), summary
 
