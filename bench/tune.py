@@ -102,6 +102,7 @@ def _fill_candidates() -> None:
         ((64, 32, 8, 3), _ALL),
         ((64, 16, 4, 2), _ALL),
         ((64, 16, 8, 2), _ALL),
+        ((128, 32, 8, 1), ("kerple",)),  # trainable KERPLE's shipped tile (configs._hopper)
     ]
     c[("fwd", 64)] = [
         ((128, 128, 8, 2), _ALL),

@@ -145,6 +145,10 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 and dtype != torch.float32 and not geometry):
             # the clamped int64 k - q per score: 32 x 128 spills 32 B (triton 3.9)
             return TileConfig(16, 128, 8, 2)
+        if (kernel == "bwd_dq" and pe_grad and head_dim > 64 and arch in HOPPER_CLASS
+                and dtype != torch.float32):
+            # the (rows, buckets) gradient accumulator: KERPLE's former 64 x 16 on 4 warps
+            return TileConfig(64, 16, 4, 2)
         pe = "kerple"
     if dtype == torch.float32:
         return _fp32(kernel, pe, head_dim > 64)
@@ -181,9 +185,17 @@ def _hopper(kernel: str, pe: str, big: bool, pe_grad: bool, explicit: bool,
         if pe == "rope":
             return TileConfig(32, 128, 8, 2, split=True) if big else TileConfig(32, 128, 8, 2)
         return TileConfig(32, 128, 8, 2) if big else TileConfig(64, 128, 8, 2)
-    # bwd_dq: at D=128, 64 keys spill (triton 3.9) for KERPLE and for trainable ALiBi, and
-    # trainable KERPLE's gradient terms need 4 warps on 64 x 16 (128 x 32 spills on 3.9)
+    # bwd_dq: at D=128, 64 keys spill (triton 3.9) for KERPLE and for trainable ALiBi.
+    # Trainable KERPLE's gradient terms (two row sums of dS times f and df/dr2, both read
+    # from the per-distance tables): 128 x 32 on 8 warps spills 88 B on triton 3.9 with two
+    # stages, none with one; per 1k scores (bench.sass_loop, sm_90, causal) 820 instead of
+    # 64 x 16's 1304 on 3.6 (3.9: 1210 vs 1688): 16 rows x 64 keys of loop overhead per
+    # iteration amortised over 4x the scores. The price is an unpipelined K/V load
+    # (num_stages=1), which bench.tune times against 64 x 16 x 2 stages on a GPU. Centred rows
+    # (explicit) and the geometry variants keep 64 x 16.
     if pe == "kerple" and pe_grad:
+        if big and not explicit and not geometry:
+            return TileConfig(128, 32, 8, 1)
         return TileConfig(64, 16, 4, 2) if big else TileConfig(128, 32, 8, 2)
     if geometry:  # softcap's tanh and 1 - tanh^2 per score: RoPE D=64 128 x 64 spills 56 B;
         # RoPE D=128 (varlen, softcap) 128 x 32 8-16 B
