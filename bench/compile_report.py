@@ -82,7 +82,8 @@ def centred(pe: str, explicit: bool, center=None) -> bool:
 
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                     cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                    tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile"):
+                    tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
+                    kvcache=0):
     """The launch of ``kernel`` that the launchers make for this case, recorded by
     launch.capture on meta tensors of SHAPE: (launch.Launch, TileConfig, tma). Arguments as in
     compile_kernel; ``rope``: the RoPE strategy (launch.rope_strategy; "once" makes RoPE run
@@ -100,6 +101,11 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
                        .transpose(1, 2) for h in (Hq, Hkv, Hkv, Hq))
         cu = torch.empty(B + 1, device=dev, dtype=torch.int32)
         pos = launch.KernelPositions(cu_q=cu, cu_k=cu, lens_q=(S,) * B, lens_k=(S,) * B)
+        if kvcache:  # attention_with_kvcache: key counts on the device, pages of kvcache rows
+            bt = torch.empty(B, S // kvcache, device=dev, dtype=torch.int32)
+            pos = launch.KernelPositions(cu_q=cu, cu_k=cu, lens_q=(S,) * B, lens_k=(S,) * B,
+                                         k_lens=torch.empty(B, device=dev, dtype=torch.int32),
+                                         block_table=bt, page=kvcache)
         if explicit:
             p = torch.empty(1, B * S, device=dev, dtype=torch.int32)
             pos = launch.KernelPositions(qpos=p, kpos=p, cu_q=cu, cu_k=cu, lens_q=(S,) * B,
@@ -231,7 +237,8 @@ def _signature(fn, kw: dict, dtype: str):
 
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                   tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile"):
+                   tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
+                   kvcache=0):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``,
     exactly as the launcher would launch it (captured_launch).
 
@@ -243,11 +250,13 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     variant (launch.split_count: decode steps). tma: False compiles the pointer path that
     unaligned inputs take (default: where the launcher would use TMA). center: centre the
     bias rows (see centred; default: with explicit positions). window, softcap: as
-    posattn.attention; varlen: packed sequences.
+    posattn.attention; varlen: packed sequences; kvcache: a page size, the forward of
+    attention_with_kvcache over a paged cache (with varlen=True).
     Returns (compiled kernel, TileConfig, seconds).
     """
     ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                  pe_grad, part, tma, center, window, softcap, varlen, rope)
+                                  pe_grad, part, tma, center, window, softcap, varlen, rope,
+                                  kvcache)
     kw = dict(ln.kwargs)
     options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages"),
                "enable_fp_fusion": kw.pop("enable_fp_fusion")}  # launch options, not arguments
@@ -260,11 +269,12 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                tma=None, center=None, window=None, softcap=None, varlen=False):
+                tma=None, center=None, window=None, softcap=None, varlen=False, kvcache=0):
     """Compile one config (see compile_kernel) and return its report row."""
     tma = uses_tma(kernel, pe, arch, dtype, explicit, varlen) if tma is None else tma
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
-                                      pe_grad, part, tma, center, window, softcap, varlen)
+                                      pe_grad, part, tma, center, window, softcap, varlen,
+                                      kvcache=kvcache)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -284,7 +294,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
                mma_util=None, tma=tma, center=centred(pe, explicit, center),
                window=list(window) if window is not None else None, softcap=softcap,
-               varlen=varlen)
+               varlen=varlen, kvcache=kvcache)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -308,6 +318,9 @@ GEOMETRY_ROWS = (
     ("t5", False, True, {}),  # T5 encoder: explicit positions (int64-wide clamp)
     ("t5", False, False, dict(window=(256, 256), varlen=True)),
 )
+# The forward of attention_with_kvcache over a paged cache (16-token pages: a 64- or 128-key
+# tile reads rows of 4-8 pages), every PE, causal (what a decode or prefill step runs)
+KVCACHE_ROWS = tuple((pe, True, False, dict(varlen=True, kvcache=16)) for pe in PES)
 
 
 def shipped_configs(quick: bool = False, head_dims=(64, 128)):
@@ -339,6 +352,9 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
             if not quick:
                 for pe, causal, explicit, opts in GEOMETRY_ROWS:
                     yield kernel, pe, head_dim, causal, explicit, None, None, opts
+                if kernel == "fwd":
+                    for pe, causal, explicit, opts in KVCACHE_ROWS:
+                        yield kernel, pe, head_dim, causal, explicit, None, None, opts
 
 
 def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf16", echo=None):
@@ -415,7 +431,9 @@ def _print_row(r):
         pe += " win" + ",".join("-" if x is None else str(x) for x in r["window"])
     if r.get("softcap"):
         pe += f" cap{r['softcap']:g}"
-    if r.get("varlen"):
+    if r.get("kvcache"):
+        pe += f" kvcache/page{r['kvcache']}"
+    elif r.get("varlen"):
         pe += " varlen"
     if r.get("part", "both") != "both":
         pe += f" [{r['part']}-K]" if r["part"] == "split" else f" [{r['part']}]"

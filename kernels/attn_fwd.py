@@ -86,8 +86,11 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
                ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr,
-               TMA: tl.constexpr, CENTER: tl.constexpr):
+               TMA: tl.constexpr, CENTER: tl.constexpr, BT, PAGE: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi) of one sequence.
+
+    PAGE > 0 (a paged KV cache): key row n of the sequence is row BT[n // PAGE] * PAGE +
+    n % PAGE of K and V (flat over pages), BT the sequence's row of the block table.
 
     K, V, KPOS point at the sequence's first key row (k_row0 is its row in the tensor, for TMA
     coordinates). MASKED=False tiles are fully inside the keys and fully visible (no
@@ -128,9 +131,13 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
             kc = ka
             v = load_box(VD, b, hk, k_row0 + t * BLOCK_N, 0, BLOCK_N, colV.shape[0])
         else:
-            ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA,
+            krows = offs_n
+            if PAGE > 0:  # through the block table (rows past the keys read page 0: masked)
+                page = tl.load(BT + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+                krows = page * PAGE + offs_n % PAGE
+            ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA,
                                  colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
-            v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
+            v = load_tile(V, krows, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
         if FOLD_SCALE:  # in units of 1/scale: see the docstring
@@ -187,6 +194,7 @@ def attn_fwd_kernel(
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
+    KLEN=None, BT=None, stride_btb=None, KV_LENS: tl.constexpr = False, PAGE: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -199,6 +207,15 @@ def attn_fwd_kernel(
     q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows = seq_geometry(
         CU_Q, CU_K, b, Sq, Sk, q_start, k_start, lse_len, VARLEN)
     tl.static_assert(not (TMA and VARLEN), "TMA descriptors address dense batches only")
+    if KV_LENS:  # a KV cache (varlen queries): sequence b has KLEN[b] keys, from row CU_K[b]
+        # of the flat cache (paged: through its block-table row); queries continue it
+        tl.static_assert(VARLEN, "a KV cache's sequences are addressed as packed ones")
+        Sk = tl.load(KLEN + b)
+        q_start = Sk - Sq
+    if PAGE > 0:
+        tl.static_assert(KV_LENS and not TMA and not SPLIT, "paged K/V: cache reads only")
+        k_row0 = 0
+        BT += b * stride_btb
     if VARLEN:
         if pid_m * BLOCK_M >= Sq:  # the grid covers the longest sequence
             return
@@ -281,7 +298,8 @@ def attn_fwd_kernel(
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
-                BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER)
+                BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
+                PAGE=PAGE)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -134,6 +134,12 @@ class KernelPositions:
     cu_k: Optional[torch.Tensor] = None
     lens_q: tuple = ()
     lens_k: tuple = ()
+    # A KV cache (forward only; posattn.kvcache): sequence b's keys are the first k_lens[b]
+    # (device int32) rows from cu_k[b] of the flat cache -- lens_k then holds upper bounds
+    # (the cache's capacity) -- or, paged, rows block_table[b, n // page] * page + n % page.
+    k_lens: Optional[torch.Tensor] = None
+    block_table: Optional[torch.Tensor] = None
+    page: int = 0
 
     @property
     def explicit(self) -> bool:
@@ -592,7 +598,7 @@ ROPE_STRATEGIES = ("tile", "once")
 def rope_strategy(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, causal: bool) -> str:
     """"tile" or "once" for a RoPE launch of Sq queries against Sk keys (varlen: the longest
     sequences); "tile" for any other PE. Under ``capture``: its ``rope`` argument."""
-    if not pe.rope:
+    if not pe.rope or pos.k_lens is not None:  # (a KV cache: its lengths live on the device)
         return "tile"
     choice = _capture.rope if _capture is not None else (ROPE_STRATEGY or os.environ.get("POSATTN_ROPE") or None)
     if choice is not None:
@@ -704,6 +710,9 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
             BIAS_TABLE=bt.used, CENTER=center, **meta, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             PREC=_prec(q.dtype), FOLD_SCALE=fold_scale(scale) and mask.softcap == 0, TMA=tma,
             SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            KLEN=pos.k_lens, BT=pos.block_table,
+            stride_btb=pos.block_table.stride(0) if pos.block_table is not None else None,
+            KV_LENS=pos.k_lens is not None, PAGE=pos.page,
         )
     if splits > 1:
         _run(attn_combine_kernel, (triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq),

@@ -24,6 +24,7 @@ if (not _os.path.isdir(_os.path.join(_here, "kernels"))
         and _os.path.isfile(_os.path.join(_os.path.dirname(_here), "kernels", "attn_fwd.py"))):
     __path__.append(_os.path.dirname(_here))
 from .api import attention, attention_varlen
+from .kvcache import attention_with_kvcache
 from .pe import (
     PE, NoPE, RoPE, ALiBi, KERPLE, T5Bias,
     RoPEScaling, PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE,
@@ -40,7 +41,7 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_varlen", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias",
+    "attention", "attention_varlen", "attention_with_kvcache", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "alibi_slopes", "reference", "nn", "distributed",
 ]
