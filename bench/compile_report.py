@@ -83,7 +83,7 @@ def centred(pe: str, explicit: bool, center=None) -> bool:
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                     cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                     tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
-                    kvcache=0):
+                    kvcache=0, decode=0):
     """The launch of ``kernel`` that the launchers make for this case, recorded by
     launch.capture on meta tensors of SHAPE: (launch.Launch, TileConfig, tma). Arguments as in
     compile_kernel; ``rope``: the RoPE strategy (launch.rope_strategy; "once" makes RoPE run
@@ -101,11 +101,6 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
                        .transpose(1, 2) for h in (Hq, Hkv, Hkv, Hq))
         cu = torch.empty(B + 1, device=dev, dtype=torch.int32)
         pos = launch.KernelPositions(cu_q=cu, cu_k=cu, lens_q=(S,) * B, lens_k=(S,) * B)
-        if kvcache:  # attention_with_kvcache: key counts on the device, pages of kvcache rows
-            bt = torch.empty(B, S // kvcache, device=dev, dtype=torch.int32)
-            pos = launch.KernelPositions(cu_q=cu, cu_k=cu, lens_q=(S,) * B, lens_k=(S,) * B,
-                                         k_lens=torch.empty(B, device=dev, dtype=torch.int32),
-                                         block_table=bt, page=kvcache)
         if explicit:
             p = torch.empty(1, B * S, device=dev, dtype=torch.int32)
             pos = launch.KernelPositions(qpos=p, kpos=p, cu_q=cu, cu_k=cu, lens_q=(S,) * B,
@@ -118,6 +113,14 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
             pos = launch.KernelPositions(qpos=p, kpos=p)
         elif centred(pe, explicit, center):  # queries past the keys (an int offset)
             pos = launch.KernelPositions(q_start=S + 64, k_start=0)
+        elif kvcache:  # attention_with_kvcache over paged K / V: flat pages, batch stride 0
+            k, v = (torch.empty(1, Hkv, B * S, head_dim, device=dev, dtype=dt).expand(B, Hkv, B * S, head_dim)
+                    for _ in range(2))
+            if decode:  # a decode step of ``decode`` tokens (GQA-packed: launch.pack_gqa)
+                q = torch.empty(B, decode, Hq, head_dim, device=dev, dtype=dt).transpose(1, 2)
+            bt = torch.empty(B, S // kvcache, device=dev, dtype=torch.int32)
+            pos = launch.KernelPositions(q_start=B * S - S, k_lens=torch.empty(B, device=dev, dtype=torch.int32),
+                                         block_table=bt, page=kvcache)
         else:
             pos = launch.KernelPositions()
     left, right = window if window is not None else (None, None)
@@ -238,7 +241,7 @@ def _signature(fn, kw: dict, dtype: str):
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                    tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
-                   kvcache=0):
+                   kvcache=0, decode=0):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``,
     exactly as the launcher would launch it (captured_launch).
 
@@ -251,12 +254,12 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     unaligned inputs take (default: where the launcher would use TMA). center: centre the
     bias rows (see centred; default: with explicit positions). window, softcap: as
     posattn.attention; varlen: packed sequences; kvcache: a page size, the forward of
-    attention_with_kvcache over a paged cache (with varlen=True).
+    attention_with_kvcache over a paged cache (its split-K variant too: variants).
     Returns (compiled kernel, TileConfig, seconds).
     """
     ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                   pe_grad, part, tma, center, window, softcap, varlen, rope,
-                                  kvcache)
+                                  kvcache, decode)
     kw = dict(ln.kwargs)
     options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages"),
                "enable_fp_fusion": kw.pop("enable_fp_fusion")}  # launch options, not arguments
@@ -269,12 +272,14 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
 
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
-                tma=None, center=None, window=None, softcap=None, varlen=False, kvcache=0):
+                tma=None, center=None, window=None, softcap=None, varlen=False, kvcache=0,
+                decode=0):
     """Compile one config (see compile_kernel) and return its report row."""
-    tma = uses_tma(kernel, pe, arch, dtype, explicit, varlen) if tma is None else tma
+    if tma is None:  # (a paged cache is read through pointers: launch.tma_ready)
+        tma = uses_tma(kernel, pe, arch, dtype, explicit, varlen) and not kvcache
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                       pe_grad, part, tma, center, window, softcap, varlen,
-                                      kvcache=kvcache)
+                                      kvcache=kvcache, decode=decode)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -294,7 +299,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
                mma_util=None, tma=tma, center=centred(pe, explicit, center),
                window=list(window) if window is not None else None, softcap=softcap,
-               varlen=varlen, kvcache=kvcache)
+               varlen=varlen, kvcache=kvcache, decode=decode)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -320,7 +325,8 @@ GEOMETRY_ROWS = (
 )
 # The forward of attention_with_kvcache over a paged cache (16-token pages: a 64- or 128-key
 # tile reads rows of 4-8 pages), every PE, causal (what a decode or prefill step runs)
-KVCACHE_ROWS = tuple((pe, True, False, dict(varlen=True, kvcache=16)) for pe in PES)
+# plus its decode step (one token; the GQA group packed into the rows: launch.pack_gqa)
+KVCACHE_ROWS = tuple((pe, True, False, dict(kvcache=16, decode=d)) for pe in PES for d in (0, 1))
 
 
 def shipped_configs(quick: bool = False, head_dims=(64, 128)):
@@ -364,7 +370,7 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
         # where the forward's key tiles go through TMA, unaligned inputs take the pointer path
         # (launch.tma_ready), with the tile shipped for it: both are checked
         tmas = (True, False) if uses_tma(kernel, pe, arch, dtype, explicit,
-                                         opts.get("varlen", False)) else (False,)
+                                         opts.get("varlen", False)) and not opts.get("kvcache") else (False,)
         for tma in tmas:
             cfg = shipped_tile(kernel, pe, hd, causal, arch, dtype, pe_grad, explicit, tma,
                                center, **opts)
@@ -432,7 +438,7 @@ def _print_row(r):
     if r.get("softcap"):
         pe += f" cap{r['softcap']:g}"
     if r.get("kvcache"):
-        pe += f" kvcache/page{r['kvcache']}"
+        pe += f" kvcache/page{r['kvcache']}" + (f" decode{r['decode']}" if r.get("decode") else "")
     elif r.get("varlen"):
         pe += " varlen"
     if r.get("part", "both") != "both":

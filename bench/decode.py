@@ -11,6 +11,14 @@ B * Hq programs, too few to fill the GPU, posattn splits the key tiles into runs
 them (launch.split_count); the "posattn (no split)" rows force one run, so the pair shows
 what the split is worth. SDPA rows have no PE (its ceiling); posattn rows run each PE with
 the benchmark's parameters (bench.peers), causal, the query at the end of the cache.
+
+The "kvcache" rows run the serving entry point, posattn.attention_with_kvcache, on the same
+keys as a contiguous cache (B, Sk, Hkv, D) and as a paged one (16-token pages in shuffled
+order, vLLM's page size): its decode step packs each GQA group's query heads into one
+program's rows (launch.pack_gqa), so K and V are read once per group. "flash-attn kvcache" is
+flash_attn_with_kvcache where importable (no PE, or ALiBi slopes; its paged path needs
+256-token pages, so it runs the contiguous cache). "HBM" is the GB/s over the GPU's peak
+bandwidth (bench.envinfo's table; "?" for an unknown GPU).
 """
 from __future__ import annotations
 
@@ -34,6 +42,17 @@ def kv_bytes(B: int, Hkv: int, Sk: int, d: int = D, itemsize: int = 2) -> int:
     return 2 * B * Hkv * Sk * d * itemsize
 
 
+# peak HBM bandwidth, GB/s, by a substring of the device name
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0}
+
+
+def peak_gbps(device) -> Optional[float]:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
+
+
 def plan(shapes=SHAPES, pes=PES) -> List[tuple]:
     """(shape, implementation, pe) in the order they are measured."""
     out = []
@@ -41,6 +60,11 @@ def plan(shapes=SHAPES, pes=PES) -> List[tuple]:
         for pe in pes:
             out.append((shape, "posattn", pe))
             out.append((shape, "posattn (no split)", pe))
+            out.append((shape, "posattn kvcache", pe))
+            out.append((shape, "posattn kvcache paged16", pe))
+        for pe in ("none", "alibi"):
+            if pe in pes:
+                out.append((shape, "flash-attn kvcache", pe))
         for backend in SDPA_BACKENDS:
             out.append((shape, f"sdpa-{backend}", "none"))
     return out
@@ -57,6 +81,43 @@ def _call(impl: str, pe: str, q, k, v) -> Callable[[], torch.Tensor]:
 
     from .peers import _sdpa_backend, pe_spec
 
+    if impl.startswith("posattn kvcache"):
+        spec = pe_spec(pe, q.shape[1], q.device)
+        B, Sk = k.shape[0], k.shape[2]
+        lens = torch.full((B,), Sk - 1, device=q.device, dtype=torch.int32)  # + the 1 new token
+        qb = q.transpose(1, 2)  # (B, 1, Hq, D)
+        kc, vc = k.transpose(1, 2), v.transpose(1, 2)  # (B, Sk, Hkv, D) views
+        table = None
+        if impl.endswith("paged16"):  # the same keys in 16-token pages, in shuffled order
+            per = -(-Sk // 16)
+            n = B * per
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(q.device)
+            pad = per * 16 - Sk  # (the last page's tail: never read)
+            kc, vc = (torch.nn.functional.pad(c, (0, 0, 0, 0, 0, pad)).reshape(n, 16, *c.shape[2:])
+                      [perm.argsort()].contiguous() for c in (kc, vc))
+            table = perm.view(B, per).to(torch.int32)
+
+        def run():
+            return posattn.attention_with_kvcache(qb, kc, vc, cache_seqlens=lens, block_table=table,
+                                                  pe=spec, backend="triton")
+        return run
+    if impl == "flash-attn kvcache":
+        from .peers import Unavailable, alibi_params
+
+        try:
+            from flash_attn import flash_attn_with_kvcache
+        except ImportError as exc:
+            raise Unavailable("unavailable", f"flash_attn is not installed ({exc})") from exc
+
+        B, Sk = k.shape[0], k.shape[2]
+        lens = torch.full((B,), Sk, device=q.device, dtype=torch.int32)
+        qb, kc, vc = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        slopes = alibi_params(q.shape[1], q.device) if pe == "alibi" else None
+
+        def run():
+            return flash_attn_with_kvcache(qb, kc, vc, cache_seqlens=lens, causal=True,
+                                           alibi_slopes=slopes)
+        return run
     if impl.startswith("posattn"):
         spec = pe_spec(pe, q.shape[1], q.device)
         forced = 1 if impl.endswith("(no split)") else None
@@ -113,6 +174,8 @@ def measure_all(items, device, timer: Callable, out_of_time=lambda: False, echo=
                         row["max_abs_diff"] = float((out.float() - ref[key].float()).abs().max())
                     ms = timer(fn)
                 row.update(ms=ms, gbps=kv_bytes(B, Hkv, Sk) / (ms * 1e-3) / 1e9)
+                peak = peak_gbps(device)
+                row["hbm"] = row["gbps"] / peak if peak else None
             except Exception as exc:  # noqa: BLE001 - every failure becomes a row
                 row["status"], row["reason"] = classify_failure(exc)
         rows.append(row)
@@ -135,15 +198,16 @@ def markdown(rows: List[dict], env: dict) -> str:
              f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}; "
              "GB/s = K+V bytes read / time; each step timed inside a CUDA graph (GPU time, not "
              "Python dispatch); Δ = max |out − posattn's| (no PE).", "",
-             "| B | Hq/Hkv | Sk | impl | PE | µs | GB/s | Δ | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| B | Hq/Hkv | Sk | impl | PE | µs | GB/s | HBM | Δ | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         us = "—" if r["ms"] is None else f"{r['ms'] * 1e3:.1f}"
         gb = "—" if r["gbps"] is None else f"{r['gbps']:.0f}"
+        hbm = "?" if r.get("hbm") is None else f"{100 * r['hbm']:.0f} %"
         diff = "—" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.1e}"
         st = "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         lines.append(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['Sk']} | {r['impl']} | {r['pe']} | "
-                     f"{us} | {gb} | {diff} | {st} |")
+                     f"{us} | {gb} | {hbm} | {diff} | {st} |")
     return "\n".join(lines) + "\n"
 
 

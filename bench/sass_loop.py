@@ -188,6 +188,19 @@ def main(argv=None):
                           f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
                           f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} {'':7s} "
                           f"{100 * (r['mma_util'] or 0):4.0f}%  {tag}", flush=True)
+    if args.geometry:  # attention_with_kvcache's forward: paged (16-token pages), and its
+        # decode step with the GQA group packed into the rows (compile_report.KVCACHE_ROWS)
+        for pe in PES:
+            for decode in (0, 1):
+                r = loop_row("fwd", pe, args.head_dim, True, args.arch, kvcache=16, decode=decode)
+                r.update(opts=dict(kvcache=16, decode=decode))
+                rows.append(r)
+                if not args.json:
+                    print(f"{'fwd':9s} {1:<6d} {pe:13s} {r['tile']:7s} "
+                          f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
+                          f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} {'':7s} "
+                          f"{100 * (r['mma_util'] or 0):4.0f}%  kvcache page16"
+                          + (" decode1 (GQA packed)" if decode else ""), flush=True)
     if args.json:
         print(json.dumps(rows))
     return 0

@@ -37,7 +37,7 @@ Shapes (strides are passed, so bhsd and bshd views both work without copies):
 import triton
 import triton.language as tl
 
-from .bias import (BIAS_ALIBI, BIAS_NONE, alibi_causal_split, bias_params, bias_row_ref,
+from .bias import (BIAS_ALIBI, BIAS_NONE, BIAS_T5, alibi_causal_split, bias_params, bias_row_ref,
                    bias_shape, tile_bias_centred)
 from .fmath import LN2, LOG2E, softcap_logits
 from .geometry import load_positions, query_key_tiles, seq_geometry, tile_run, visible
@@ -195,26 +195,33 @@ def attn_fwd_kernel(
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
     KLEN=None, BT=None, stride_btb=None, KV_LENS: tl.constexpr = False, PAGE: tl.constexpr = 0,
+    PACK_GQA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
         pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1).to(tl.int64)  # int64: offsets below may exceed 2**31
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
+    if PACK_GQA:  # decode-shaped: one program per (batch, KV head), its GROUP query heads x Sq
+        # tokens packed into the rows (row r: head hk * GROUP + r // Sq, token r % Sq), so
+        # each K / V tile is read once per group and the MMA rows are not mostly padding
+        b = bh // (Hq // GROUP)
+        hk = bh % (Hq // GROUP)
+        h = hk * GROUP
+    else:
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
     # geometry prologue: this sequence's rows, lengths and first positions
     q_row0, Sq, k_row0, Sk, q_start, k_start, lse_rows = seq_geometry(
         CU_Q, CU_K, b, Sq, Sk, q_start, k_start, lse_len, VARLEN)
     tl.static_assert(not (TMA and VARLEN), "TMA descriptors address dense batches only")
-    if KV_LENS:  # a KV cache (varlen queries): sequence b has KLEN[b] keys, from row CU_K[b]
-        # of the flat cache (paged: through its block-table row); queries continue it
-        tl.static_assert(VARLEN, "a KV cache's sequences are addressed as packed ones")
+    if KV_LENS:  # a KV cache (dense queries): sequence b's first KLEN[b] keys (of Sk rows:
+        # the cache's capacity), its queries continuing them
+        tl.static_assert(not VARLEN and not EXPLICIT_POS, "a KV cache: dense queries, implied positions")
         Sk = tl.load(KLEN + b)
         q_start = Sk - Sq
-    if PAGE > 0:
-        tl.static_assert(KV_LENS and not TMA and not SPLIT, "paged K/V: cache reads only")
-        k_row0 = 0
+    if PAGE > 0:  # and its key rows through the block table (K / V: flat pages, batch stride 0)
+        tl.static_assert(KV_LENS and not TMA, "paged K/V: a KV cache read through pointers")
         BT += b * stride_btb
     if VARLEN:
         if pid_m * BLOCK_M >= Sq:  # the grid covers the longest sequence
@@ -222,20 +229,38 @@ def attn_fwd_kernel(
     bt = 0 if VARLEN else b  # batch index into the tensors (varlen: one packed batch)
     b32 = b.to(tl.int32)  # TMA coordinates
     hk32 = hk.to(tl.int32)
-    Q += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
     K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
     V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
-    O += bt * stride_ob + h * stride_oh + q_row0 * stride_om
-    # LSE (B, Hq, Sq): row bh * Sq; varlen (Hq, total_q): h * total_q + the sequence's row.
-    # (bh, not (b * Hq + h): b and h would stay live across the loop -- 8 B of spills, sm_80)
-    lse_row = (h if VARLEN else bh) * lse_rows + q_row0
-    LSE += lse_row
     QPOS += bt * stride_qpb + q_row0 * stride_qpm
     KPOS += bt * stride_kpb + k_row0 * stride_kpn
-    BIAS_F += h * bias_len
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < Sq
+    if PACK_GQA:
+        tl.static_assert(not VARLEN and not EXPLICIT_POS and not CENTER and FOLD_SCALE,
+                         "packed GQA rows: dense contiguous decode, scores in units of 1/scale")
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head, token) rows
+        m_mask = rows < GROUP * Sq
+        h_r = h + rows // Sq  # each row's query head
+        t_r = rows % Sq  # and token
+        Q += b * stride_qb
+        O += b * stride_ob
+        q_rows = h_r * stride_qh + t_r * stride_qm  # element offsets (loaded with stride 1)
+        o_rows = h_r * stride_oh + t_r * stride_om
+        lse_off = (b * Hq + h_r) * Sq + t_r  # dense (B, Hq, Sq)
+        offs_m = t_r
+        BIAS_F += (h_r * bias_len)[:, None]  # each row's head's table row
+        q_stride = 1
+    else:
+        Q += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
+        O += bt * stride_ob + h * stride_oh + q_row0 * stride_om
+        # LSE (B, Hq, Sq): row bh * Sq; varlen (Hq, total_q): h * total_q + the sequence's
+        # row. (bh, not (b * Hq + h): b and h would stay live across the loop -- 8 B of
+        # spills, sm_80)
+        lse_row = (h if VARLEN else bh) * lse_rows + q_row0
+        LSE += lse_row
+        BIAS_F += h * bias_len
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < Sq
+        q_rows = offs_m
+        q_stride = stride_qm
     colA, colB = qk_columns(ROT, INTERLEAVED, ROT_HALF, BLOCK_A)
     maskA = tl.arange(0, BLOCK_A) < (ROT_HALF if ROT == ROT_ROPE else D)
     colC = ROT_DIM + tl.arange(0, BLOCK_C)
@@ -250,7 +275,10 @@ def attn_fwd_kernel(
         qpos = q_start + offs_m
 
     # bias parameters of this head, with log2(e) folded in where the bias is linear in them
-    pa, pb = bias_params(BIAS, PARAMS, h, NP, bias_len)
+    if PACK_GQA and BIAS != BIAS_NONE and BIAS != BIAS_T5:  # each row's head's: (BLOCK_M, 1)
+        pa, pb = bias_params(BIAS, PARAMS, h_r[:, None], NP, bias_len)
+    else:
+        pa, pb = bias_params(BIAS, PARAMS, h, NP, bias_len)
     pa2 = pa * LOG2E
     dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
 
@@ -263,14 +291,16 @@ def attn_fwd_kernel(
         c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
-    qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
+    qa, qb, qc = load_qk(Q, q_rows, m_mask, q_stride, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, ROT, HAS_PASS, True, False)
 
     # Key tiles (geometry.tile_range): masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
     # [f_hi, t_hi). Causal or windowed explicit positions: every tile masked, none skipped.
-    t_lo, f_lo, f_hi, t_hi = query_key_tiles(pid_m * BLOCK_M, Sk, q_start, k_start, win_left,
-                                             win_right, CAUSAL, WIN_L, WIN_R, EXPLICIT_POS,
-                                             BLOCK_M, BLOCK_N)
+    # (packed rows: the block's positions lie in q_start .. q_start + Sq - 1, Sq <= BLOCK_M:
+    # the tiles of rows 0 .. BLOCK_M - 1, a superset whose unmasked run is still exact)
+    t_lo, f_lo, f_hi, t_hi = query_key_tiles(0 if PACK_GQA else pid_m * BLOCK_M, Sk, q_start,
+                                             k_start, win_left, win_right, CAUSAL, WIN_L, WIN_R,
+                                             EXPLICIT_POS, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -306,10 +336,17 @@ def attn_fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     if SPLIT:
-        row = (bh * tl.num_programs(2) + tl.program_id(2)) * Sq + offs_m
+        if PACK_GQA:
+            row = ((b * Hq + h_r) * tl.num_programs(2) + tl.program_id(2)) * Sq + t_r
+        else:
+            row = (bh * tl.num_programs(2) + tl.program_id(2)) * Sq + offs_m
         o_ptrs = O_PART + row.to(tl.int64)[:, None] * DV + colV[None, :]
         tl.store(o_ptrs, out, mask=m_mask[:, None] & maskV[None, :])
         tl.store(LSE_PART + row, lse, mask=m_mask)
+    elif PACK_GQA:
+        o_ptrs = O + o_rows[:, None] + colV[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & maskV[None, :])
+        tl.store(LSE + lse_off, lse, mask=m_mask)
     else:
         o_ptrs = O + offs_m.to(tl.int64)[:, None] * stride_om + colV[None, :] * stride_od
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_mask[:, None] & maskV[None, :])

@@ -16,7 +16,7 @@ import triton
 from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_combine_kernel, attn_fwd_kernel
-from .configs import HOPPER_CLASS, tile_config
+from .configs import HOPPER_CLASS, TileConfig, tile_config
 from . import bias as bias_axis
 from . import rotary as rotary_axis
 from .bias import bias_ref_kernel, bias_table_kernel
@@ -134,9 +134,10 @@ class KernelPositions:
     cu_k: Optional[torch.Tensor] = None
     lens_q: tuple = ()
     lens_k: tuple = ()
-    # A KV cache (forward only; posattn.kvcache): sequence b's keys are the first k_lens[b]
-    # (device int32) rows from cu_k[b] of the flat cache -- lens_k then holds upper bounds
-    # (the cache's capacity) -- or, paged, rows block_table[b, n // page] * page + n % page.
+    # A KV cache (forward only; posattn.kvcache), dense queries: sequence b's keys are the
+    # first k_lens[b] (device int32) rows of its cache -- or, paged, rows block_table[b, n //
+    # page] * page + n % page of the flat pages -- and its queries continue them (q_start
+    # then only describes the host's view: end-aligned to the capacity, so nothing is centred).
     k_lens: Optional[torch.Tensor] = None
     block_table: Optional[torch.Tensor] = None
     page: int = 0
@@ -320,7 +321,7 @@ def tma_ready(arch: Optional[int], pe: KernelPE, k: torch.Tensor, v: torch.Tenso
     """Whether the forward will load K and V through TMA (decided before its tile: with TMA
     the ALiBi and KERPLE tiles can be larger, configs.tile_config): tma_planned, and both
     tensors addressable by a descriptor."""
-    return (tma_planned(arch, pe, k.dtype, pos.explicit, pos.varlen)
+    return (tma_planned(arch, pe, k.dtype, pos.explicit, pos.varlen) and pos.block_table is None
             and _tma_strides(k) is not None and _tma_strides(v) is not None)
 
 
@@ -495,10 +496,11 @@ def roomy_tile(pos: KernelPositions, center: bool) -> bool:
 
 def geometry_tile(pos: KernelPositions, mask: Mask) -> bool:
     """Whether a launch takes the geometry tiles (configs.tile_config's ``geometry``):
-    packed sequences (bounds and row offsets), a window's left edge (a third, masked loop) or
+    packed sequences (bounds and row offsets), a KV cache (per-sequence key counts, page
+    lookups: sm_90 D=64 RoPE at 128 x 128 spilled 8 B on triton 3.6), a window's left edge (a third, masked loop) or
     a softcap (tanh per score; the backward keeps 1 - tanh^2) -- extra work the tight tiles
     (sm_90 D=128: 255 registers without it) have no registers for."""
-    return pos.varlen or mask.left is not None or mask.softcap > 0
+    return pos.varlen or pos.k_lens is not None or mask.left is not None or mask.softcap > 0
 
 
 def _dref_args(dref: Optional[torch.Tensor], B: int, varlen: bool = False):
@@ -660,6 +662,40 @@ def _rotate_qk(q, k, pe: KernelPE, pos: KernelPositions):
             rope_apply(k, pe, *_rope_source(pos, "k", k.device)))
 
 
+# Decode-shaped forwards over a KV cache pack a GQA group's query heads into the tile's rows
+# (attn_fwd_kernel's PACK_GQA): a decode step has Sq = 1 to a few tokens, so a program per
+# (query head, token block) would run a 128-row tile of padding and read each K / V tile once
+# per query head; packed, one program per (batch, KV head) reads it once for the GROUP heads.
+PACK_MAX_SQ = 16  # tokens per step packed (more: a prefill chunk, which fills its own rows)
+
+
+def pack_gqa(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, group: int, Sq: int,
+             center: bool) -> int:
+    """Rows of a packed launch (GROUP * Sq), or 0: a KV-cache forward (dense queries, implied
+    positions) with a GQA group, at most PACK_MAX_SQ tokens, scores in units of 1/scale (no
+    soft cap) and no centred rows. Not a table bias: T5 models are multi-head (no group to
+    pack), and its per-row table index made the packed D=128 tile spill (sm_90 40-48 B on
+    triton 3.9, sm_80 8 B on 3.6)."""
+    if (pos.k_lens is None or group < 2 or not 0 < Sq <= PACK_MAX_SQ or mask.softcap > 0
+            or not fold_scale(scale) or center or pos.explicit or pos.varlen
+            or pe.bias in TABLE_BIASES):
+        return 0
+    return group * Sq
+
+
+def decode_tile(rows: int, width: int, dtype: torch.dtype, arch: Optional[int]) -> TileConfig:
+    """The packed decode tile: the rows rounded up to a power of two (16..64; more rows take
+    more programs) -- 64 on Hopper, whose wgmma computes 64-row slabs (a decode step is
+    bound by reading K / V, not by the padding) -- 64 keys at D <= 64, else 32 (64 spilled
+    16-72 B at D=128: sm_90 on triton 3.6 and 3.9, sm_80 T5 on 3.6; 32 in the interpreter and
+    with fp32's FMA dots), 4 warps."""
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if arch in HOPPER_CLASS and dtype != torch.float32:
+        block_m = 64
+    block_n = 32 if arch is None or dtype == torch.float32 or width > 64 else 64
+    return TileConfig(block_m, block_n, 4, 2)
+
+
 def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, *,
              dref="auto", out_dtype: Optional[torch.dtype] = None):
     """Forward on (B, H, S, D) views (varlen: (1, H, total, D)). Returns out (B, Hq, Sq, DV) in
@@ -688,10 +724,14 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     cfg = tile_config("fwd", width, mask.causal, q.dtype, _arch(q), pe.family,
                       explicit=roomy_tile(pos, center), tma=tma,
                       geometry=geometry_tile(pos, mask))
+    pack = pack_gqa(pe, pos, mask, scale, Hq // Hkv, Sq, center)
+    if pack:  # decode-shaped (a KV cache): a GQA group's heads x tokens in the rows
+        cfg = decode_tile(pack, width, q.dtype, _arch(q))
     k_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse, center)
-    n_qblocks, n_ktiles = triton.cdiv(Sq, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
-    splits, per_split = split_runs(q, pe, pos, n_qblocks * B * Hq, n_ktiles)
+    rows, heads = (pack, Hkv) if pack else (Sq, Hq)  # programs: (row blocks, B * heads)
+    n_qblocks, n_ktiles = triton.cdiv(rows, cfg.BLOCK_M), triton.cdiv(Sk, cfg.BLOCK_N)
+    splits, per_split = split_runs(q, pe, pos, n_qblocks * B * heads, n_ktiles)
     if splits > 1:  # partials (B * Hq, splits, Sq, DV) and (B * Hq, splits, Sq), merged below
         o_part = torch.empty((B * Hq, splits, Sq, DV), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((B * Hq, splits, Sq), device=q.device, dtype=torch.float32)
@@ -699,7 +739,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
         o_part = lse_part = lse  # never touched
     kd, vd = tma_descriptors(tma, meta, k, v, cfg.BLOCK_N)
     if n_qblocks > 0 and B * Hq > 0:
-        _run(attn_fwd_kernel, (n_qblocks, B * Hq, splits),
+        _run(attn_fwd_kernel, (n_qblocks, B * heads, splits),
             Q=q, K=k, V=v, O=out, LSE=lse, ROPE_TILES=k_tiles, BIAS_F=bt.f, DREF=DREF, KD=kd,
             VD=vd, O_PART=o_part, LSE_PART=lse_part,
             **_strides("q", q, "bhmd"), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"),
@@ -712,7 +752,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
             SPLIT=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             KLEN=pos.k_lens, BT=pos.block_table,
             stride_btb=pos.block_table.stride(0) if pos.block_table is not None else None,
-            KV_LENS=pos.k_lens is not None, PAGE=pos.page,
+            KV_LENS=pos.k_lens is not None, PAGE=pos.page, PACK_GQA=bool(pack),
         )
     if splits > 1:
         _run(attn_combine_kernel, (triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq),

@@ -19,8 +19,9 @@ whose token i of sequence b is at position cache_seqlens[b] + i, to the cache's 
 cache_seqlens[b] + S_new keys (causal by default: each new token sees the cache and the new
 tokens up to itself). Forward only, as in flash-attn's kvcache path: serving has no backward.
 
-The Triton path reads pages inside the kernel (kernels/attn_fwd.py, ``PAGE``) as a packed
-(varlen) batch whose key counts live on the device: no host synchronisation per step, except
+The Triton path is the dense forward with each sequence's key count read on the device
+(kernels/attn_fwd.py, ``KV_LENS``) and, for a paged cache, each key row read through the block
+table (``PAGE``); split-K applies as to any decode step. No host synchronisation per step, except
 for a length-dependent RoPE scaling (its frequencies follow the batch's longest sequence, as
 transformers and attention_varlen take them: one read of cache_seqlens). The cpu / reference backends gather each sequence's keys and call
 ``posattn.attention``: the definition the fused path is tested against.
@@ -169,24 +170,22 @@ def _triton_kvcache(q, k_cache, v_cache, total, block_table, block_size, capacit
     if getattr(spec, "needs_cur_len", False):  # the longest sequence: one host read
         cur_len = int(total.max().item()) if B else 1
     pe = _triton.kernel_pe(spec, D, Hq, q.device, cur_len)
-    qv = _triton._stride1(q).reshape(B * S_new, Hq, D).unsqueeze(0).transpose(1, 2)
-    kv = k_cache.view(-1, Hkv, D).unsqueeze(0).transpose(1, 2)  # flat rows (1, Hkv, rows, D)
-    vv = v_cache.view(-1, Hkv, Dv).unsqueeze(0).transpose(1, 2)
-    out = q.new_zeros((B, S_new, Hq, Dv))
-    lse = torch.full((B, Hq, S_new), float("-inf"), device=q.device, dtype=torch.float32)
+    qv = _triton._stride1(q).transpose(1, 2)  # (B, Hq, S_new, D) views: dense queries
+    if block_table is None:
+        kv, vv = k_cache.transpose(1, 2), v_cache.transpose(1, 2)  # (B, Hkv, S_max, D)
+    else:  # the flat pages, every sequence's "batch row" the same (stride 0)
+        rows = k_cache.shape[0] * k_cache.shape[1]
+        kv = k_cache.view(1, rows, Hkv, D).transpose(1, 2).expand(B, Hkv, rows, D)
+        vv = v_cache.view(1, rows, Hkv, Dv).transpose(1, 2).expand(B, Hkv, rows, Dv)
     if B * S_new == 0:
-        return out, lse
-    dev = q.device
-    cu_q = (torch.arange(B + 1, device=dev, dtype=torch.int32) * S_new)
-    cu_k = torch.zeros(B + 1, device=dev, dtype=torch.int32) if block_table is not None else \
-        torch.arange(B + 1, device=dev, dtype=torch.int32) * capacity
-    pos = launch.KernelPositions(cu_q=cu_q, cu_k=cu_k, lens_q=(S_new,) * B, lens_k=(capacity,) * B,
-                                 k_lens=total, block_table=block_table, page=block_size)
+        return q.new_zeros((B, S_new, Hq, Dv)), torch.full((B, Hq, S_new), float("-inf"), device=q.device)
+    Sk = kv.shape[2]
+    pos = launch.KernelPositions(q_start=Sk - S_new, k_start=0, k_lens=total,
+                                 block_table=block_table, page=block_size)
     mask = _triton.kernel_mask(causal, window, softcap)
-    o, _, row_lse = launch.attn_fwd(qv, kv, vv, _triton._detached(pe, pe.params), pos, mask, scale)
-    out = o[0].transpose(0, 1).reshape(B, S_new, Hq, Dv)
-    lse = launch.caller_lse(row_lse, pe, None)[0].reshape(Hq, B, S_new).transpose(0, 1)
-    return out, lse
+    o, _, row_lse = launch.attn_fwd(_triton._stride1(qv), _triton._stride1(kv), _triton._stride1(vv),
+                                    _triton._detached(pe, pe.params), pos, mask, scale)
+    return o.transpose(1, 2), launch.caller_lse(row_lse, pe, None)
 
 
 def _gathered(q, k_cache, v_cache, total, block_table, block_size, spec, causal, scale, window, softcap,

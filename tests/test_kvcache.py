@@ -195,3 +195,41 @@ def test_errors_name_the_argument():
         posattn.attention_with_kvcache(q, kc[:1], kc[:1], cache_seqlens=lens)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         posattn.attention_with_kvcache(torch.zeros(2, 1, 3, 16), kc, kc, cache_seqlens=lens)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_split_k_decode(monkeypatch, page):
+    """A decode step split over the cache (flash-decoding; forced here, the GPU decides by its
+    SM count): the per-sequence key counts bound every run, runs past a short sequence's keys
+    are empty, and the merge gives the unsplit result."""
+    from helpers import force_splits
+
+    case = ("alibi", page, FP32, "gqa", True, None, None, [70, 0, 3, 100], 1)
+    plain = _run(case, 5)
+    merges = force_splits(monkeypatch, 3)
+    split = _run(case, 5)
+    assert merges, "the split path did not run"
+    torch.testing.assert_close(split["out"], plain["out"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split["lse"], plain["lse"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("S_new,cap,packed", [(1, None, True), (3, None, True), (1, CAP, False),
+                                              (17, None, False)])
+def test_decode_packs_the_gqa_group(S_new, cap, packed):
+    """A decode step (S_new <= 16, no soft cap) runs one program per (sequence, KV head) with the
+    group's query heads x tokens in its rows; a prefill chunk or a soft cap does not pack."""
+    from posattn.kernels import launch
+
+    B, Hq, Hkv, D = 2, 8, 2, 16
+    kc, vc = (torch.zeros(B, 40, Hkv, D, device=DEVICE) for _ in range(2))
+    q = torch.zeros(B, S_new, Hq, D, device=DEVICE)
+    with launch.capture(None) as launches:
+        posattn.attention_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([3, 9], dtype=torch.int32,
+                                                                             device=DEVICE),
+                                       pe="alibi", softcap=cap, backend="triton")
+    (fwd,) = [ln for ln in launches if ln.fn is launch.attn_fwd_kernel]
+    assert fwd.kwargs["PACK_GQA"] == packed
+    if packed:
+        assert fwd.grid[1] == B * Hkv and fwd.kwargs["BLOCK_M"] == max(16, 4 * S_new)
+    else:
+        assert fwd.grid[1] == B * Hq

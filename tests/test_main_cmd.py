@@ -467,7 +467,7 @@ def test_decode_bench_rows(monkeypatch):
     from bench import decode
 
     items = decode.plan(shapes=[(1, 4, 2, 70)], pes=["none", "alibi"])
-    assert len(items) == 2 * 2 + len(decode.SDPA_BACKENDS)
+    assert len(items) == 2 * 4 + 2 + len(decode.SDPA_BACKENDS)
     written = []
     rows = decode.measure_all(items, DEVICE, timer=lambda fn: 0.5, echo=None,
                               each=lambda rows: written.append(len(rows)))
@@ -476,11 +476,13 @@ def test_decode_bench_rows(monkeypatch):
     flash = by[("sdpa-flash", "none")]
     assert flash["status"] != "ok" or flash["max_abs_diff"] < 1e-2  # checked against posattn
     for pe in ("none", "alibi"):
-        for impl in ("posattn", "posattn (no split)"):
+        for impl in ("posattn", "posattn (no split)", "posattn kvcache", "posattn kvcache paged16"):
             r = by[(impl, pe)]
             assert r["status"] == "ok", r
             assert r["gbps"] == decode.kv_bytes(1, 2, 70) / 0.5e-3 / 1e9
-    assert all(r["status"] in ("ok", "unsupported", "error") for r in rows)
+        fa = by[("flash-attn kvcache", pe)]
+        assert fa["status"] in ("ok", "unavailable"), fa
+    assert all(r["status"] in ("ok", "unsupported", "error", "unavailable") for r in rows)
     assert "| 1 | 4/2 | 70 | posattn | alibi |" in decode.markdown(rows, {})
     late = decode.measure_all(items, DEVICE, timer=lambda fn: 0.5, out_of_time=lambda: True, echo=None)
     assert {r["status"] for r in late} == {"skipped"}
