@@ -229,11 +229,9 @@ def attn_fwd_kernel(
     bt = 0 if VARLEN else b  # batch index into the tensors (varlen: one packed batch)
     b32 = b.to(tl.int32)  # TMA coordinates
     hk32 = hk.to(tl.int32)
-    K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
-    V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
-    QPOS += bt * stride_qpb + q_row0 * stride_qpm
-    KPOS += bt * stride_kpb + k_row0 * stride_kpn
     if PACK_GQA:
+        K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
+        V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
         tl.static_assert(not VARLEN and not EXPLICIT_POS and not CENTER and FOLD_SCALE,
                          "packed GQA rows: dense contiguous decode, scores in units of 1/scale")
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head, token) rows
@@ -250,12 +248,16 @@ def attn_fwd_kernel(
         q_stride = 1
     else:
         Q += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
+        K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
+        V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
         O += bt * stride_ob + h * stride_oh + q_row0 * stride_om
         # LSE (B, Hq, Sq): row bh * Sq; varlen (Hq, total_q): h * total_q + the sequence's
         # row. (bh, not (b * Hq + h): b and h would stay live across the loop -- 8 B of
         # spills, sm_80)
         lse_row = (h if VARLEN else bh) * lse_rows + q_row0
         LSE += lse_row
+        QPOS += bt * stride_qpb + q_row0 * stride_qpm
+        KPOS += bt * stride_kpb + k_row0 * stride_kpn
         BIAS_F += h * bias_len
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Sq
