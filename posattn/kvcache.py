@@ -86,7 +86,10 @@ def attention_with_kvcache(
             block_size, Hkv, D | Dv) paged ones (with ``block_table``). Written in place
             when k / v are given.
         k, v: None, or (B, S_new, Hkv, D | Dv): appended at cache_seqlens before attending.
-        cache_seqlens: (B,) int32, each sequence's tokens already in the cache.
+        cache_seqlens: (B,) int32, each sequence's tokens already in the cache. The caller
+            guarantees room for S_new more (cache_seqlens[b] + S_new <= S_max, or within the
+            sequence's block-table row): checking it would read the lengths on the host every
+            step (flash-attn does not check either).
         block_table: None (contiguous) or (B, max_blocks) int32 page indices.
         pe, scale, window, softcap, backend: as :func:`posattn.attention`; positions are
             the sequence's (the cache's keys at 0..n-1, the new tokens after them).
