@@ -270,6 +270,21 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     return ck, tile, time.time() - t0
 
 
+def resource_usage(ck):
+    """cuobjdump's resource usage of a compiled kernel, as a lookup: field("REG"), "STACK",
+    "LOCAL" -> int (None where absent)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+
+    def field(key):
+        m = re.search(rf"\b{key}:(\d+)", res)
+        return int(m.group(1)) if m else None
+    return field
+
+
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                 tma=None, center=None, window=None, softcap=None, varlen=False, kvcache=0,
@@ -282,16 +297,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                                       kvcache=kvcache, decode=decode)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-
-    def field(key):
-        m = re.search(rf"\b{key}:(\d+)", res)
-        return int(m.group(1)) if m else None
-
+    field = resource_usage(ck)
     row = dict(arch=arch, dtype=dtype, kernel=kernel, pe=pe, head_dim=head_dim, causal=causal,
                explicit=explicit, pe_grad=pe_grad, part=part, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages, registers=field("REG"),
@@ -409,16 +415,7 @@ def compile_rope_pass(head_dim: int, rot: str, explicit: bool, inverse: bool, ar
     signature, constexprs, attrs = _signature(ln.fn, kw, dtype)
     ck = triton.compile(ASTSource(fn=ln.fn, signature=signature, constexprs=constexprs, attrs=attrs),
                         target=GPUTarget("cuda", arch, 32), options=options)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-
-    def field(key):
-        m = re.search(rf"\b{key}:(\d+)", res)
-        return int(m.group(1)) if m else None
-
+    field = resource_usage(ck)
     row = dict(arch=arch, kernel="rope_pass", head_dim=head_dim, rot=rot, explicit=explicit,
                inverse=inverse, registers=field("REG"), stack=field("STACK"), local=field("LOCAL"),
                triton=triton.__version__)
