@@ -141,6 +141,7 @@ class KernelPositions:
     k_lens: Optional[torch.Tensor] = None
     block_table: Optional[torch.Tensor] = None
     page: int = 0
+    k_bound: int = 0  # a KV cache: the largest key count any sequence may have (tables, tiles)
 
     @property
     def explicit(self) -> bool:
@@ -559,7 +560,7 @@ def _geometry(q, k, pos: KernelPositions):
     (B, H, S, D) views; varlen views are (1, H, total, D)."""
     if pos.varlen:
         return pos.n_seqs, pos.max_q, pos.max_k, q.shape[2]
-    return q.shape[0], q.shape[2], k.shape[2], None  # dense: the kernels use Sq
+    return q.shape[0], q.shape[2], max(k.shape[2], pos.k_bound), None  # dense: the kernels use Sq
 
 
 def _common_args(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, dummy):

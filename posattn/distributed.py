@@ -375,6 +375,8 @@ class _Plan:
     def pieces(self, owner: int) -> List[_Piece]:
         """The (query rows, key rows) pairs of a step whose keys come from rank ``owner``;
         pairs with nothing visible are left out."""
+        if self.n == 0:
+            return []
         if self.q_pos is not None:  # explicit positions: the whole shard, one call
             (q0, q1), (k0, k1) = self.q_range, self.k_ranges[owner]
             if not _visible(q0, q1, k0, k1, self.causal, self.window):
@@ -434,8 +436,9 @@ def _ring_backward(plan: _Plan, dout, q, k, v, out, lse, dlse, need):
     for step in range(world):
         owner = (ring.rank - step) % world
         handle = ring.start([kc, vc]) if step < world - 1 else None
-        dk = torch.zeros_like(k, dtype=acc)
-        dv = torch.zeros_like(v, dtype=acc)
+        # plain contiguous buffers (they are sent): zeros_like would keep a bshd view's strides
+        dk = torch.zeros(kc.shape, dtype=acc, device=kc.device)
+        dv = torch.zeros(vc.shape, dtype=acc, device=vc.device)
         for p in plan.pieces(owner):
             r = p.q_rows
             dqp, dkp, dvp, gp = plan.engine.backward(

@@ -17,7 +17,10 @@ A call appends the new keys / values k, v (B, S_new, Hkv, D) in place at cache_s
 (their slots only; nothing else in the cache is written), then attends q (B, S_new, Hq, D),
 whose token i of sequence b is at position cache_seqlens[b] + i, to the cache's first
 cache_seqlens[b] + S_new keys (causal by default: each new token sees the cache and the new
-tokens up to itself). Forward only, as in flash-attn's kvcache path: serving has no backward.
+tokens up to itself). Without k / v (a caller that wrote the cache itself) cache_seqlens
+already counts the new tokens: the first cache_seqlens[b] keys are read and the queries are
+its last S_new positions, as in flash-attn. Forward only, as in flash-attn's kvcache path:
+serving has no backward.
 
 The Triton path is the dense forward with each sequence's key count read on the device
 (kernels/attn_fwd.py, ``KV_LENS``) and, for a paged cache, each key row read through the block
@@ -86,7 +89,8 @@ def attention_with_kvcache(
             block_size, Hkv, D | Dv) paged ones (with ``block_table``). Written in place
             when k / v are given.
         k, v: None, or (B, S_new, Hkv, D | Dv): appended at cache_seqlens before attending.
-        cache_seqlens: (B,) int32, each sequence's tokens already in the cache. The caller
+        cache_seqlens: (B,) int32, each sequence's tokens already in the cache (without k /
+            v: including the S_new new ones, which the caller wrote). The caller
             guarantees room for S_new more (cache_seqlens[b] + S_new <= S_max, or within the
             sequence's block-table row): checking it would read the lengths on the host every
             step (flash-attn does not check either).
@@ -150,7 +154,9 @@ def attention_with_kvcache(
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
     backend = api._pick_backend(backend, q)
-    total = cache_seqlens.to(torch.int32) + S_new  # keys per sequence, after the append
+    # keys per sequence: after the append; without k / v (the caller wrote them) the cache
+    # already counts the new tokens, as flash_attn_with_kvcache reads it
+    total = cache_seqlens.to(torch.int32) + (S_new if k is not None else 0)
     with torch.no_grad():
         if backend == "triton":
             out, lse = _triton_kvcache(q, k_cache, v_cache, total, block_table, block_size, capacity,
@@ -182,9 +188,11 @@ def _triton_kvcache(q, k_cache, v_cache, total, block_table, block_size, capacit
         vv = v_cache.view(1, rows, Hkv, Dv).transpose(1, 2).expand(B, Hkv, rows, Dv)
     if B * S_new == 0:
         return q.new_zeros((B, S_new, Hq, Dv)), torch.full((B, Hq, S_new), float("-inf"), device=q.device)
-    Sk = kv.shape[2]
+    # (the host-side key length sizes the RoPE and KERPLE tables: what a block-table row
+    # can address, if that is more than the pool holds)
+    Sk = max(kv.shape[2], capacity)
     pos = launch.KernelPositions(q_start=Sk - S_new, k_start=0, k_lens=total,
-                                 block_table=block_table, page=block_size)
+                                 block_table=block_table, page=block_size, k_bound=Sk)
     mask = _triton.kernel_mask(causal, window, softcap)
     o, _, row_lse = launch.attn_fwd(_triton._stride1(qv), _triton._stride1(kv), _triton._stride1(vv),
                                     _triton._detached(pe, pe.params), pos, mask, scale)

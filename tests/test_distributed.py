@@ -133,25 +133,29 @@ def _check_case(c, seed, world):
     slack = Slack(q64, k64, v64, ref[0], ref[1], make_dout(ref[0].shape, dtype), pe, causal=causal,
                   scale=D ** -0.5, qpos=qpos, kpos=kpos, window=kw.get("window"), softcap=kw.get("softcap"))
 
-    # the ring: this rank's shards (on its device; compared on the reference's)
-    leaves = {n: _shard(base[n].to(dtype), 2, lb).to(dev).detach().requires_grad_() for n in "qkv"}
+    # the ring: this rank's shards (on its device; compared on the reference's), stored in the
+    # call's layout -- bshd leaves are real (B, n, H, D) tensors, not views of bhsd ones
+    bshd = layout == "bshd"
+
+    def as_layout(t):  # bhsd -> the layout's storage (a fresh leaf)
+        return t.transpose(1, 2).contiguous() if bshd else t
+
+    def as_bhsd(t):
+        return None if t is None else (t.transpose(1, 2) if bshd else t)
+
+    leaves = {n: as_layout(_shard(base[n].to(dtype), 2, lb)).to(dev).detach().requires_grad_() for n in "qkv"}
     pe_run = with_params(pe, lambda t: t.detach().to(dev).requires_grad_(t.requires_grad))
     rkw = dict(kw)
     for name in ("q_positions", "k_positions"):
         if name in rkw:
             rkw[name] = _shard(rkw[name], 1, lb).to(dev)
-    q, k, v = (leaves[n] for n in "qkv")
-    if layout == "bshd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = pd.ring_attention(q, k, v, pe_run, load_balance=lb, layout=layout, return_lse=True,
-                                 backend=backend, **rkw)
-    if layout == "bshd":
-        out = out.transpose(1, 2)
-    dout = _shard(make_dout(ref[0].shape, dtype), 2, lb).to(dev)
+    out, lse = pd.ring_attention(leaves["q"], leaves["k"], leaves["v"], pe_run, load_balance=lb,
+                                 layout=layout, return_lse=True, backend=backend, **rkw)
+    dout = as_layout(_shard(make_dout(ref[0].shape, dtype), 2, lb)).to(dev)
     grads = grads_of(out, leaves, pe_run, dout)
     here = ref[0].device
-    out, lse = out.to(here), lse.to(here)
-    grads = {n: None if g is None else g.to(here) for n, g in grads.items()}
+    out, lse = as_bhsd(out).to(here), lse.to(here)
+    grads = {n: None if g is None else (as_bhsd(g) if n in "qkv" else g).to(here) for n, g in grads.items()}
 
     def sh(t, dim=2):
         return _shard(t, dim, lb)

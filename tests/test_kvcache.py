@@ -163,13 +163,16 @@ def test_dynamic_ntk_cache_read_at_two_lengths(paged):
 
 
 def test_cpu_and_reference_backends_agree_with_triton():
-    """The same step again without k / v (already appended): the gathering backends."""
+    """The same step again without k / v (already in the cache, which cache_seqlens then
+    counts, as flash-attn reads it): the gathering backends, and the Triton path itself."""
     case = ("kerple_log", 16, FP32, "gqa", True, None, None, [7, 0, 20], 2)
     r = _run(case, 3)
-    for backend in ("reference", "cpu"):
-        out, lse = posattn.attention_with_kvcache(r["q"].cpu(), r["kc"].cpu(), r["vc"].cpu(),
-                                                  cache_seqlens=torch.tensor(r["lens"], dtype=torch.int32),
-                                                  block_table=r["bt"].cpu(), pe=r["pe"], return_lse=True,
+    for backend in ("reference", "cpu", "triton"):
+        dev = DEVICE if backend == "triton" else "cpu"
+        out, lse = posattn.attention_with_kvcache(r["q"].to(dev), r["kc"].to(dev), r["vc"].to(dev),
+                                                  cache_seqlens=torch.tensor(r["lens"], dtype=torch.int32,
+                                                                             device=dev) + 2,
+                                                  block_table=r["bt"].to(dev), pe=r["pe"], return_lse=True,
                                                   backend=backend)
         torch.testing.assert_close(out, r["out"].cpu(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, r["lse"].cpu(), rtol=1e-5, atol=1e-5)
