@@ -200,7 +200,8 @@ def main(argv=None):
                           f"{r['num_warps']:5d} {r['instr']:5d} {r['mma']:4d} {r['mufu']:4d} "
                           f"{r['fp64']:4d} {r['smem']:4d} {r['per_kscore']:6d} {'':7s} "
                           f"{100 * (r['mma_util'] or 0):4.0f}%  kvcache page16"
-                          + (" decode1 (GQA packed)" if decode else ""), flush=True)
+                          + (" decode1" + (" (GQA packed)" if pe != "t5" else "") if decode else ""),
+                          flush=True)
     if args.json:
         print(json.dumps(rows))
     return 0
