@@ -32,7 +32,7 @@
 # is printed last. Exit status 1 if any step failed. Budget (seconds, override by environment):
 # SETUP_TIMEOUT=30 TESTS_TIMEOUT=170 MAIN_TIMEOUT=75 TUNE_TIMEOUT=70 (TUNE_MINUTES=0.8: stop
 # starting measurements) BENCH_TIMEOUT=130 (BENCH_MINUTES=1.4: the bench stops starting new
-# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30 RING_TIMEOUT=25 ROPE_TIMEOUT=25 (each of two). Worst case ~9.9 min,
+# measurements and writes what it has) TMA_TIMEOUT=25 DECODE_TIMEOUT=30 RING_TIMEOUT=20 ROPE_TIMEOUT=20 (each of two). Worst case ~9.8 min,
 # meant to fit one 600 s device call; typically less. Compiling dominates the first three steps: the suite
 # reaches ~1,100 kernel specialisations (1-2 s each), `python -m posattn` ~43 (its checks and
 # its D=128 timing table, which also warms the bench's kernels).
@@ -56,8 +56,8 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-130}
 BENCH_MINUTES=${BENCH_MINUTES:-1.4}
 TMA_TIMEOUT=${TMA_TIMEOUT:-25}
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-30}
-RING_TIMEOUT=${RING_TIMEOUT:-25}
-ROPE_TIMEOUT=${ROPE_TIMEOUT:-25}
+RING_TIMEOUT=${RING_TIMEOUT:-20}
+ROPE_TIMEOUT=${ROPE_TIMEOUT:-20}
 NPROC=$(nproc 2>/dev/null || echo 4)
 TEST_WORKERS=${TEST_WORKERS:-$(( NPROC > 16 ? 14 : (NPROC > 3 ? NPROC - 2 : 1) ))}
 PYTEST_ARGS=${PYTEST_ARGS:-}
