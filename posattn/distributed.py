@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from . import api
 from .pe import PE, resolve_pe
+from .positions import parse_positions
 
 LOAD_BALANCES = ("zigzag", "none")
 
@@ -310,15 +311,11 @@ class _TorchEngine:
     def set_frame(self, q_pos, k_pos_all) -> None:
         pass  # (these backends do not centre)
 
-    @staticmethod
-    def _p(p):
-        return p[0] if isinstance(p, torch.Tensor) and p.shape[0] == 1 else p
-
     def _attend(self, piece, q, k, v):
         from . import attention
 
-        return attention(q, k, v, self.spec, q_positions=self._p(piece.q_pos),
-                         k_positions=self._p(piece.k_pos), return_lse=True, backend=self.backend,
+        return attention(q, k, v, self.spec, q_positions=piece.q_pos,
+                         k_positions=piece.k_pos, return_lse=True, backend=self.backend,
                          **self.kw)
 
     def forward(self, piece, q, k, v, acc_dtype):
@@ -509,19 +506,6 @@ class _RingAttention(torch.autograd.Function):
 # the entry point
 # --------------------------------------------------------------------------------------------
 
-def _explicit(arg, name, B, n, device):
-    if not isinstance(arg, torch.Tensor) or arg.dtype not in (torch.int16, torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an integer tensor (n,) or (B, n) of this shard's global positions, got "
-                        f"{arg.dtype if isinstance(arg, torch.Tensor) else type(arg).__name__}")
-    if arg.device != device:
-        raise ValueError(f"{name} is on {arg.device} but q is on {device}")
-    if arg.dim() == 1 and arg.shape[0] == n:
-        arg = arg[None]
-    if arg.dim() != 2 or arg.shape[1] != n or arg.shape[0] not in (1, B):
-        raise ValueError(f"{name} must have shape ({n},) or ({B}, {n}), got {tuple(arg.shape)}")
-    return arg.to(torch.int64).expand(B, n).contiguous()
-
-
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -554,9 +538,9 @@ def ring_attention(
         load_balance: how the sequence was sharded -- ``"zigzag"`` (rank r holds chunks r and
             2W-1-r of 2W; n even) or ``"none"`` (rank r holds rows [r n, (r+1) n)).
             :func:`shard` makes either from a full tensor.
-        q_positions, k_positions: optional integer tensors (n,) or (B, n), this shard's
-            *global* positions (both or neither); they replace the layout's implied positions
-            (packed documents with position resets, gaps, offsets), and load_balance then only
+        q_positions, k_positions: optional integer tensors (n,) or (B, n) (or an int: the
+            first row's, then contiguous), this shard's *global* positions (both or
+            neither); they replace the layout's implied positions (packed documents with position resets, gaps, offsets), and load_balance then only
             names the layout for the default positions. Every rank's key positions are gathered
             once per call (O(S) integers).
         return_lse: also return the LSE of the whole row, (B, Hq, n) float32.
@@ -607,8 +591,9 @@ def ring_attention(
     plan = _Plan(ring=ring, engine=None, q_segs=q_segs, n=n, load_balance=load_balance,
                  causal=causal, window=window, reduce_pe_grads=reduce_pe_grads)
     if q_positions is not None:
-        qp = _explicit(q_positions, "q_positions", B, n, q.device)
-        kp = _explicit(k_positions, "k_positions", B, n, q.device)
+        # (B, n) int64 each: every rank gathers the others' (same shapes), pieces slice them
+        qp, kp = (parse_positions(a, name, B, n, 0, q.device).as_tensor(B, n, q.device).contiguous()
+                  for a, name in ((q_positions, "q_positions"), (k_positions, "k_positions")))
         parts = [torch.empty_like(kp) for _ in range(world)]
         dist.all_gather(parts, kp, group=group)
         plan.q_pos, plan.k_pos_all = qp, parts
