@@ -540,8 +540,9 @@ def ring_attention(
             :func:`shard` makes either from a full tensor.
         q_positions, k_positions: optional integer tensors (n,) or (B, n) (or an int: the
             first row's, then contiguous), this shard's *global* positions (both or
-            neither); they replace the layout's implied positions (packed documents with position resets, gaps, offsets), and load_balance then only
-            names the layout for the default positions. Every rank's key positions are gathered
+            neither); they replace the layout's implied positions (packed documents with
+            position resets, gaps, offsets), and load_balance then only names the layout for
+            the default positions. Every rank's key positions are gathered
             once per call (O(S) integers).
         return_lse: also return the LSE of the whole row, (B, Hq, n) float32.
         reduce_pe_grads: all-reduce the PE parameters' gradients over ``group`` (default): every
