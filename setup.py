@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["posattn", "posattn.kernels"],
+    packages=["posattn", "posattn.extrapolate", "posattn.kernels"],
     package_dir={"posattn": "posattn", "posattn.kernels": "kernels"},
     install_requires=[
         # Not pinned: GPU users bring their own CUDA build of torch.

@@ -125,8 +125,8 @@ def test_every_attention_goes_through_posattn(pe, monkeypatch):
     assert all(t is expected and kw["causal"] is True for t, kw in calls)
     if pe.startswith("kerple"):   # learnable r1/r2 get gradients through posattn.attention
         for blk in model.blocks:
-            assert blk.attn.kerple.kind == pe.split("_")[1]
-            for p in (blk.attn.kerple.r1, blk.attn.kerple.r2):
+            assert blk.attn.pe_module.kind == pe.split("_")[1]
+            for p in (blk.attn.pe_module.r1, blk.attn.pe_module.r2):
                 assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
@@ -136,7 +136,7 @@ def test_models_differ_only_in_pe():
     for pe in ex.PE_NAMES[1:]:
         sd = ex.build_model(cfg, pe).state_dict()
         extra = {k for k in sd if k not in ref}
-        assert all("kerple" in k for k in extra)
+        assert all(".pe_module." in k for k in extra) and (bool(extra) == pe.startswith("kerple"))
         assert all(torch.equal(sd[k], ref[k]) for k in ref)
     with pytest.raises(ValueError):
         ex.ByteLM(cfg, "t5")
@@ -239,3 +239,39 @@ def test_run_study_writes_outputs(tmp_path, capsys):
     # same seed, same numbers
     res2 = ex.run_study(tiny(pes=("rope",), rope_scalings=()), None, log=lambda s: None)
     assert res2["runs"]["rope"]["eval"]["32"]["ppl"] == res["runs"]["rope"]["eval"]["32"]["ppl"]
+
+
+def test_registry_is_the_single_source(tmp_path, monkeypatch):
+    """A PE model (with learnable parameters) and a RoPE method, each added as one registry
+    entry, reach the model, the CLI, the runs, the tables, the plot and the JSON; and the
+    default names, LABELS and the CLI choices are read from the registries."""
+    # the default run is the committed results' set (results/extrapolate_cpu)
+    assert ex.PE_NAMES == ex.Config().pes == ("nope", "rope", "alibi", "kerple_log", "kerple_power")
+    assert ex.ROPE_SCALINGS == ex.Config().rope_scalings == ("pi", "ntk", "dynamic_ntk", "yarn")
+    assert list(ex.LABELS) == ex.run_keys() and all(ex.LABELS[k] == ex.label(k) for k in ex.LABELS)
+
+    class Slopes(torch.nn.Module):                 # learnable ALiBi slopes, one per head
+        def __init__(self, cfg):
+            super().__init__()
+            self.slopes = torch.nn.Parameter(posattn.alibi_slopes(cfg.n_heads))
+
+    monkeypatch.setitem(ex.STUDY_PES, "alibi_learned", ex.StudyPE(
+        "ALiBi (learned)", spec=lambda m, cfg, rope: posattn.ALiBi(m.slopes), module=Slopes))
+    monkeypatch.setitem(ex.ROPE_METHODS, "pi_x2", ex.RoPEMethod(
+        "PI x2", lambda n, cfg: {"scaling": posattn.PI(2 * n / cfg.train_len)}, rule="PI(2 eval_len / L)"))
+    assert ex.Config().pes[-1] == "alibi_learned" and ex.Config().rope_scalings[-1] == "pi_x2"
+    assert ex.LABELS["rope+pi_x2"] == "RoPE + PI x2" and "alibi_learned" in ex.LABELS
+
+    res = ex.main(["--tiny", "--backend", "reference", "--pes", "alibi_learned,rope", "--out", str(tmp_path)])
+    keys = ["alibi_learned", "rope"] + [f"rope+{s}" for s in ex.ROPE_SCALINGS + ("pi_x2",)]
+    assert list(res["runs"]) == keys
+    assert res["rope_scaling_rule"]["pi_x2"] == "PI(2 eval_len / L)"
+    r32 = {k: res["runs"][k]["eval"]["32"]["ppl"] for k in keys}
+    assert r32["rope+pi_x2"] != r32["rope+pi"] != r32["rope"]     # the method reached the RoPE spec
+    slopes = res["runs"]["alibi_learned"]["pe_params"]["layer0"]["slopes"]
+    assert len(slopes) == 2 and slopes != posattn.alibi_slopes(2).tolist()   # trained
+    md = (tmp_path / "results.md").read_text()
+    assert "| ALiBi (learned) |" in md and "| RoPE + PI x2 |" in md
+    assert (tmp_path / "ppl_vs_length.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        ex.main(["--tiny", "--pes", "t5"])
