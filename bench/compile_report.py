@@ -74,10 +74,10 @@ def centred(pe: str, explicit: bool, center=None) -> bool:
     """Whether the compile centres its bias rows (launch.bias_refs): always for a bias PE with
     explicit positions; with contiguous ones only when queries lie outside the key range
     (int offsets), which the shipped rows do not assume unless ``center`` says so. A table
-    bias (T5) is bounded: never centred."""
+    bias (T5) and Sandwich are bounded: never centred."""
     if center is None:
         center = explicit
-    return bool(center) and pe_registry.axes(pe)[1] not in ("none",) + launch.TABLE_BIASES
+    return bool(center) and pe_registry.axes(pe)[1] not in ("none",) + launch.UNCENTRED_BIASES
 
 
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
@@ -328,6 +328,7 @@ GEOMETRY_ROWS = (
     ("none", False, True, dict(varlen=True, softcap=30.0)),  # packed, explicit positions
     ("t5", False, True, {}),  # T5 encoder: explicit positions (int64-wide clamp)
     ("t5", False, False, dict(window=(256, 256), varlen=True)),
+    ("sandwich", False, True, dict(window=(256, 256))),  # explicit: int64 clamped table index
 )
 # The forward of attention_with_kvcache over a paged cache (16-token pages: a 64- or 128-key
 # tile reads rows of 4-8 pages), every PE, causal (what a decode or prefill step runs)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .attn_fwd import tile_logits
 from .bias import (BIAS_NONE, bias_params, bias_row_ref, param_grad_init, param_grad_update,
-                   store_param_grads,
+                   store_param_grads, table_row,
                    tile_bias_centred, tile_bias_grad_inputs)
 from .fmath import LOG2E, softcap_logits
 from .geometry import (key_band, load_positions, query_key_tiles, seq_geometry, tile_range,
@@ -179,7 +179,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
         sT = tl.fma(xT, mult, nlse2[None, :])
         if BIAS != BIAS_NONE:
             dref, fref = bias_row_ref(BIAS, CENTER, DREF, offs_m, m_mask, pb_h)  # tile's queries
-            fT = tile_bias_centred(BIAS, BIAS_TABLE, CENTER, 1, BIAS_F + h * bias_len, kpos, qpos,
+            fT = tile_bias_centred(BIAS, BIAS_TABLE, CENTER, 1, BIAS_F + table_row(BIAS, h, bias_len), kpos, qpos,
                                    q0, EXPLICIT_POS, pb_h, dref, fref)
             sT = tl.fma(fT, -(pa_h * LOG2E), sT)
         if MASKED:
@@ -437,8 +437,8 @@ def attn_bwd_dq_kernel(
     V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
     DO += bt * stride_dob + h * stride_doh + q_row0 * stride_dom
     DQ += bt * stride_dqb + h * stride_dqh + q_row0 * stride_dqm
-    BIAS_F += h * bias_len
-    BIAS_G += h * bias_len
+    BIAS_F += table_row(BIAS, h, bias_len)
+    BIAS_G += table_row(BIAS, h, bias_len)
     QPOS += bt * stride_qpb + q_row0 * stride_qpm
     KPOS += bt * stride_kpb + k_row0 * stride_kpn
     lse_row = (h if VARLEN else bh) * lse_rows + q_row0  # (see attn_fwd_kernel)

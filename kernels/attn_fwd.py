@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .bias import (BIAS_ALIBI, BIAS_NONE, BIAS_T5, alibi_causal_split, bias_params, bias_row_ref,
-                   bias_shape, tile_bias_centred)
+                   bias_shape, table_row, tile_bias_centred)
 from .fmath import LN2, LOG2E, softcap_logits
 from .geometry import load_positions, query_key_tiles, seq_geometry, tile_run, visible
 from .loader import load_box, load_qk, load_tile, qk_dot
@@ -244,7 +244,7 @@ def attn_fwd_kernel(
         o_rows = h_r * stride_oh + t_r * stride_om
         lse_off = (b * Hq + h_r) * Sq + t_r  # dense (B, Hq, Sq)
         offs_m = t_r
-        BIAS_F += (h_r * bias_len)[:, None]  # each row's head's table row
+        BIAS_F += table_row(BIAS, h_r, bias_len)[:, None]  # each row's head's table row
         q_stride = 1
     else:
         Q += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
@@ -258,7 +258,7 @@ def attn_fwd_kernel(
         LSE += lse_row
         QPOS += bt * stride_qpb + q_row0 * stride_qpm
         KPOS += bt * stride_kpb + k_row0 * stride_kpn
-        BIAS_F += h * bias_len
+        BIAS_F += table_row(BIAS, h, bias_len)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < Sq
         q_rows = offs_m

@@ -1,7 +1,7 @@
 """The bias axis: hooks that add a position bias to the logits (all ``@triton.jit``, inlined).
 
 The kind is the ``BIAS`` constexpr (BIAS_NONE, BIAS_ALIBI, BIAS_KERPLE_LOG, BIAS_KERPLE_POWER,
-BIAS_T5; posattn.pe's registry maps spec classes to them); a kind no hook knows is a
+BIAS_T5, BIAS_SANDWICH; posattn.pe's registry maps spec classes to them); a kind no hook knows is a
 ``tl.static_assert`` at compile time, never a fall-through. Every bias here is
 ``bias = -a f(q, k; b)`` with the head's parameters read from one channel, PARAMS (Hq, NP)
 (:func:`bias_params`), and the gradients written to one buffer of partials of the same
@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .fmath import expm1_acc, fast_div, log1p_pos
 from .geometry import load_positions, seq_bounds, visible
+from .rotary import sincos_reduced
 
 # Bias kinds (values of the BIAS constexpr); posattn.pe's registry names them.
 BIAS_NONE = tl.constexpr(0)
@@ -30,23 +31,35 @@ BIAS_ALIBI = tl.constexpr(1)
 BIAS_KERPLE_LOG = tl.constexpr(2)
 BIAS_KERPLE_POWER = tl.constexpr(3)
 BIAS_T5 = tl.constexpr(4)  # a learnable per-head table read by bucket (see "Table biases")
+BIAS_SANDWICH = tl.constexpr(5)  # a (head-shared) per-distance table, always (see "Sandwich")
 # by the names posattn.pe's specs give their bias axis (the launcher maps names to codes here)
 KINDS = {"none": BIAS_NONE, "alibi": BIAS_ALIBI, "kerple_log": BIAS_KERPLE_LOG,
-         "kerple_power": BIAS_KERPLE_POWER, "t5": BIAS_T5}
+         "kerple_power": BIAS_KERPLE_POWER, "t5": BIAS_T5, "sandwich": BIAS_SANDWICH}
 
 
 @triton.jit
 def check_bias(BIAS: tl.constexpr):
     """Compile-time guard: the hooks call it, so an unknown BIAS never runs another's math."""
     tl.static_assert(BIAS == BIAS_NONE or BIAS == BIAS_ALIBI or BIAS == BIAS_KERPLE_LOG
-                     or BIAS == BIAS_KERPLE_POWER or BIAS == BIAS_T5,
+                     or BIAS == BIAS_KERPLE_POWER or BIAS == BIAS_T5 or BIAS == BIAS_SANDWICH,
                      "unknown bias kind (BIAS constexpr)")
 
 
 @triton.jit
+def table_row(BIAS: tl.constexpr, h, bias_len):
+    """Offset of head h's row in the bias tables (Hq, bias_len): h * bias_len, or 0 for
+    Sandwich, whose one row serves every head."""
+    if BIAS == BIAS_SANDWICH:
+        return h * 0
+    else:
+        return h * bias_len
+
+
+@triton.jit
 def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr, bias_len):
-    """(a, b) of head h, float32, from PARAMS (Hq, NP) contiguous: a = slope (ALiBi) or r1,
-    b = r2 (KERPLE); 0.0 where the kind has no such parameter. A table bias (T5) has a = 1
+    """(a, b) of head h, float32, from PARAMS (Hq, NP) contiguous: a = slope (ALiBi), r1
+    (KERPLE) or the head's scale (Sandwich), b = r2 (KERPLE); 0.0 where the kind has no such
+    parameter. A table bias (T5) has a = 1
     (its table holds -bias) and b = R, its table's radius (bias_len = 2R + 1)."""
     check_bias(BIAS)
     a = 0.0
@@ -54,6 +67,9 @@ def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr, bias_len):
     if BIAS == BIAS_T5:
         a = 1.0
         b = ((bias_len - 1) // 2).to(tl.float32)
+    elif BIAS == BIAS_SANDWICH:
+        a = tl.load(PARAMS + h * NP).to(tl.float32)
+        b = (bias_len - 1).to(tl.float32)  # the distance table's last entry (tile_bias)
     elif BIAS != BIAS_NONE:
         a = tl.load(PARAMS + h * NP).to(tl.float32)
         if NP > 1:
@@ -261,11 +277,35 @@ def bias_row_ref(BIAS: tl.constexpr, CENTER: tl.constexpr, DREF, rows, row_mask,
     return dref, fref
 
 
+# Sandwich (Chi et al. 2023)
+# -------------------------
+# bias_h(k - q) = a_h (sum_i cos((k - q) w_i) - d_bar / 2): the dot product of two sinusoidal
+# embeddings, shifted to 0 at distance 0; w_i = base^(-2i / d_bar), a_h = H / (8 h)
+# (posattn.pe.Sandwich). Evaluating d_bar / 2 cosines per score would cost more than the
+# attention, so every launch reads it from a per-distance table, f(d) = sum_i (1 - cos(d w_i)),
+# d = 0 .. L - 1: one row shared by every head (table_row), the head's a_h its one parameter
+# (bias = -a_h f, as for every bias here), made by bias_table_kernel from PARAMS
+# (Hq, 1 + d_bar / 2) float64: a_h, then the w_i. Bounded (0 <= f <= d_bar) and not monotone
+# in d: never centred (the nearest key is not the row's largest bias).
+
+
+@triton.jit
+def sandwich_row(d, PARAMS, NP: tl.constexpr, BLOCK_W: tl.constexpr):
+    """f(d) = sum_i (1 - cos(d w_i)) for integer distances d (BLOCK,), float32 (BLOCK,): the
+    angles in float64, range-reduced (rotary.sincos_reduced: exact at any distance), the
+    terms summed in float32. w_i = PARAMS[0, 1:NP] (float64)."""
+    j = 1 + tl.arange(0, BLOCK_W)
+    w = tl.load(PARAMS + j, mask=j < NP, other=0.0).to(tl.float64)
+    c, _ = sincos_reduced(d.to(tl.float64)[:, None] * w[None, :])
+    return tl.sum(tl.where((j < NP)[None, :], 1.0 - c, 0.0), 1)
+
+
 @triton.jit
 def bias_table_kernel(F, G, PARAMS, L, BIAS: tl.constexpr, NP: tl.constexpr, NEED_G: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, BLOCK_W: tl.constexpr = 1):
     """Per-distance KERPLE tables, F and G (Hq, L) float32: F[h, d] = f(d) (:func:`bias_shape`)
-    and G[h, d] = df/dr2 (:func:`bias_r2_term`, when NEED_G) for d = 0..L-1 with head h's r2.
+    and G[h, d] = df/dr2 (:func:`bias_r2_term`, when NEED_G) for d = 0..L-1 with head h's r2;
+    Sandwich: F (1, L) (:func:`sandwich_row`; BLOCK_W >= its frequency count).
 
     With contiguous positions a KERPLE bias depends on |q - k| only, so the attention loops
     read f from here (one integer subtract, abs and L1/L2-resident load per element) instead
@@ -275,13 +315,16 @@ def bias_table_kernel(F, G, PARAMS, L, BIAS: tl.constexpr, NP: tl.constexpr, NEE
     h = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = d < L
-    dist = d.to(tl.float32)
-    _, b = bias_params(BIAS, PARAMS, h, NP, L)
-    f = bias_shape(BIAS, dist, b)
     row = h.to(tl.int64) * L
-    tl.store(F + row + d, f, mask=mask)
-    if NEED_G:
-        tl.store(G + row + d, bias_r2_term(BIAS, f, dist), mask=mask)
+    if BIAS == BIAS_SANDWICH:  # one head-shared row (grid (., 1)), no gradient
+        tl.store(F + row + d, sandwich_row(d, PARAMS, NP, BLOCK_W), mask=mask)
+    else:
+        dist = d.to(tl.float32)
+        _, b = bias_params(BIAS, PARAMS, h, NP, L)
+        f = bias_shape(BIAS, dist, b)
+        tl.store(F + row + d, f, mask=mask)
+        if NEED_G:
+            tl.store(G + row + d, bias_r2_term(BIAS, f, dist), mask=mask)
 
 
 # Table biases (T5)
@@ -358,11 +401,14 @@ def table_grad_centred(g, rows, NP: tl.constexpr, TABLE_REF: tl.constexpr):
 def tile_bias(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, FT, row_pos, col_pos, col0,
               EXPLICIT_POS: tl.constexpr, b, QUERY_AXIS: tl.constexpr):
     """f of a tile (bias = -a f), (BLOCK_R, BLOCK_C) float32: read from head's row FT of the
-    per-distance table when BIAS_TABLE (contiguous int32 positions, distance < its length by
-    construction; a table bias: always, by clamped k - q, b = its radius), else computed from
-    :func:`tile_dist`. Not centred (see centred). QUERY_AXIS as in query_axis."""
+    per-distance table when BIAS_TABLE (KERPLE: contiguous int32 positions; Sandwich: always,
+    any positions; distance < its length by construction; a table bias: always, by clamped
+    k - q, b = its radius), else computed from :func:`tile_dist`. Not centred (see centred). QUERY_AXIS as in query_axis."""
     if BIAS == BIAS_T5:
         return tl.load(FT + table_index(row_pos, col_pos, b.to(tl.int32), QUERY_AXIS))
+    elif BIAS == BIAS_SANDWICH:  # |k - q| clamped (padded rows / columns read position 0)
+        R = b.to(tl.int32)
+        return tl.load(FT + tl.abs(table_index(row_pos, col_pos, R, QUERY_AXIS) - R))
     elif BIAS_TABLE:
         return tl.load(FT + tl.abs(row_pos[:, None] - col_pos[None, :]))
     else:
@@ -434,6 +480,7 @@ def tile_bias_grad_inputs(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: 
     """(f, df/dr2) of a tile (queries are its rows) for :func:`bias_grad_terms`: centred on the
     queries' nearest visible keys when CENTER (computed in the tile), else from the tables or
     computed. A table bias: (f, its bucket) by clamped k - q (b = the table's radius)."""
+    tl.static_assert(BIAS != BIAS_SANDWICH, "Sandwich has no learnable parameter")
     if BIAS == BIAS_T5:
         idx = table_index(row_pos, col_pos, b.to(tl.int32), 0)
         return tl.load(FT + idx), tl.load(GT + idx)

@@ -145,6 +145,11 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
                 and dtype != torch.float32 and not geometry):
             # the clamped int64 k - q per score: 32 x 128 spills 32 B (triton 3.9)
             return TileConfig(16, 128, 8, 2)
+        if (kernel == "bwd_dkdv" and explicit and geometry and arch not in HOPPER_CLASS
+                and dtype != torch.float32):
+            # the clamped |k - q| next to a window's tests: 32 x 128 spills 8 B, 32 x 64 on 4
+            # warps 16 B (Sandwich, D=64, triton 3.9); 16 query rows: 172 registers
+            return TileConfig(16, 128, 8, 2)
         if (kernel == "bwd_dq" and pe_grad and head_dim > 64 and arch in HOPPER_CLASS
                 and dtype != torch.float32):
             # the (rows, buckets) gradient accumulator: KERPLE's former 64 x 16 on 4 warps

@@ -371,12 +371,15 @@ DISTANCE_TABLES = ("kerple_log", "kerple_power")  # biases with an optional per-
 
 
 TABLE_BIASES = ("t5",)  # biases that are a per-head table read by bucket (bias.py, "Table biases")
+SHARED_DISTANCE_TABLES = ("sandwich",)  # biases always read from one head-shared distance row
+UNCENTRED_BIASES = TABLE_BIASES + SHARED_DISTANCE_TABLES  # bounded: rows are never centred
 
 
 @dataclass
 class BiasTables:
     """KERPLE's f (and df/dr2) per distance, or a table bias's f and bucket per relative
-    position, (Hq, length) float32 each; or unused (length 0)."""
+    position, (Hq, length) float32 each; Sandwich's f per distance, one row (1, length) for
+    every head (bias.table_row); or unused (length 0)."""
 
     f: torch.Tensor
     g: torch.Tensor
@@ -394,15 +397,13 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
     # centred rows compute f - f_ref in the tile (bias.py, "Centring"): no table
     if pe.buckets is not None:
         return _bucket_tables(pe, need_g)
+    if pe.bias in SHARED_DISTANCE_TABLES:
+        return _shared_distance_table(pe, pos, Sq, Sk, dummy)
     if pe.bias not in DISTANCE_TABLES or pos.explicit or centred:
         return unused
     if min(Sq, Sk) < BIAS_TABLE_MIN_LEN:
         return unused
-    if pos.varlen:  # per sequence q_start - k_start = len_k - len_q, in [-Sq, Sk]
-        length = Sq + Sk + _TABLE_PAD + 1
-    else:  # tile distances span [off - Sk - pad, off + Sq + pad]
-        off = pos.q_start - pos.k_start
-        length = max(abs(off + Sq + _TABLE_PAD), abs(off - Sk - _TABLE_PAD)) + 1
+    length = _distance_span(pos, Sq, Sk)
     Hq = pe.params.shape[0]
     if length >= 2 ** 24 or (2 if need_g else 1) * Hq * length * 4 > BIAS_TABLE_MAX_BYTES:
         return unused
@@ -413,6 +414,56 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
                                                          BIAS=BIAS_CODES[pe.bias], NP=pe.n_params,
                                                          NEED_G=need_g, BLOCK=block)
     return BiasTables(f, g, length)
+
+
+def _distance_span(pos: KernelPositions, Sq: int, Sk: int) -> int:
+    """1 + the largest |q - k| a tile of contiguous positions may index (edge tiles' padded
+    rows and columns included)."""
+    if pos.varlen:  # per sequence q_start - k_start = len_k - len_q, in [-Sq, Sk]
+        return Sq + Sk + _TABLE_PAD + 1
+    # tile distances span [off - Sk - pad, off + Sq + pad]
+    off = pos.q_start - pos.k_start
+    return max(abs(off + Sq + _TABLE_PAD), abs(off - Sk - _TABLE_PAD)) + 1
+
+
+# A shared distance table covers every distance a call indexes, up to 2**24 (64 MiB): the
+# kernels clamp each distance to the table's last entry as a float32 (exact below 2**24).
+SHARED_TABLE_MAX_LEN = 1 << 24
+
+
+def _shared_distance_table(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int,
+                           dummy: torch.Tensor) -> BiasTables:
+    """Sandwich's f per distance (bias.py, "Sandwich"), (1, L) float32, for every distance
+    this call indexes: contiguous positions from the geometry; explicit ones from their
+    range, read on the host (one sync; refused while a CUDA graph is being captured). The
+    kernels clamp distances to L - 1, so padded rows (position 0) stay inside the table."""
+    if pos.explicit and pos.qpos.device.type == "meta":  # launch.capture: values unknown
+        length = Sq + Sk + _TABLE_PAD + 1
+    elif pos.explicit:
+        if dummy.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"pe={pe.bias!r} with explicit positions reads their range on the "
+                             f"host (its distance table): not possible while a CUDA graph is "
+                             f"being captured; use contiguous positions (int starts)")
+        spans = []
+        for p in (pos.qpos, pos.kpos):
+            lo, hi = torch.aminmax(p[:, :].reshape(-1)) if p.numel() else (p.new_zeros(()),) * 2
+            spans.append((int(lo), int(hi)))
+        (qlo, qhi), (klo, khi) = spans
+        length = max(qhi - klo, khi - qlo, 0) + _TABLE_PAD + 1
+    else:
+        length = _distance_span(pos, Sq, Sk)
+    if length > SHARED_TABLE_MAX_LEN:
+        raise ValueError(f"pe={pe.bias!r}: positions {length - _TABLE_PAD - 1} apart need a "
+                         f"distance table of {length} entries, more than "
+                         f"{SHARED_TABLE_MAX_LEN} (2**24); keep |q_pos - k_pos| below that")
+    f = torch.empty((1, length), device=dummy.device, dtype=torch.float32)
+    # (BLOCK x d_bar/2 float64 angles per program: 64 rows on a GPU; the interpreter runs a
+    # program as numpy arrays, whose cost is per program, so it takes wide ones)
+    block = 64 if dummy.is_cuda else 4096
+    _run(bias_table_kernel, (triton.cdiv(length, block), 1), f, f, pe.params, length,
+         BIAS=BIAS_CODES[pe.bias], NP=pe.n_params, NEED_G=False, BLOCK=block,
+         BLOCK_W=triton.next_power_of_2(max(pe.n_params - 1, 1)))
+    return BiasTables(f, f, length)
 
 
 def _bucket_tables(pe: KernelPE, need_g: bool) -> BiasTables:
@@ -448,8 +499,8 @@ def bias_refs(pe: KernelPE, pos: KernelPositions, mask: Mask, Sq: int, Sk: int,
     Contiguous: d_ref = distance from the query to [k_start, k_last], (1, Sq). A window
     needs no more: a query inside its key range sees the key at its own position, and one
     past the keys sees the nearest key or none at all (then its row is empty)."""
-    if pe.bias == "none" or pe.buckets is not None or Sq == 0 or Sk == 0:
-        return None  # (a table bias is bounded: nothing to centre)
+    if pe.bias in ("none",) + UNCENTRED_BIASES or Sq == 0 or Sk == 0:
+        return None  # (a table bias or Sandwich is bounded: nothing to centre)
     if pos.varlen:
         qp, kp = pos.qpos, pos.kpos
         if qp is None:  # centre only where a non-causal query precedes its keys
@@ -674,12 +725,13 @@ def pack_gqa(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, group
              center: bool) -> int:
     """Rows of a packed launch (GROUP * Sq), or 0: a KV-cache forward (dense queries, implied
     positions) with a GQA group, at most PACK_MAX_SQ tokens, scores in units of 1/scale (no
-    soft cap) and no centred rows. Not a table bias: T5 models are multi-head (no group to
-    pack), and its per-row table index made the packed D=128 tile spill (sm_90 40-48 B on
-    triton 3.9, sm_80 8 B on 3.6)."""
+    soft cap) and no centred rows. Not a table bias nor Sandwich: T5 models are multi-head
+    (no group to pack), and the per-row table index made the packed D=128 tile spill (T5:
+    sm_90 40-48 B on triton 3.9, sm_80 8 B on 3.6; Sandwich: sm_90 24 B on 3.9, sm_80 8 B on
+    3.6)."""
     if (pos.k_lens is None or group < 2 or not 0 < Sq <= PACK_MAX_SQ or mask.softcap > 0
             or not fold_scale(scale) or center or pos.explicit or pos.varlen
-            or pe.bias in TABLE_BIASES):
+            or pe.bias in UNCENTRED_BIASES):
         return 0
     return group * Sq
 

@@ -26,7 +26,7 @@ if (not _os.path.isdir(_os.path.join(_here, "kernels"))
 from .api import attention, attention_varlen
 from .kvcache import attention_with_kvcache
 from .pe import (
-    PE, NoPE, RoPE, ALiBi, KERPLE, T5Bias,
+    PE, NoPE, RoPE, ALiBi, KERPLE, T5Bias, Sandwich,
     RoPEScaling, PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE,
     alibi_slopes,
 )
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_varlen", "attention_with_kvcache", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias",
+    "attention", "attention_varlen", "attention_with_kvcache", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "Sandwich",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "alibi_slopes", "reference", "nn", "distributed",
 ]

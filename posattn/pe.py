@@ -31,7 +31,7 @@ import torch
 Number = Union[int, float]
 
 __all__ = [
-    "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "t5_bucket",
+    "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "t5_bucket",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "alibi_slopes", "resolve_pe", "REGISTRY", "registered", "axes",
 ]
@@ -1025,6 +1025,75 @@ class T5Bias(PE):
                 f"bidirectional={self.bidirectional}, max_distance={self.max_distance})")
 
 
+class Sandwich(PE):
+    """Sandwich (Chi, Fan, Rudnicky, Ramadge, ACL 2023, arXiv 2212.10356): the parameter-free
+    bias ``a_h * p_q . p_k``, the dot product of two sinusoidal position embeddings of
+    ``d_bar`` dimensions, shifted so that it is 0 at distance 0:
+
+        bias_h(q, k) = a_h * (sum_{i=0}^{d_bar/2 - 1} cos((k - q) * base ** (-2 i / d_bar)) - d_bar / 2),
+        a_h = H / (8 h),  h = 1 .. H.
+
+    The sum is the paper's reference construction (its appendix E, as attention-gym's
+    ``sandwich`` score mod and its test reproduce it): ALiBi's head factor ``8 h / H`` applied
+    as a divisor; ``d_bar`` is the method's own hyperparameter, not the head dim (the paper
+    uses 128). The ``- d_bar / 2`` is NeMo's: a constant per row, so the attention is the
+    paper's exactly and only the returned LSE differs (by ``a_h d_bar / 2``). It keeps every
+    logit near its query small, as for every bias here (0 at distance 0, ``-2 a_h d_bar`` at
+    worst): the forward and the backward then round the logits that carry the softmax alike.
+    (NeMo also sums i = 1 .. d/2, one octave off the paper's frequencies; this follows the
+    paper.) Not monotone in the distance, so never centred on the nearest key; the kernels
+    read it from a per-distance table (O(max distance) floats, one row for every head).
+
+    Args:
+        d_bar: even embedding width (default 128).
+        base: the sinusoids' base (default 10000).
+    """
+
+    name = "sandwich"
+    bias = "sandwich"
+    tile_family = "table"  # T5's tiles: one clamped table read per score, the same work
+
+    def __init__(self, d_bar: int = 128, base: float = 10000.0):
+        self.d_bar = _positive_int("d_bar", d_bar)
+        if self.d_bar % 2:
+            raise ValueError(f"d_bar must be even, got {self.d_bar}")
+        self.base = _positive_float("base", base, minimum_exclusive=1.0)
+
+    def frequencies(self) -> torch.Tensor:
+        """(d_bar / 2,) float64: base ** (-2 i / d_bar), i = 0 .. d_bar/2 - 1."""
+        return _default_inv_freq(self.base, self.d_bar)
+
+    @staticmethod
+    def head_scales(num_heads: int) -> torch.Tensor:
+        """(num_heads,) float64: a_h = H / (8 h), h = 1 .. H."""
+        num_heads = _positive_int("num_heads", num_heads)
+        h = torch.arange(1, num_heads + 1, dtype=torch.float64)
+        return num_heads / (8.0 * h)
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        _check_dims(num_heads, head_dim)
+
+    def bias_params(self, num_heads: int, device) -> torch.Tensor:
+        """(H, 1 + d_bar/2) float64: a_h, then the frequencies (the kernels' distance table is
+        made from them: kernels/bias.py, "Sandwich")."""
+        w = self.frequencies()
+        a = self.head_scales(num_heads)
+        return torch.cat([a[:, None], w[None].expand(num_heads, -1)], 1).to(device)
+
+    def reference_bias(self, num_heads: int, rel: torch.Tensor) -> torch.Tensor:
+        # float64 angles whatever the math dtype (rel is an exact integer below 2**24 in
+        # fp32; a float32 product of a far distance and a frequency is off by radians)
+        r = rel.double()
+        total = torch.zeros_like(r)
+        for w in self.frequencies().tolist():  # one (B, 1, Sq, Sk) term at a time: no d_bar x
+            total += torch.cos(r * w) - 1.0
+        a = self.head_scales(num_heads).to(r.device)
+        return (a[:, None, None] * total[:, 0][:, None]).to(rel.dtype)  # (B, H, Sq, Sk)
+
+    def __repr__(self) -> str:
+        return f"Sandwich(d_bar={self.d_bar}, base={self.base:g})"
+
+
 _PE_NAMES = {"none": NoPE, "rope": RoPE, "alibi": ALiBi, "kerple": KERPLE}
 
 # The registry: every kernel PE kind by its one name, with a factory of a default spec.
@@ -1040,6 +1109,7 @@ REGISTRY = {
     # one (8 heads x 32 buckets) -- for tests and the bench, not for a model
     "t5": lambda table=None, num_heads=8, **kw: T5Bias(
         _default_t5_table(num_heads) if table is None else table, **kw),
+    "sandwich": Sandwich,
 }
 # names a user cannot pass as a string: the spec needs the model's data (T5's table)
 _NEEDS_DATA = {"t5": "posattn.T5Bias(table)"}

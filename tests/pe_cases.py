@@ -76,6 +76,7 @@ HARNESS = _table([
     # T5: max_distance 20, so that short test sequences reach the log-spaced buckets and
     # the saturated last one
     Case("t5", "t5", lambda H, D: posattn.T5Bias(_t5_table(H, 32, 6), max_distance=20)),
+    Case("sandwich", "sandwich", lambda H, D: posattn.Sandwich()),
     # variants
     Case("t5_decoder", "t5",
          lambda H, D: posattn.T5Bias(_t5_table(H, 32, 6), bidirectional=False, max_distance=20)),
@@ -113,6 +114,7 @@ def kernel_cases() -> dict[str, Case]:
              lambda H, D: posattn.KERPLE("power", param(H, 0.2, 1.0), param(H, 0.3, 1.5))),
         Case("t5", "t5", lambda H, D: posattn.T5Bias(
             (2.0 * torch.randn(H, 32, generator=g)).to(DEVICE).requires_grad_(), max_distance=20)),
+        Case("sandwich", "sandwich", lambda H, D: posattn.Sandwich(d_bar=32)),
     ])
 
 

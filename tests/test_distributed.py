@@ -32,7 +32,7 @@ from test_window_softcap import (CAP, HEADS, Slack, assert_quantities, explicit_
 
 FAR = 300
 FACTORS = {
-    "pe": ["none", "rope", "dynamic_ntk", "alibi", "kerple_log", "kerple_power", "t5"],
+    "pe": ["none", "rope", "dynamic_ntk", "alibi", "kerple_log", "kerple_power", "t5", "sandwich"],
     "backend": ["triton", "cpu"],
     "world": [2, 4],
     "lb": ["zigzag", "none"],
@@ -66,6 +66,9 @@ CASES = [
     ("rope", "triton", 4, "zigzag", True, "bshd", "gqa", "fp32", "explicit", "w", "cap"),
     ("t5", "triton", 4, "zigzag", False, "bhsd", "mha", "fp32", "explicit", "w", None),
     ("dynamic_ntk", "triton", 2, "zigzag", True, "bhsd", "gqa", "fp16", "default", "w", "cap"),
+    ("sandwich", "triton", 2, "zigzag", True, "bshd", "mha", "fp16", "far", None, "cap"),
+    ("sandwich", "cpu", 4, "none", False, "bhsd", "gqa", "fp32", "default", "w", None),
+    ("sandwich", "triton", 4, "zigzag", False, "bhsd", "gqa", "fp32", "explicit", "w", "cap"),
 ]
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 

@@ -65,6 +65,7 @@ CASES = [
     ("t5", 16, FP16, "mha", True, None, CAP, [30, 2, 16], 2),  # 30 + 2: a page boundary
     ("dynamic_ntk", 32, FP16, "gqa", True, None, None, [6, 25], 5),
     ("rope", 0, FP32, "gqa", False, (4, 4), None, [3, 11], 7),
+    ("sandwich", 16, FP32, "gqa", False, (5, 2), CAP, [9, 27], 2),
 ]
 
 

@@ -18,18 +18,19 @@ import pytest
 import torch
 
 import posattn
-from posattn import ALiBi, KERPLE, RoPE, T5Bias
+from posattn import ALiBi, KERPLE, RoPE, Sandwich, T5Bias
 from conftest import DEVICE
 from attn_harness import check, plain, qkv
 from helpers import force_bias_tables
-from pe_cases import bias_pes
+from pe_cases import bias_pes, pe_factory
 
 # small and odd: two key tiles of the interpreter's 32 x 32, GQA (2 query heads share 1 kv head).
 # Batch 2 where a view spans the batch (positions (B, S), k expanded along it), else 1 (the
 # interpreter's time grows with the programs: batch x heads x query blocks).
 HQ, HKV, SQ, SK, D = 2, 1, 17, 33, 16
 KINDS = ("strided", "expanded", "offset")
-BIAS_PES = bias_pes()  # every registered PE with a bias: its per-head parameters as views
+# every registered PE with a learnable bias (Sandwich has none): its per-head parameters as views
+BIAS_PES = [n for n in bias_pes() if pe_factory(n)(2, 16).tensors()]
 
 
 def _inputs(pe_name, B=1):
@@ -65,14 +66,16 @@ def _pe(pe_name, a):
         return KERPLE(pe_name.split("_")[1], a["r1"], a["r2"])
     if pe_name == "t5":
         return T5Bias(a["table"], max_distance=20)
+    if pe_name == "sandwich":
+        return Sandwich(d_bar=32)
     raise _unknown(pe_name)
 
 
 def _param_names(pe_name):
     if pe_name.startswith("kerple"):
         return ("r1", "r2")
-    if pe_name in ("rope", "alibi", "t5"):
-        return {"rope": (), "alibi": ("slopes",), "t5": ("table",)}[pe_name]
+    if pe_name in ("rope", "alibi", "t5", "sandwich"):
+        return {"rope": (), "alibi": ("slopes",), "t5": ("table",), "sandwich": ()}[pe_name]
     raise _unknown(pe_name)
 
 

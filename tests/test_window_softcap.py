@@ -234,6 +234,11 @@ CASES = [
     ("t5", False, "right3", CAP, "fp16", "gqa", "offset", 1, 33, 21, 16, None),
     ("t5", True, "4_2", None, "fp32", "mha", "explicit", 1, 50, 50, 32, None),
     ("t5", False, "0_0", None, "fp16", "gqa", "default", 1, 31, 66, 16, None),
+    ("sandwich", True, "None", None, "fp32", "gqa", "offset", 1, 29, 41, 32, None),
+    ("sandwich", False, "left5", CAP, "fp16", "mha", "explicit", 1, 37, 26, 16, None),
+    ("sandwich", True, "right3", None, "fp16", "mha", "default", 2, 22, 22, 32, None),
+    ("sandwich", False, "4_2", None, "fp32", "gqa", "explicit", 1, 43, 43, 16, None),
+    ("sandwich", True, "0_0", CAP, "fp32", "gqa", "default", 1, 18, 55, 16, None),
 ]
 DTYPES = {"fp16": FP16, "fp32": FP32}
 
