@@ -83,7 +83,7 @@ def centred(pe: str, explicit: bool, center=None) -> bool:
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                     cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                     tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
-                    kvcache=0, decode=0):
+                    kvcache=0, decode=0, extend=None):
     """The launch of ``kernel`` that the launchers make for this case, recorded by
     launch.capture on meta tensors of SHAPE: (launch.Launch, TileConfig, tma). Arguments as in
     compile_kernel; ``rope``: the RoPE strategy (launch.rope_strategy; "once" makes RoPE run
@@ -93,7 +93,10 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
 
     B, Hq, Hkv, S = SHAPE["B"], SHAPE["Hq"], SHAPE["Hkv"], SHAPE["S"]
     dt, dev = DTYPES[dtype], "meta"
-    rec = _triton.kernel_pe(pe_registry.REGISTRY[pe](), head_dim, Hq, dev, None)
+    spec = pe_registry.REGISTRY[pe]()
+    if extend is not None:  # RoPE extended by remapped positions (EXTENSIONS)
+        spec = pe_registry.RoPE(extend=EXTENSIONS[extend])
+    rec = _triton.kernel_pe(spec, head_dim, Hq, dev, None)
     if rec.params is not None and rec.params.device.type != dev:  # a spec's own tensor (T5's table)
         rec = dataclasses.replace(rec, params=rec.params.to(dev))
     if varlen:  # (1, H, total, D) views of (total, H, D), as attention_varlen passes them
@@ -241,7 +244,7 @@ def _signature(fn, kw: dict, dtype: str):
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                    tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
-                   kvcache=0, decode=0):
+                   kvcache=0, decode=0, extend=None):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``,
     exactly as the launcher would launch it (captured_launch).
 
@@ -259,7 +262,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     """
     ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                   pe_grad, part, tma, center, window, softcap, varlen, rope,
-                                  kvcache, decode)
+                                  kvcache, decode, extend)
     kw = dict(ln.kwargs)
     options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages"),
                "enable_fp_fusion": kw.pop("enable_fp_fusion")}  # launch options, not arguments
@@ -288,13 +291,13 @@ def resource_usage(ck):
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                 tma=None, center=None, window=None, softcap=None, varlen=False, kvcache=0,
-                decode=0):
+                decode=0, extend=None):
     """Compile one config (see compile_kernel) and return its report row."""
     if tma is None:  # (a paged cache is read through pointers: launch.tma_ready)
         tma = uses_tma(kernel, pe, arch, dtype, explicit, varlen) and not kvcache
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                       pe_grad, part, tma, center, window, softcap, varlen,
-                                      kvcache=kvcache, decode=decode)
+                                      kvcache=kvcache, decode=decode, extend=extend)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     field = resource_usage(ck)
@@ -305,7 +308,7 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
                mma_util=None, tma=tma, center=centred(pe, explicit, center),
                window=list(window) if window is not None else None, softcap=softcap,
-               varlen=varlen, kvcache=kvcache, decode=decode)
+               varlen=varlen, kvcache=kvcache, decode=decode, extend=extend)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -329,6 +332,20 @@ GEOMETRY_ROWS = (
     ("t5", False, True, {}),  # T5 encoder: explicit positions (int64-wide clamp)
     ("t5", False, False, dict(window=(256, 256), varlen=True)),
     ("sandwich", False, True, dict(window=(256, 256))),  # explicit: int64 clamped table index
+)
+# RoPE extended by remapped positions (posattn.RoPEExtension): the forward only, causal, one
+# row per method shape (ReRoPE: an unrotated far key; leaky: a second frequency set;
+# Self-Extend: grouped positions), contiguous and explicit positions, a KV cache decode step.
+# NOT in shipped_configs yet: the one-loop forward holds Q twice (near and far rotations) and
+# spills -- sm_90 D=128 232-456 B on 3.9, 32-768 B elsewhere (docs/internals.md, "RoPE
+# extensions"); compile_one(..., extend=...) reports them.
+EXTENSIONS = {"rerope": pe_registry.ReRoPE(512), "leaky": pe_registry.LeakyReRoPE(512, 16),
+              "selfextend": pe_registry.SelfExtend(8, 1024)}
+REMAP_ROWS = (
+    ("rope", True, False, dict(extend="rerope")),
+    ("rope", True, True, dict(extend="leaky")),
+    ("rope", True, False, dict(extend="selfextend", kvcache=16, decode=1)),
+    ("rope", True, False, dict(extend="selfextend", window=(4095, 0))),
 )
 # The forward of attention_with_kvcache over a paged cache (16-token pages: a 64- or 128-key
 # tile reads rows of 4-8 pages), every PE, causal (what a decode or prefill step runs)

@@ -42,7 +42,7 @@ from .bias import (BIAS_ALIBI, BIAS_NONE, BIAS_T5, alibi_causal_split, bias_para
 from .fmath import LN2, LOG2E, softcap_logits
 from .geometry import load_positions, query_key_tiles, seq_geometry, tile_run, visible
 from .loader import load_box, load_qk, load_tile, qk_dot
-from .rotary import ROT_ROPE, qk_columns, rope_angle_cos_sin, tile_rope
+from .rotary import ROT_ROPE, far_positions, qk_columns, rope_angle_cos_sin, tile_rope
 
 
 @triton.jit
@@ -80,14 +80,20 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                BIAS_F, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in,
-               cap_log2, win_left, win_right, tile_lo, tile_hi, cols,
+               cap_log2, win_left, win_right, tile_lo, tile_hi, cols, remap,
                ROT: tl.constexpr, BIAS: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
                SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
                ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr,
-               TMA: tl.constexpr, CENTER: tl.constexpr, BT, PAGE: tl.constexpr):
+               TMA: tl.constexpr, CENTER: tl.constexpr, BT, PAGE: tl.constexpr,
+               REMAP: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi) of one sequence.
+
+    REMAP (RoPE extended by remapped positions, rotary.far_positions): scores of keys less
+    than remap_w before their query are q.k as RoPE rotates them, the others the far pass's
+    (Q and K rotated at their far positions, THETA_FAR); a tile computes only the products its
+    (query, key) pairs need -- both only where it straddles the window's edge.
 
     PAGE > 0 (a paged KV cache): key row n of the sequence is row BT[n // PAGE] * PAGE +
     n % PAGE of K and V (flat over pages), BT the sequence's row of the block table.
@@ -135,11 +141,32 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
             if PAGE > 0:  # through the block table (rows past the keys read page 0: masked)
                 page = tl.load(BT + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
                 krows = page * PAGE + offs_n % PAGE
-            ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA,
-                                 colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
+            if not REMAP:
+                ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, cos, sin, c0, s0,
+                                     colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED,
+                                     not EXPLICIT_POS)
             v = load_tile(V, krows, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
-        qk = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
+        if REMAP:
+            far_q, THETA_FAR, remap_w, rk_a, rk_b, r_group = remap
+            near = (qpos[:, None] - kpos[None, :]) < remap_w  # (BLOCK_M, BLOCK_N)
+            s_near = tl.zeros([qpos.shape[0], BLOCK_N], tl.float32)
+            s_far = tl.zeros([qpos.shape[0], BLOCK_N], tl.float32)
+            if tl.min(qpos, 0) - tl.max(kpos, 0) < remap_w:  # some pair is near
+                ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, cos, sin, c0, s0,
+                                     colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED,
+                                     not EXPLICIT_POS)
+                s_near = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
+            if tl.max(qpos, 0) - tl.min(kpos, 0) >= remap_w:  # some pair is far
+                c_f, s_f = rope_angle_cos_sin(far_positions(kpos, rk_a, rk_b, r_group),
+                                              THETA_FAR, rope_factor, ROT_HALF, BLOCK_A)
+                fa, fb, fc = load_qk(K, krows, n_mask, stride_kn, stride_kd, c_f, s_f, 0.0, 0.0,
+                                     colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, False)
+                qfa, qfb, qfc = far_q
+                s_far = qk_dot(qfa, qfb, qfc, fa, fb, fc, ROT, HAS_PASS, PREC)
+            qk = tl.where(near, s_near, s_far)
+        else:
+            qk = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
         if FOLD_SCALE:  # in units of 1/scale: see the docstring
             s = qk
             if BIAS != BIAS_NONE:
@@ -196,6 +223,8 @@ def attn_fwd_kernel(
     FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
     KLEN=None, BT=None, stride_btb=None, KV_LENS: tl.constexpr = False, PAGE: tl.constexpr = 0,
     PACK_GQA: tl.constexpr = False,
+    THETA_FAR=None, remap_w=None, rq_a=None, rq_b=None, rk_a=None, rk_b=None, r_group=None,
+    REMAP: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -295,6 +324,15 @@ def attn_fwd_kernel(
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
     qa, qb, qc = load_qk(Q, q_rows, m_mask, q_stride, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, ROT, HAS_PASS, True, False)
+    far_q = (qa, qb, qc)  # REMAP: Q rotated at its far positions (rotary.far_positions)
+    if REMAP:
+        tl.static_assert(ROT == ROT_ROPE and CAUSAL and not PACK_GQA and not TMA,
+                         "remapped RoPE: causal RoPE, pointer loads, unpacked rows")
+        c_f, s_f = rope_angle_cos_sin(far_positions(qpos, rq_a, rq_b, r_group), THETA_FAR,
+                                      rope_factor, ROT_HALF, BLOCK_A)
+        far_q = load_qk(Q, q_rows, m_mask, q_stride, stride_qd, c_f, s_f, 0.0, 0.0, colA, colB,
+                        maskA, colC, maskC, ROT, HAS_PASS, True, False)
+    remap = (far_q, THETA_FAR, remap_w, rk_a, rk_b, r_group)
 
     # Key tiles (geometry.tile_range): masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
     # [f_hi, t_hi). Causal or windowed explicit positions: every tile masked, none skipped.
@@ -326,12 +364,12 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kpn, k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                cap_in, cap_log2, win_left, win_right, lo, hi, cols,
+                cap_in, cap_log2, win_left, win_right, lo, hi, cols, remap,
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
-                PAGE=PAGE)
+                PAGE=PAGE, REMAP=REMAP)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -40,6 +40,9 @@ class KernelPE:
     buckets: a table bias's column per relative position k - q in [-R, R], int64 (2R + 1,)
     (posattn.pe.PE.bias_buckets), else None.
     family: the tile-config family (configs.FAMILIES).
+    remap: a RoPE extension (posattn.pe.RoPEExtension), forward only: (window, a_q, b_q,
+    a_k, b_k, group) of its far positions and theta_far, the far pass's inv_freq (float64
+    on the device); None otherwise.
     """
 
     rot: str = "none"
@@ -51,6 +54,8 @@ class KernelPE:
     params: Optional[torch.Tensor] = None
     family: str = "none"
     buckets: Optional[torch.Tensor] = None
+    remap: Optional[tuple] = None
+    theta_far: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.rot not in ROT_CODES:
@@ -627,6 +632,15 @@ def _common_args(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, d
                 VARLEN=pos.varlen, EXPLICIT_POS=pos.explicit)
 
 
+def _remap_args(pe: KernelPE) -> dict:
+    """The forward's RoPE-extension arguments (attn_fwd._fwd_tiles, REMAP); none without one."""
+    if pe.remap is None:
+        return {}
+    w, a_q, b_q, a_k, b_k, group = pe.remap
+    return dict(THETA_FAR=pe.theta_far, remap_w=w, rq_a=a_q, rq_b=b_q, rk_a=a_k, rk_b=b_k,
+                r_group=group, REMAP=True)
+
+
 def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
     return {f"stride_{prefix}{d}": st for d, st in zip(dims, t.stride())}
 
@@ -652,8 +666,8 @@ ROPE_STRATEGIES = ("tile", "once")
 def rope_strategy(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, causal: bool) -> str:
     """"tile" or "once" for a RoPE launch of Sq queries against Sk keys (varlen: the longest
     sequences); "tile" for any other PE. Under ``capture``: its ``rope`` argument."""
-    if not pe.rope or pos.k_lens is not None:  # (a KV cache: its lengths live on the device)
-        return "tile"
+    if not pe.rope or pos.k_lens is not None or pe.remap is not None:
+        return "tile"  # (a KV cache: its lengths live on the device; a remap: two rotations)
     choice = _capture.rope if _capture is not None else (ROPE_STRATEGY or os.environ.get("POSATTN_ROPE") or None)
     if choice is not None:
         if choice not in ROPE_STRATEGIES:
@@ -731,7 +745,7 @@ def pack_gqa(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, group
     3.6)."""
     if (pos.k_lens is None or group < 2 or not 0 < Sq <= PACK_MAX_SQ or mask.softcap > 0
             or not fold_scale(scale) or center or pos.explicit or pos.varlen
-            or pe.bias in UNCENTRED_BIASES):
+            or pe.bias in UNCENTRED_BIASES or pe.remap is not None):
         return 0
     return group * Sq
 
@@ -806,6 +820,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
             KLEN=pos.k_lens, BT=pos.block_table,
             stride_btb=pos.block_table.stride(0) if pos.block_table is not None else None,
             KV_LENS=pos.k_lens is not None, PAGE=pos.page, PACK_GQA=bool(pack),
+            **_remap_args(pe),
         )
     if splits > 1:
         _run(attn_combine_kernel, (triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq),
@@ -894,6 +909,10 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
     provided ``dref`` is the frame ``lse`` was formed in (see attn_fwd) and, for a table
     bias, ``table_ref`` is one bucket that every piece centres its table gradient on
     (bias.table_grad_centred; None: each call picks its own, exact only for whole rows)."""
+    if pe.remap is not None:
+        raise NotImplementedError("RoPE(extend=...) has a Triton forward only: its backward "
+                                  "(two rotations per score) is not written yet; differentiate "
+                                  "through backend='cpu' or 'reference'")
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)

@@ -138,6 +138,15 @@ def rope_tile_start(TILES, offset, BLOCK_A: tl.constexpr):
 
 
 @triton.jit
+def far_positions(pos, a, b, group):
+    """A RoPE extension's far positions (posattn.pe.RoPEExtension.far_map): (a pos + b) //
+    group, int64, floor division (positions may be negative)."""
+    x = a * pos.to(tl.int64) + b
+    q = x // group
+    return tl.where((x % group != 0) & (x < 0), q - 1, q)  # C division truncates: floor it
+
+
+@triton.jit
 def rope_rotate(x1, x2, c, s):
     """Rotate pairs: (x1 c - x2 s, x2 c + x1 s). Pass -s for the inverse (transpose) rotation."""
     return x1 * c - x2 * s, x2 * c + x1 * s

@@ -242,6 +242,9 @@ class Rotation:
 def make_rotation(spec: PE, head_dim: int, geo: Geometry, cur_len: Optional[int]) -> Rotation:
     if spec.rotary != "rope":
         return Rotation(None, None)
+    if getattr(spec, "extend", None) is not None:  # never rotate it as plain RoPE
+        raise NotImplementedError("backend='cpu' does not run RoPE(extend=...) yet: use "
+                                  "backend='reference' (or 'triton', forward)")
     if not spec.needs_cur_len:
         cur_len = None
     elif cur_len is None:  # as reference.attention_bhsd: max position + 1 of this call

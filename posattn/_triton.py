@@ -84,6 +84,10 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
             lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
         rope = dict(theta=theta, factor=factor, rot_dim=2 * theta.numel(),
                     interleaved=spec.interleaved)
+        if spec.extend is not None:  # a RoPE extension: its far pass (forward only)
+            a_q, b_q, a_k, b_k, group, freq_scale = spec.extend.far_map()
+            rope.update(remap=(spec.extend.window, a_q, b_q, a_k, b_k, group),
+                        theta_far=theta * freq_scale)
     params = None
     if spec.bias != "none":
         if any(isinstance(x, torch.Tensor) for x in vars(spec).values()):
@@ -208,10 +212,24 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     q, k, v = _stride1(q), _stride1(k), _stride1(v)
     pos = kernel_positions(q_pos, k_pos, B, q.device)
     mask = kernel_mask(causal, window, softcap)
+    if pe.remap is not None:
+        _check_forward_only(q, k, v)
     if torch.compiler.is_compiling():  # the same launchers as opaque graph nodes (see _ops)
+        if pe.remap is not None:
+            raise ValueError("RoPE(extend=...) does not run under torch.compile yet (the custom "
+                             "ops carry no far pass); call it eagerly")
         out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos, mask), scale)
         return out, lse
     return _FusedAttention.apply(q, k, v, pe.params, pe, pos, mask, scale)
+
+
+def _check_forward_only(*tensors):
+    """A RoPE extension's Triton kernels are forward only: refuse inputs that would need its
+    gradient now, rather than fail in backward after the forward ran."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise NotImplementedError("RoPE(extend=...) has a Triton forward only (inference): call "
+                                  "it under torch.no_grad(), or differentiate through "
+                                  "backend='cpu' or 'reference'")
 
 
 def kernel_mask(causal: bool, window, softcap) -> launch.Mask:

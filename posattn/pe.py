@@ -33,6 +33,7 @@ Number = Union[int, float]
 __all__ = [
     "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "t5_bucket",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
+    "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend",
     "alibi_slopes", "resolve_pe", "REGISTRY", "registered", "axes",
 ]
 
@@ -201,6 +202,10 @@ class PE:
 
         Raises ``TypeError`` / ``ValueError`` naming the offending argument. No-op by default.
         """
+
+    def check_mask(self, causal: bool) -> None:
+        """Validate this spec against a call's mask: a PE defined for decoders only raises
+        ``ValueError`` when ``causal`` is False. No-op by default."""
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return f"{type(self).__name__}()"
@@ -548,6 +553,81 @@ def _cfg_get(config, key: str, default=None):
     return default if value is None else value
 
 
+class RoPEExtension:
+    """A training-free context extension by remapped RoPE positions (ReRoPE, leaky ReRoPE,
+    Self-Extend): a query attends to the keys less than ``window`` positions back
+    (``q_pos - k_pos < window``) with the model's RoPE as trained, and to every key further
+    back with a second, *far* rotation: the query rotated at ``(a_q q_pos + b_q) // group``,
+    the key at ``(a_k k_pos + b_k) // group``, both with the model's frequencies times
+    ``freq_scale``. Causal attention only (the methods are defined for decoders). Subclasses
+    say which far positions (:meth:`far_map`); ``posattn.RoPE(..., extend=...)`` takes one.
+    """
+
+    window: int
+
+    def far_map(self) -> Tuple[int, int, int, int, int, float]:
+        """(a_q, b_q, a_k, b_k, group, freq_scale) of the far rotation (integers but the
+        last)."""
+        raise NotImplementedError
+
+    def far_positions(self, pos: torch.Tensor, query: bool) -> torch.Tensor:
+        """The far rotation's positions of integer ``pos`` (int64, floor division)."""
+        a_q, b_q, a_k, b_k, group, _ = self.far_map()
+        a, b = (a_q, b_q) if query else (a_k, b_k)
+        return torch.div(a * pos.to(torch.int64) + b, group, rounding_mode="floor")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class ReRoPE(RoPEExtension):
+    """ReRoPE (Su, 2023, kexue.fm/archives/9708; bojone/rerope): relative position
+    ``min(q - k, window)``. Keys at least ``window`` back are attended with the query rotated
+    at ``window`` and the key not rotated, the reference code's second pass."""
+
+    def __init__(self, window: int):
+        self.window = _positive_int("window", window)
+
+    def far_map(self):
+        return 0, self.window, 0, 0, 1, 1.0
+
+
+class LeakyReRoPE(RoPEExtension):
+    """Leaky ReRoPE (Su, 2023; bojone/rerope's leaky patch): relative position ``q - k`` below
+    ``window`` and ``window + (q - k - window) / factor`` beyond, the far pass rotating the
+    query at ``q + window (factor - 1)`` and the key at ``k``, both with the frequencies
+    divided by ``factor`` (its linearly scaled RoPE). ``factor``: an integer >= 2 (16 in the
+    reference code), so that every far position is an integer."""
+
+    def __init__(self, window: int, factor: int = 16):
+        self.window = _positive_int("window", window)
+        self.factor = _positive_int("factor", factor)
+        if self.factor < 2:
+            raise ValueError(f"factor must be >= 2 (1 is plain RoPE), got {self.factor}")
+
+    def far_map(self):
+        return 1, self.window * (self.factor - 1), 1, 0, 1, 1.0 / self.factor
+
+
+class SelfExtend(RoPEExtension):
+    """Self-Extend (Jin et al. 2024, "LLM Maybe LongLM", arXiv 2401.01325; datamllab/LongLM):
+    neighbour attention with the model's positions for ``q - k < window``, grouped attention
+    beyond: the key at ``k // group``, the query at ``q // group + window - window // group``
+    (the shift that makes the two regions meet at the window's edge), the frequencies
+    unchanged."""
+
+    def __init__(self, group: int, window: int):
+        self.group = _positive_int("group", group)
+        self.window = _positive_int("window", window)
+        if self.group < 2:
+            raise ValueError(f"group must be >= 2 (1 is plain RoPE), got {self.group}")
+
+    def far_map(self):
+        G, W = self.group, self.window
+        # q // G + W - W // G == (q + G (W - W // G)) // G: one floor division
+        return 1, G * (W - W // G), 1, 0, G, 1.0
+
+
 class RoPE(PE):
     """Rotary position embedding.
 
@@ -557,6 +637,10 @@ class RoPE(PE):
         rotary_dim: number of leading head dims rotated (even, <= head_dim); ``None`` = head_dim.
         interleaved: ``False`` = GPT-NeoX/Llama half-split pairs (j, j + d/2);
             ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
+        extend: ``None`` or a :class:`RoPEExtension` (ReRoPE, LeakyReRoPE, SelfExtend):
+            remapped positions for the keys beyond its window (causal attention; the Triton
+            backend runs its forward, one pass; the reference backend also its gradients;
+            not yet the cpu backend, nor ring attention).
     """
 
     rotary = "rope"
@@ -565,7 +649,12 @@ class RoPE(PE):
     name = "rope"
 
     def __init__(self, base: float = 10000.0, scaling: Optional[RoPEScaling] = None,
-                 rotary_dim: Optional[int] = None, interleaved: bool = False):
+                 rotary_dim: Optional[int] = None, interleaved: bool = False,
+                 extend: Optional[RoPEExtension] = None):
+        if extend is not None and not isinstance(extend, RoPEExtension):
+            raise TypeError(f"extend must be None or a RoPEExtension (ReRoPE, LeakyReRoPE, "
+                            f"SelfExtend), got {type(extend).__name__}")
+        self.extend = extend
         # base <= 1 would make wavelengths shrink with the dim index (and YaRN divides by ln base).
         self.base = _positive_float("base", base, minimum_exclusive=1.0)
         if scaling is not None and not isinstance(scaling, RoPEScaling):
@@ -587,6 +676,12 @@ class RoPE(PE):
         if d <= 0 or d % 2 or d > head_dim:
             raise ValueError(f"rotary_dim must be even and in [2, head_dim={head_dim}], got {d}")
         return d
+
+    def check_mask(self, causal: bool) -> None:
+        """An extension (ReRoPE, Self-Extend) is defined for causal attention only."""
+        if self.extend is not None and not causal:
+            raise ValueError(f"RoPE(extend={self.extend!r}) needs causal=True: the method is "
+                             f"defined for decoders (keys at or before their query)")
 
     def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
         """rotary_dim even and <= head_dim; scaling parameters that depend on it (LongRoPE lists)."""
@@ -618,7 +713,8 @@ class RoPE(PE):
         if not self.needs_cur_len:
             return self
         cur_len = _positive_int("cur_len", cur_len)
-        return RoPE(self.base, _AtLength(self.scaling, cur_len), self.rotary_dim, self.interleaved)
+        return RoPE(self.base, _AtLength(self.scaling, cur_len), self.rotary_dim, self.interleaved,
+                    self.extend)
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: Optional[str] = None,

@@ -46,6 +46,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((y, rest), dim=-1)
 
 
+def _far_logits(spec: RoPE, q, k, q_pos, k_pos, cur_len, group):
+    """q.k^T (B, Hq, Sq, Sk) of a RoPE extension's second pass, as its authors wrote it: Q and
+    K rotated at their far positions (spec.extend.far_positions) with the frequencies times
+    freq_scale, every pair of them (the caller selects the far ones)."""
+    ext = spec.extend
+    inv_freq, factor = spec.frequencies(q.shape[-1], cur_len)
+    inv_freq = inv_freq * ext.far_map()[5]
+
+    def rotate(x, pos, query):
+        ang = ext.far_positions(pos, query).to(torch.float64)[..., None] * inv_freq.to(pos.device)
+        return apply_rope(x, torch.cos(ang) * factor, torch.sin(ang) * factor, spec.interleaved)
+
+    qf = rotate(q, q_pos, True)
+    kf = rotate(k, k_pos, False).repeat_interleave(group, dim=1)
+    return torch.matmul(qf, kf.transpose(-1, -2))
+
+
 def bias(spec: PE, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> Optional[torch.Tensor]:
     """Additive bias (B, H, Sq, Sk) in ``dtype`` of a bias PE (its ``reference_bias``: the spec
     owns its formula, posattn.pe), else None."""
@@ -105,19 +122,25 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     kp = k_pos.as_tensor(B, Sk, q.device)
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
 
+    group = Hq // Hkv
+    far = None
     if isinstance(spec, RoPE):
         if not spec.needs_cur_len:
             cur_len = None
         elif cur_len is None:
             cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
+        if spec.extend is not None:  # the far pass's logits, before the near rotation
+            far = _far_logits(spec, qc, kc, qp, kp, cur_len, group) * scale
         qc = apply_rope(qc, *rope_cos_sin(spec, D, qp, cur_len), spec.interleaved)
         kc = apply_rope(kc, *rope_cos_sin(spec, D, kp, cur_len), spec.interleaved)
 
-    group = Hq // Hkv
     kc = kc.repeat_interleave(group, dim=1)
     vc = vc.repeat_interleave(group, dim=1)
 
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if far is not None:  # the methods' selection: near keys (q - k < window) keep RoPE's logits
+        near = (qp[:, :, None] - kp[:, None, :] < spec.extend.window)[:, None]
+        s = torch.where(near, s, far)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     b = bias(spec, Hq, qp, kp, compute_dtype)

@@ -1,0 +1,192 @@
+"""RoPE extended by remapped positions (posattn.ReRoPE, LeakyReRoPE, SelfExtend).
+
+1. The reference (posattn.reference: the methods' two passes, materialised and selected per
+   (query, key)) against a third formulation written here from the methods' relative
+   positions -- ReRoPE min(q - k, w); leaky w + (q - k - w) / k beyond w; Self-Extend
+   q // G - k // G + W - W // G beyond W -- as complex rotations of q . k per frequency.
+2. The Triton forward (one pass: a tile computes the near product, the far one, or both only
+   where it straddles the window's edge) against the float64 reference by the error rule,
+   over positions, dtypes, heads, windows, soft caps, packed sequences and a paged KV cache.
+3. What a user can get wrong, by name.
+"""
+import pytest
+import torch
+
+import posattn
+from posattn import LeakyReRoPE, ReRoPE, RoPE, SelfExtend
+from conftest import DEVICE
+from helpers import assert_rule
+
+FP16, FP32 = torch.float16, torch.float32
+METHODS = {"rerope": ReRoPE(7), "leaky": LeakyReRoPE(6, 4), "selfextend": SelfExtend(3, 8)}
+
+
+def _relative(name, ext, d):
+    """The method's relative position of q - k = d (int64 tensors of q, k positions: d = q - k
+    is not enough for Self-Extend, whose groups depend on the positions themselves)."""
+    qp, kp = d
+    delta = qp - kp
+    if name == "rerope":
+        far = torch.full_like(delta, ext.window).double()
+    elif name == "leaky":
+        far = ext.window + (delta - ext.window).double() / ext.factor
+    else:
+        G, W = ext.group, ext.window
+        far = (torch.div(qp, G, rounding_mode="floor") - torch.div(kp, G, rounding_mode="floor")
+               + W - W // G).double()
+    return torch.where(delta < ext.window, delta.double(), far)
+
+
+def _by_relative_angles(name, ext, q, k, v, qpos, kpos, scale):
+    """Causal attention whose logits are sum_j Re(zq_j conj(zk_j) e^{i rel theta_j}) (half-split
+    pairs: z = x_j + i x_{j + D/2}), rel the method's relative position. float64, (H, Sq, Dv)."""
+    D = q.shape[-1]
+    theta = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    zq = torch.complex(q[..., : D // 2], q[..., D // 2:])  # (H, Sq, D/2)
+    zk = torch.complex(k[..., : D // 2], k[..., D // 2:])
+    rel = _relative(name, ext, (qpos[:, None], kpos[None, :]))  # (Sq, Sk)
+    phase = torch.exp(1j * rel[..., None] * theta)  # (Sq, Sk, D/2)
+    s = torch.einsum("hqj,hkj,qkj->hqk", zq, zk.conj(), phase).real * scale
+    s = s.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_reference_is_the_methods_relative_positions(name):
+    ext = METHODS[name]
+    g = torch.Generator().manual_seed(3)
+    H, Sq, Sk, D = 2, 23, 31, 8
+    q, k, v = (torch.randn(1, H, s, D, generator=g, dtype=torch.float64) for s in (Sq, Sk, Sk))
+    qpos = torch.arange(Sq) + 40  # an offset: the groups do not start at 0
+    kpos = torch.arange(Sk) + (40 + Sq - Sk)
+    got = posattn.attention(q, k, v, pe=RoPE(extend=ext), causal=True, backend="reference",
+                            q_positions=qpos, k_positions=kpos)
+    want = _by_relative_angles(name, ext, q[0], k[0], v[0], qpos, kpos, D ** -0.5)
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-12)
+
+
+def test_window_past_every_distance_is_plain_rope():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 19, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    plain = posattn.attention(q, k, v, pe="rope", causal=True, backend="reference")
+    for ext in (ReRoPE(19), LeakyReRoPE(19, 2), SelfExtend(2, 19)):
+        got = posattn.attention(q, k, v, pe=RoPE(extend=ext), causal=True, backend="reference")
+        torch.testing.assert_close(got, plain, rtol=0, atol=1e-14)
+
+
+# method, dtype, heads (Hq, Hkv), positions, window, softcap | Sq, Sk, D
+CASES = [
+    ("rerope", FP16, (2, 2), "default", None, None, 45, 45, 16),
+    ("rerope", FP32, (4, 2), "explicit", (9, 0), 20.0, 21, 40, 32),
+    ("leaky", FP32, (2, 2), "offset", None, 20.0, 17, 50, 16),
+    ("leaky", FP16, (4, 1), "default", (12, 0), None, 33, 33, 32),
+    ("selfextend", FP32, (4, 2), "default", None, None, 64, 64, 16),
+    ("selfextend", FP16, (2, 2), "explicit", None, 20.0, 30, 30, 16),
+    ("selfextend", FP16, (2, 1), "offset", (20, 0), None, 9, 41, 32),
+]
+
+
+def _positions(kind, Sq, Sk, seed):
+    if kind == "default":
+        return {}
+    if kind == "offset":
+        return dict(q_positions=1000 + Sk - Sq, k_positions=1000)
+    g = torch.Generator().manual_seed(seed)  # sorted, with gaps, queries among the keys
+    kp = torch.sort(torch.randperm(3 * Sk, generator=g)[:Sk]).values
+    qp = torch.sort(torch.randperm(3 * Sk, generator=g)[:Sq]).values + 5
+    return dict(q_positions=qp.to(DEVICE), k_positions=kp.to(DEVICE))
+
+
+def _judge(got, q, k, v, pe, dtype, **kw):
+    ref = posattn.attention(q.double(), k.double(), v.double(), pe=pe, backend="reference", **kw)
+    naive = posattn.attention(q, k, v, pe=pe, backend="reference", **kw)
+    assert_rule("out", got, ref, naive, 2, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-{c[2]}-{c[3]}-"
+                         f"w{c[4]}-cap{c[5]}")
+def test_triton_forward_matches_reference(case):
+    name, dtype, (Hq, Hkv), kind, window, cap, Sq, Sk, D = case
+    g = torch.Generator().manual_seed(len(name) + Sq)
+    q = torch.randn(2, Hq, Sq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(2, Hkv, Sk, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(2, Hkv, Sk, D, generator=g).to(DEVICE, dtype)
+    pe = RoPE(extend=METHODS[name])
+    kw = dict(causal=True, window=window, softcap=cap, **_positions(kind, Sq, Sk, Sq))
+    with torch.no_grad():
+        got = posattn.attention(q, k, v, pe=pe, backend="triton", **kw)
+    _judge(got, q, k, v, pe, dtype, **kw)
+
+
+def test_triton_varlen_and_kvcache():
+    """Packed sequences (each restarts its positions) and a paged KV cache (decode rows whose
+    every key but the nearest is far)."""
+    g = torch.Generator().manual_seed(9)
+    pe = RoPE(extend=SelfExtend(2, 6))
+    cu = torch.tensor([0, 13, 42], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(42, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+    with torch.no_grad():
+        got = posattn.attention_varlen(q, k, v, cu, cu, 29, 29, pe=pe, causal=True, backend="triton")
+    for (a, b) in ((0, 13), (13, 42)):
+        sl = (slice(None), slice(None), slice(a, b))
+        qs, ks, vs = (t.transpose(0, 1)[None][sl] for t in (q, k, v))
+        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
+                                backend="reference")
+        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
+        assert_rule("out", got[a:b].transpose(0, 1)[None], ref, naive, 2, FP32)
+
+    # paged cache: 2 sequences, 16-token pages, one new token each
+    pe = RoPE(extend=ReRoPE(5))
+    page, lens = 16, [20, 37]
+    n_blocks = 8
+    kc = torch.randn(n_blocks, page, 1, 16, generator=g).to(DEVICE)
+    vc = torch.randn(n_blocks, page, 1, 16, generator=g).to(DEVICE)
+    bt = torch.randperm(n_blocks, generator=g)[:6].view(2, 3).to(DEVICE, torch.int32)
+    qn = torch.randn(2, 1, 2, 16, generator=g).to(DEVICE)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        got = posattn.attention_with_kvcache(qn, kc, vc, cache_seqlens=seqlens, block_table=bt,
+                                             pe=pe, backend="triton")
+    for b, n in enumerate(lens):
+        keys = kc[bt[b].long()].reshape(-1, 1, 16)[:n]
+        vals = vc[bt[b].long()].reshape(-1, 1, 16)[:n]
+        qs = qn[b:b + 1].transpose(1, 2)  # (1, Hq, 1, D)
+        ks, vs = keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]  # (1, 1, n, D)
+        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
+                                backend="reference")
+        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
+        assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
+
+
+def test_errors_name_the_argument():
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    pe = RoPE(extend=ReRoPE(4))
+    with pytest.raises(ValueError, match="causal=True"):
+        posattn.attention(q, q, q, pe=pe, causal=False, backend="reference")
+    with pytest.raises(NotImplementedError, match="forward only"):
+        posattn.attention(q.requires_grad_(), q, q, pe=pe, causal=True, backend="triton")
+    with pytest.raises(NotImplementedError, match="backend='cpu'"):
+        posattn.attention(q.detach(), q.detach(), q.detach(), pe=pe, causal=True, backend="cpu")
+    with pytest.raises(TypeError, match="extend"):
+        RoPE(extend="rerope")
+    with pytest.raises(ValueError, match="group"):
+        SelfExtend(1, 8)
+    with pytest.raises(ValueError, match="factor"):
+        LeakyReRoPE(8, 1)
+    with pytest.raises(ValueError, match="window"):
+        ReRoPE(0)
+
+
+def test_reference_backward_runs():
+    """Gradients of an extension come from the reference backend (autograd through both
+    passes): finite, and zero for no query (every query has its diagonal key)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out = posattn.attention(q, k, v, pe=RoPE(extend=SelfExtend(2, 4)), causal=True,
+                            backend="reference")
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: posattn.attention(a, b, c, pe=RoPE(extend=SelfExtend(2, 4)), causal=True,
+                                          backend="reference"), (q, k, v))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
