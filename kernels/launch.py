@@ -633,9 +633,11 @@ def _common_args(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, d
 
 
 def _remap_args(pe: KernelPE) -> dict:
-    """The forward's RoPE-extension arguments (attn_fwd._fwd_tiles, REMAP); none without one."""
+    """The forward's RoPE-extension arguments (attn_fwd._fwd_tiles, REMAP); their defaults
+    without one (every argument passed: bench.compile_report derives signatures from them)."""
     if pe.remap is None:
-        return {}
+        return dict(THETA_FAR=None, remap_w=None, rq_a=None, rq_b=None, rk_a=None, rk_b=None,
+                    r_group=None, REMAP=False)
     w, a_q, b_q, a_k, b_k, group = pe.remap
     return dict(THETA_FAR=pe.theta_far, remap_w=w, rq_a=a_q, rq_b=b_q, rk_a=a_k, rk_b=b_k,
                 r_group=group, REMAP=True)
