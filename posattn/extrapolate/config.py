@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 import posattn
@@ -96,12 +97,26 @@ def _kerple(kind: str) -> StudyPE:
                    module=lambda cfg: posattn.nn.KERPLEBias(cfg.n_heads, kind=kind), params=_kerple_params)
 
 
+class T5Table(nn.Module):
+    """A layer's learnable T5 bias table (H, 32 buckets), initialised as transformers' T5
+    (normal, std d_model ** -0.5)."""
+
+    def __init__(self, cfg: "Config", num_buckets: int = 32):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(cfg.n_heads, num_buckets) * cfg.d_model ** -0.5)
+
+
 STUDY_PES: Dict[str, StudyPE] = {
     "nope": StudyPE("NoPE", spec=lambda m, cfg, rope: posattn.NoPE()),
     "rope": StudyPE("RoPE", spec=lambda m, cfg, rope: posattn.RoPE(base=cfg.rope_base, **rope), rope_methods=True),
     "alibi": StudyPE("ALiBi", spec=lambda m, cfg, rope: posattn.ALiBi()),   # the paper's fixed slopes
     "kerple_log": _kerple("log"),
     "kerple_power": _kerple("power"),
+    # T5's decoder buckets (keys after the query share bucket 0; causal anyway), its defaults
+    "t5": StudyPE("T5", spec=lambda m, cfg, rope: posattn.T5Bias(m.table, bidirectional=False,
+                                                                 max_distance=128),
+                  module=T5Table),
+    "sandwich": StudyPE("Sandwich", spec=lambda m, cfg, rope: posattn.Sandwich()),  # d_bar 128
 }
 
 
@@ -112,6 +127,26 @@ def _stretch(make: Callable[[float, "Config"], posattn.RoPEScaling]) -> Callable
         return {"scaling": make(factor, cfg)} if factor > 1 else {}
     return options
 
+
+def _fit(eval_len: int, train_len: int, window: int) -> int:
+    """The smallest integer k >= 2 that maps relative positions up to eval_len - 1 into the
+    trained range: window + (eval_len - 1 - window) / k <= train_len - 1."""
+    return max(2, -(-(eval_len - 1 - window) // (train_len - 1 - window)))
+
+
+def _extend(make: Callable[[int, "Config", int], "posattn.RoPEExtension"]) -> Callable[[int, "Config"], dict]:
+    """A RoPE extension (remapped positions) with window = L / 2; none at eval_len <= L."""
+    def options(eval_len: int, cfg: "Config") -> dict:
+        if eval_len <= cfg.train_len:
+            return {}
+        return {"extend": make(eval_len, cfg, cfg.train_len // 2)}
+    return options
+
+
+_EXTEND_RULE = ("window w = L / 2 (none at eval_len = L); ReRoPE: relative positions capped at w; "
+                "leaky ReRoPE / Self-Extend: factor / group k = the smallest integer >= 2 with "
+                "w + (eval_len - 1 - w) / k <= L - 1; run on the reference backend where the "
+                "study's backend is 'cpu' (the cpu backend has no RoPE extensions yet)")
 
 _STRETCH_RULE = ("factor = eval_len / L (none at eval_len = L); YaRN original_max_position = L; "
                  "one forward per window")
@@ -129,6 +164,15 @@ ROPE_METHODS: Dict[str, RoPEMethod] = {
               "(cur_len = eval_len, the same as NTK(eval_len / L))")),
     "yarn": RoPEMethod("YaRN", _stretch(lambda f, cfg: posattn.YaRN(f, original_max_position=cfg.train_len)),
                        rule=_STRETCH_RULE),
+    "rerope": RoPEMethod("ReRoPE", _extend(lambda n, cfg, w: posattn.ReRoPE(w)), rule=_EXTEND_RULE),
+    "leaky_rerope": RoPEMethod(
+        "leaky ReRoPE",
+        _extend(lambda n, cfg, w: posattn.LeakyReRoPE(w, _fit(n, cfg.train_len, w))),
+        rule=_EXTEND_RULE),
+    "self_extend": RoPEMethod(
+        "Self-Extend",
+        _extend(lambda n, cfg, w: posattn.SelfExtend(_fit(n, cfg.train_len, w), w)),
+        rule=_EXTEND_RULE),
 }
 
 
