@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import posattn
-from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, T5Bias, YaRN
+from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, Sandwich, T5Bias, YaRN
 from conftest import DEVICE
 from attn_harness import check
 from pe_cases import REGISTERED
@@ -94,6 +94,8 @@ def _draw_pe(rng, Hq, D):
         return {"kind": "t5", "table": [[round(rng.uniform(-3.0, 3.0), 3) for _ in range(nb)]
                                         for _ in range(Hq)],
                 "bidirectional": rng.random() < 0.5, "max_distance": rng.choice([20, 128])}
+    if kind == "sandwich":  # parameter-free; the paper's width or a narrow one
+        return {"kind": "sandwich", "d_bar": rng.choice([16, 128]), "heads": Hq}
     if not kind.startswith("kerple"):
         raise NotImplementedError(f"test_fuzz draws no {kind!r} case: teach _draw_pe, make_pe and "
                                   "_bias_bound about it")
@@ -154,6 +156,8 @@ def _bias_bound(pe, max_dist):
         return (mx(pe["slopes"]) if pe["slopes"] is not None else 1.0) * max_dist
     if pe["kind"] == "t5":
         return max(abs(x) for row in pe["table"] for x in row)
+    if pe["kind"] == "sandwich":  # a_1 = H / 8 times at most d_bar
+        return pe["heads"] / 8 * pe["d_bar"]
     if pe["kind"] == "kerple":
         if pe["type"] == "log":
             return mx(pe["r1"]) * math.log1p(mx(pe["r2"]) * max_dist)
@@ -182,7 +186,7 @@ def draw_case(rng):
     if pe["kind"] == "kerple" and pe["type"] == "power" and _bias_bound(pe, max_dist) > BIAS_LIMIT[torch.float32]:
         pe["r2"] = [min(x, 1.0) for x in pe["r2"]] if isinstance(pe["r2"], list) else min(pe["r2"], 1.0)
     if _bias_bound(pe, max_dist) > BIAS_LIMIT[getattr(torch, dtype)] or (
-            dtype == "float16" and pe["kind"] in ("alibi", "kerple") and max_dist > FP16_MAX_DIST):
+            dtype == "float16" and pe["kind"] in ("alibi", "kerple", "sandwich") and max_dist > FP16_MAX_DIST):
         dtype = "float32"
     return {
         "B": B, "Hq": Hq, "Hkv": Hkv, "Sq": Sq, "Sk": Sk, "D": D, "Dv": Dv, "dtype": dtype,
@@ -216,6 +220,8 @@ def make_pe(desc):
         return KERPLE(desc["type"], param(desc["r1"]), param(desc["r2"]))
     if kind == "t5":
         return T5Bias(param(desc["table"]), desc["bidirectional"], desc["max_distance"])
+    if kind == "sandwich":
+        return Sandwich(desc["d_bar"])
     scaling = desc["scaling"]
     if scaling is not None:
         name, *args = scaling
