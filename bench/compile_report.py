@@ -335,10 +335,8 @@ GEOMETRY_ROWS = (
 )
 # RoPE extended by remapped positions (posattn.RoPEExtension): the forward only, causal, one
 # row per method shape (ReRoPE: an unrotated far key; leaky: a second frequency set;
-# Self-Extend: grouped positions), contiguous and explicit positions, a KV cache decode step.
-# NOT in shipped_configs yet: the one-loop forward holds Q twice (near and far rotations) and
-# spills -- sm_90 D=128 232-456 B on 3.9, 32-768 B elsewhere (docs/internals.md, "RoPE
-# extensions"); compile_one(..., extend=...) reports them.
+# Self-Extend: grouped positions), contiguous and explicit positions, a KV cache decode step
+# (its K rotated in the tile), a window.
 EXTENSIONS = {"rerope": pe_registry.ReRoPE(512), "leaky": pe_registry.LeakyReRoPE(512, 16),
               "selfextend": pe_registry.SelfExtend(8, 1024)}
 REMAP_ROWS = (
@@ -383,7 +381,7 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
                 for pe, causal, explicit, opts in GEOMETRY_ROWS:
                     yield kernel, pe, head_dim, causal, explicit, None, None, opts
                 if kernel == "fwd":
-                    for pe, causal, explicit, opts in KVCACHE_ROWS:
+                    for pe, causal, explicit, opts in KVCACHE_ROWS + REMAP_ROWS:
                         yield kernel, pe, head_dim, causal, explicit, None, None, opts
 
 

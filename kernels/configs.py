@@ -313,3 +313,17 @@ def _load_env() -> None:
     path = os.environ.get(TILES_ENV)
     if path:
         _overrides.update(load_tiles(path))
+
+
+def remap_tile(cfg: TileConfig, head_dim: int, dtype, arch: Optional[int],
+               explicit: bool) -> TileConfig:
+    """The forward tile of a RoPE extension (attn_fwd REMAP: a near and a far pass, the
+    (query, key) region tested per score; launch.attn_fwd asks for the geometry tiles first).
+    On Ampere with explicit positions the per-element angles of the near pass and the int64
+    region test spill the geometry tiles (D=128 128 x 16: 32 B on triton 3.9; D=64 128 x 32:
+    16 B on 3.6): 64 x 32 on 4 warps."""
+    if (explicit and arch is not None and arch not in HOPPER_CLASS
+            and dtype != torch.float32):
+        return TileConfig(64, 32, 4, 2)
+    return cfg
+

@@ -16,7 +16,7 @@ import triton
 from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_combine_kernel, attn_fwd_kernel
-from .configs import HOPPER_CLASS, TileConfig, tile_config
+from .configs import HOPPER_CLASS, TileConfig, remap_tile, tile_config
 from . import bias as bias_axis
 from . import rotary as rotary_axis
 from .bias import bias_ref_kernel, bias_table_kernel
@@ -632,15 +632,39 @@ def _common_args(pe: KernelPE, pos: KernelPositions, mask: Mask, scale: float, d
                 VARLEN=pos.varlen, EXPLICIT_POS=pos.explicit)
 
 
-def _remap_args(pe: KernelPE) -> dict:
-    """The forward's RoPE-extension arguments (attn_fwd._fwd_tiles, REMAP); their defaults
-    without one (every argument passed: bench.compile_report derives signatures from them)."""
+def _remap_args(pe: KernelPE, pos: KernelPositions, q, k) -> dict:
+    """The forward's RoPE-extension arguments (attn_fwd, REMAP); their defaults without one
+    (every argument passed: bench.compile_report derives signatures from them).
+
+    The far pass's Q, and K unless it is a KV cache, are rotated at their far positions here,
+    by rope_apply into buffers laid out as q and k: the kernel then holds one rotation of Q at
+    a time and runs the far pass as plain loads (rotating them in the kernel kept both Q
+    rotations live and spilled; docs/internals.md). A KV cache's K is rotated in the tile
+    (rotating the whole cache per step would cost more than reading it)."""
     if pe.remap is None:
-        return dict(THETA_FAR=None, remap_w=None, rq_a=None, rq_b=None, rk_a=None, rk_b=None,
-                    r_group=None, REMAP=False)
+        return dict(Q_FAR=None, K_FAR=None, THETA_FAR=None, remap_w=None, rk_a=None, rk_b=None,
+                    r_group=None, REMAP=False, FAR_K=False)
     w, a_q, b_q, a_k, b_k, group = pe.remap
-    return dict(THETA_FAR=pe.theta_far, remap_w=w, rq_a=a_q, rq_b=b_q, rk_a=a_k, rk_b=b_k,
-                r_group=group, REMAP=True)
+    far = dataclasses.replace(pe, theta=pe.theta_far, remap=None, theta_far=None)
+
+    def far_positions(which, x, a, b):
+        if pos.k_lens is not None:  # a KV cache: queries continue each sequence's keys
+            p = pos.k_lens.to(torch.int64)[:, None] - x.shape[2] + torch.arange(
+                x.shape[2], device=x.device)
+        else:
+            start, p = _rope_source(pos, which, x.device)
+            if p is None:
+                p = torch.arange(start, start + x.shape[2], device=x.device)[None]
+        return torch.div(a * p.to(torch.int64) + b, group, rounding_mode="floor")
+
+    q_far = rope_apply(q, far, 0, far_positions("q", q, a_q, b_q),
+                       out=torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device))
+    k_far = None
+    if pos.k_lens is None:
+        k_far = rope_apply(k, far, 0, far_positions("k", k, a_k, b_k),
+                           out=torch.empty_strided(k.shape, k.stride(), dtype=k.dtype, device=k.device))
+    return dict(Q_FAR=q_far, K_FAR=k_far, THETA_FAR=pe.theta_far, remap_w=w, rk_a=a_k, rk_b=b_k,
+                r_group=group, REMAP=True, FAR_K=k_far is not None)
 
 
 def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
@@ -784,6 +808,9 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     if rope_strategy(pe, pos, Sq, Sk, mask.causal) == "once":
         q, k = _rotate_qk(q, k, pe, pos)
         pe = _unrotated(pe)
+    if pe.remap is not None:  # (its far rotations are laid out as q and k: no broadcast dims)
+        q, k = (t.contiguous() if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+                else t for t in (q, k))
     lse = torch.empty((Bt, Hq, S_rows), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos)
@@ -792,7 +819,9 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     DREF, center = _dref_args(dref, B, pos.varlen)
     cfg = tile_config("fwd", width, mask.causal, q.dtype, _arch(q), pe.family,
                       explicit=roomy_tile(pos, center), tma=tma,
-                      geometry=geometry_tile(pos, mask))
+                      geometry=geometry_tile(pos, mask) or pe.remap is not None)
+    if pe.remap is not None:
+        cfg = remap_tile(cfg, width, q.dtype, _arch(q), pos.explicit)
     pack = pack_gqa(pe, pos, mask, scale, Hq // Hkv, Sq, center)
     if pack:  # decode-shaped (a KV cache): a GQA group's heads x tokens in the rows
         cfg = decode_tile(pack, width, q.dtype, _arch(q))
@@ -822,7 +851,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
             KLEN=pos.k_lens, BT=pos.block_table,
             stride_btb=pos.block_table.stride(0) if pos.block_table is not None else None,
             KV_LENS=pos.k_lens is not None, PAGE=pos.page, PACK_GQA=bool(pack),
-            **_remap_args(pe),
+            **_remap_args(pe, pos, q, k),
         )
     if splits > 1:
         _run(attn_combine_kernel, (triton.cdiv(Sq, COMBINE_BLOCK_M), B * Hq),

@@ -47,6 +47,21 @@ def load_qk(ptr, rows, row_mask, stride_row, stride_col, cos, sin, c0, s0, colA,
 
 
 @triton.jit
+def load_groups(ptr, rows, row_mask, stride_row, stride_col, colA, colB, maskA, colC, maskC,
+                ROT: tl.constexpr, HAS_PASS: tl.constexpr, MASKED: tl.constexpr):
+    """Q or K as its dot groups (a, b, c) as load_qk returns them, but not rotated: a tensor a
+    pass already rotated (launch.rope_apply)."""
+    a = load_tile(ptr, rows, row_mask, colA, maskA, stride_row, stride_col, MASKED)
+    b = a
+    c = a
+    if ROT == ROT_ROPE:
+        b = load_tile(ptr, rows, row_mask, colB, maskA, stride_row, stride_col, MASKED)
+        if HAS_PASS:
+            c = load_tile(ptr, rows, row_mask, colC, maskC, stride_row, stride_col, MASKED)
+    return a, b, c
+
+
+@triton.jit
 def load_box(desc, b, h, row0, col0, BLOCK_R: tl.constexpr, BLOCK_COL: tl.constexpr):
     """TMA load of rows [row0, row0 + BLOCK_R) and columns [col0, col0 + BLOCK_COL) of head
     (b, h) of a (B, H, S, D) descriptor, as (BLOCK_R, BLOCK_COL). Out of bounds reads 0, so

@@ -15,7 +15,7 @@ import torch
 import posattn
 from posattn import LeakyReRoPE, ReRoPE, RoPE, SelfExtend
 from conftest import DEVICE
-from helpers import assert_rule
+from helpers import assert_rule, force_splits
 
 FP16, FP32 = torch.float16, torch.float32
 METHODS = {"rerope": ReRoPE(7), "leaky": LeakyReRoPE(6, 4), "selfextend": SelfExtend(3, 8)}
@@ -156,6 +156,27 @@ def test_triton_varlen_and_kvcache():
                                 backend="reference")
         naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
         assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_split_k(monkeypatch, cache):
+    """The forward split over runs of key tiles (flash-decoding) merged by their LSEs: each run
+    does its near and its far pass. Dense (K rotated beforehand) and a KV cache (in the tile)."""
+    merges = force_splits(monkeypatch, 3)
+    g = torch.Generator().manual_seed(8)
+    pe = RoPE(extend=LeakyReRoPE(9, 3))
+    q = torch.randn(1, 2, 3, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(1, 2, 100, 16, generator=g).to(DEVICE) for _ in range(2))
+    with torch.no_grad():
+        if cache:
+            got = posattn.attention_with_kvcache(
+                q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+                cache_seqlens=torch.tensor([100], dtype=torch.int32, device=DEVICE), pe=pe,
+                backend="triton").transpose(1, 2)
+        else:
+            got = posattn.attention(q, k, v, pe=pe, causal=True, backend="triton")
+    assert merges, "the split path did not run"
+    _judge(got, q, k, v, pe, FP32, causal=True)
 
 
 def test_errors_name_the_argument():
