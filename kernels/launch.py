@@ -645,26 +645,58 @@ def _remap_args(pe: KernelPE, pos: KernelPositions, q, k) -> dict:
         return dict(Q_FAR=None, K_FAR=None, THETA_FAR=None, remap_w=None, rk_a=None, rk_b=None,
                     r_group=None, REMAP=False, FAR_K=False)
     w, a_q, b_q, a_k, b_k, group = pe.remap
-    far = dataclasses.replace(pe, theta=pe.theta_far, remap=None, theta_far=None)
-
-    def far_positions(which, x, a, b):
-        if pos.k_lens is not None:  # a KV cache: queries continue each sequence's keys
-            p = pos.k_lens.to(torch.int64)[:, None] - x.shape[2] + torch.arange(
-                x.shape[2], device=x.device)
-        else:
-            start, p = _rope_source(pos, which, x.device)
-            if p is None:
-                p = torch.arange(start, start + x.shape[2], device=x.device)[None]
-        return torch.div(a * p.to(torch.int64) + b, group, rounding_mode="floor")
-
-    q_far = rope_apply(q, far, 0, far_positions("q", q, a_q, b_q),
-                       out=torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device))
-    k_far = None
-    if pos.k_lens is None:
-        k_far = rope_apply(k, far, 0, far_positions("k", k, a_k, b_k),
-                           out=torch.empty_strided(k.shape, k.stride(), dtype=k.dtype, device=k.device))
+    q_far = _far_rotated(q, pe, pos, "q")
+    k_far = None if pos.k_lens is not None else _far_rotated(k, pe, pos, "k")
     return dict(Q_FAR=q_far, K_FAR=k_far, THETA_FAR=pe.theta_far, remap_w=w, rk_a=a_k, rk_b=b_k,
                 r_group=group, REMAP=True, FAR_K=k_far is not None)
+
+
+def _far_record(pe: KernelPE) -> KernelPE:
+    """The far pass's RoPE record: the extension's frequencies, no remap."""
+    return dataclasses.replace(pe, theta=pe.theta_far, remap=None, theta_far=None)
+
+
+def _far_positions(pe: KernelPE, pos: KernelPositions, which: str, x: torch.Tensor) -> torch.Tensor:
+    """The q or k rows' far positions (posattn.pe.RoPEExtension.far_map), (B|1, S) int64."""
+    _, a_q, b_q, a_k, b_k, group = pe.remap
+    a, b = (a_q, b_q) if which == "q" else (a_k, b_k)
+    if pos.k_lens is not None:  # a KV cache: queries continue each sequence's keys
+        p = pos.k_lens.to(torch.int64)[:, None] - x.shape[2] + torch.arange(x.shape[2], device=x.device)
+    else:
+        start, p = _rope_source(pos, which, x.device)
+        if p is None:
+            p = torch.arange(start, start + x.shape[2], device=x.device)[None]
+    return torch.div(a * p.to(torch.int64) + b, group, rounding_mode="floor")
+
+
+def _far_rotated(x: torch.Tensor, pe: KernelPE, pos: KernelPositions, which: str,
+                 inverse: bool = False) -> torch.Tensor:
+    """x rotated at its far positions (or back, ``inverse``), laid out as x."""
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return rope_apply(x, _far_record(pe), 0, _far_positions(pe, pos, which, x), inverse=inverse,
+                      out=out)
+
+
+def _remap_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Mask,
+               scale: float, dq_dtype):
+    """The backward of a RoPE extension's forward as two pieces of one attention (the ring's
+    way, attn_bwd given the whole forward's out and LSE): the near pairs (q - k < window, a
+    left window of window - 1) with RoPE as trained, and the far pairs (a right window of
+    -window: k <= q - window) on Q and K rotated at their far positions, whose dQ and dK are
+    rotated back. Their sums are the gradients: every pair is in exactly one piece."""
+    w = pe.remap[0]
+    near = dataclasses.replace(pe, remap=None, theta_far=None)
+    near_mask = dataclasses.replace(mask, left=w - 1 if mask.left is None else min(mask.left, w - 1))
+    dq, dk, dv, _ = attn_bwd(do, q, k, v, out, lse, near, pos, near_mask, scale, False,
+                             dref=None, dq_dtype=torch.float32)
+    far_mask = dataclasses.replace(mask, right=-w if mask.right is None else min(mask.right, -w))
+    qf, kf = _far_rotated(q, pe, pos, "q"), _far_rotated(k, pe, pos, "k")
+    dqf, dkf, dvf, _ = attn_bwd(do, qf, kf, v, out, lse, _unrotated(_far_record(pe)), pos,
+                                far_mask, scale, False, dref=None, dq_dtype=torch.float32)
+    dq = dq + _far_rotated(dqf, pe, pos, "q", inverse=True)
+    dk = (dk.float() + _far_rotated(dkf.float(), pe, pos, "k", inverse=True)).to(k.dtype)
+    dv = (dv.float() + dvf.float()).to(v.dtype)
+    return dq.to(dq_dtype or q.dtype), dk, dv, None
 
 
 def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
@@ -940,10 +972,8 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
     provided ``dref`` is the frame ``lse`` was formed in (see attn_fwd) and, for a table
     bias, ``table_ref`` is one bucket that every piece centres its table gradient on
     (bias.table_grad_centred; None: each call picks its own, exact only for whole rows)."""
-    if pe.remap is not None:
-        raise NotImplementedError("RoPE(extend=...) has a Triton forward only: its backward "
-                                  "(two rotations per score) is not written yet; differentiate "
-                                  "through backend='cpu' or 'reference'")
+    if pe.remap is not None:  # a RoPE extension: two pieces (near, far)
+        return _remap_bwd(do, q, k, v, out, lse, pe, pos, mask, scale, dq_dtype)
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]
     B, Sq, Sk, lse_len = _geometry(q, k, pos)

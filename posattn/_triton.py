@@ -212,8 +212,6 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     q, k, v = _stride1(q), _stride1(k), _stride1(v)
     pos = kernel_positions(q_pos, k_pos, B, q.device)
     mask = kernel_mask(causal, window, softcap)
-    if pe.remap is not None:
-        _check_forward_only(q, k, v)
     if torch.compiler.is_compiling():  # the same launchers as opaque graph nodes (see _ops)
         if pe.remap is not None:
             raise ValueError("RoPE(extend=...) does not run under torch.compile yet (the custom "
@@ -221,15 +219,6 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
         out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos, mask), scale)
         return out, lse
     return _FusedAttention.apply(q, k, v, pe.params, pe, pos, mask, scale)
-
-
-def _check_forward_only(*tensors):
-    """A RoPE extension's Triton kernels are forward only: refuse inputs that would need its
-    gradient now, rather than fail in backward after the forward ran."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise NotImplementedError("RoPE(extend=...) has a Triton forward only (inference): call "
-                                  "it under torch.no_grad(), or differentiate through "
-                                  "backend='cpu' or 'reference'")
 
 
 def kernel_mask(causal: bool, window, softcap) -> launch.Mask:

@@ -638,9 +638,9 @@ class RoPE(PE):
         interleaved: ``False`` = GPT-NeoX/Llama half-split pairs (j, j + d/2);
             ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
         extend: ``None`` or a :class:`RoPEExtension` (ReRoPE, LeakyReRoPE, SelfExtend):
-            remapped positions for the keys beyond its window (causal attention; the Triton
-            backend runs its forward, one pass; the reference backend also its gradients;
-            not yet the cpu backend, nor ring attention).
+            remapped positions for the keys beyond its window (causal attention; the triton
+            and reference backends, gradients included; not yet the cpu backend, ring
+            attention or torch.compile).
     """
 
     rotary = "rope"
