@@ -586,9 +586,6 @@ def ring_attention(
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
     spec.check_mask(causal)
-    if getattr(spec, "extend", None) is not None:
-        raise ValueError("ring_attention does not take RoPE(extend=...) yet: its pieces would "
-                         "need the far pass's gradients (posattn.attention runs it)")
     backend = api._pick_backend(backend, q)
     ring = _Ring(group, rank, world)
 

@@ -639,8 +639,8 @@ class RoPE(PE):
             ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
         extend: ``None`` or a :class:`RoPEExtension` (ReRoPE, LeakyReRoPE, SelfExtend):
             remapped positions for the keys beyond its window (causal attention; the triton
-            and reference backends, gradients included; not yet the cpu backend, ring
-            attention or torch.compile).
+            and reference backends and ring attention, gradients included; not yet the cpu
+            backend or torch.compile).
     """
 
     rotary = "rope"

@@ -69,7 +69,12 @@ CASES = [
     ("sandwich", "triton", 2, "zigzag", True, "bshd", "mha", "fp16", "far", None, "cap"),
     ("sandwich", "cpu", 4, "none", False, "bhsd", "gqa", "fp32", "default", "w", None),
     ("sandwich", "triton", 4, "zigzag", False, "bhsd", "gqa", "fp32", "explicit", "w", "cap"),
+    # RoPE extensions (not a FACTORS value: the cpu backend does not run them), causal only
+    ("self_extend", "triton", 2, "zigzag", True, "bshd", "gqa", "fp32", "default", None, None),
+    ("leaky_rerope", "triton", 4, "none", True, "bhsd", "mha", "fp16", "explicit", "w", "cap"),
 ]
+EXTENSIONS = {"self_extend": lambda: posattn.SelfExtend(2, 5),
+              "leaky_rerope": lambda: posattn.LeakyReRoPE(4, 3)}
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -87,6 +92,8 @@ def test_cases_cover_every_pair():
 # --------------------------------------------------------------------------------------------
 
 def _make_pe(name, H, D):
+    if name in EXTENSIONS:
+        return posattn.RoPE(extend=EXTENSIONS[name]())
     return PES[name](H, D) if name in PES else pe_cases("harness")[name].make(H, D)
 
 
