@@ -242,9 +242,8 @@ class Rotation:
 def make_rotation(spec: PE, head_dim: int, geo: Geometry, cur_len: Optional[int]) -> Rotation:
     if spec.rotary != "rope":
         return Rotation(None, None)
-    if getattr(spec, "extend", None) is not None:  # never rotate it as plain RoPE
-        raise NotImplementedError("backend='cpu' does not run RoPE(extend=...) yet: use "
-                                  "backend='reference' (or 'triton', forward)")
+    if getattr(spec, "extend", None) is not None:  # (attention_bhsd splits it first)
+        raise AssertionError("a RoPE extension reached make_rotation")
     if not spec.needs_cur_len:
         cur_len = None
     elif cur_len is None:  # as reference.attention_bhsd: max position + 1 of this call
@@ -486,6 +485,9 @@ def attention_bhsd(q, k, v, spec: PE, *, q_pos: Positions, k_pos: Positions, cau
     """(B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv) in q.dtype (q's
     strides need not be contiguous), lse (B, Hq, Sq) float32 (float64 for float64 inputs)."""
     check_runnable(q)
+    if getattr(spec, "extend", None) is not None:
+        return _extended(q, k, v, spec, q_pos=q_pos, k_pos=k_pos, causal=causal, scale=scale,
+                         window=window, softcap=softcap, cur_len=cur_len)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     geo = make_geometry(q_pos, k_pos, B, Sq, Sk, causal=causal, window=window, scale=scale, softcap=softcap)
@@ -499,6 +501,47 @@ def attention_bhsd(q, k, v, spec: PE, *, q_pos: Positions, k_pos: Positions, cau
             fin = (~torch.isneginf(pb.table[0])).to(torch.int64).cumsum(0)
             pb.finite = torch.cat((fin.new_zeros(1), fin))
     return _CpuAttention.apply(q, k, v, pb, *spec.tensors())
+
+
+def _extended(q, k, v, spec, *, q_pos: Positions, k_pos: Positions, causal, scale, window,
+              softcap, cur_len):
+    """A RoPE extension (posattn.pe.RoPEExtension) as two pieces of one attention, merged by
+    their LSEs in torch (differentiable: each piece's backward takes its LSE's gradient): the
+    near pairs (q - k < window: a left window of window - 1) with the model's RoPE, and the
+    far pairs (k <= q - window: a right window of -window) on Q and K rotated at their far
+    positions (reference.apply_rope, float64 angles) with no PE."""
+    from .pe import NoPE, RoPE
+
+    ext = spec.extend
+    w = ext.window
+    B, Hq, Sq, D = q.shape
+    if spec.needs_cur_len and cur_len is None:  # as reference.attention_bhsd
+        cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
+    left, right = window if window is not None else (None, None)
+    near_spec = RoPE(spec.base, spec.scaling, spec.rotary_dim, spec.interleaved)
+    o_n, l_n = attention_bhsd(q, k, v, near_spec, q_pos=q_pos, k_pos=k_pos, causal=causal,
+                              scale=scale, window=(w - 1 if left is None else min(left, w - 1), right),
+                              softcap=softcap, cur_len=cur_len)
+    inv_freq, factor = spec.frequencies(D, cur_len if spec.needs_cur_len else None)
+    inv_freq = inv_freq * ext.far_map()[5]
+
+    def far(x, pos, query):
+        p = ext.far_positions(pos.as_tensor(B, x.shape[2], "cpu"), query)
+        ang = p.to(torch.float64)[..., None] * inv_freq
+        return reference.apply_rope(x, torch.cos(ang) * factor, torch.sin(ang) * factor,
+                                    spec.interleaved)
+
+    o_f, l_f = attention_bhsd(far(q, q_pos, True), far(k, k_pos, False), v, NoPE(), q_pos=q_pos,
+                              k_pos=k_pos, causal=causal, scale=scale,
+                              window=(left, -w if right is None else min(right, -w)),
+                              softcap=softcap)
+    m = torch.maximum(l_n, l_f)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()  # no key in either: 0
+    wn, wf = torch.exp(l_n - m), torch.exp(l_f - m)
+    tot = wn + wf
+    safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    out = (wn[..., None] * o_n.to(wn.dtype) + wf[..., None] * o_f.to(wn.dtype)) / safe[..., None]
+    return out.to(q.dtype), m + torch.log(tot)
 
 
 def attention_varlen(q, k, v, lens_q, lens_k, spec: PE, *, causal: bool, scale: float, window=None,

@@ -188,10 +188,13 @@ GRAD_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-{c[3]}")
-def test_triton_backward_matches_reference(case):
-    """dq, dk, dv by the error rule (3x): the backward runs as two pieces of the attention
-    (near pairs with RoPE, far pairs on Q and K rotated at their far positions)."""
+def test_backward_matches_reference(case, backend):
+    """out, lse (2x) and dq, dk, dv (3x) by the error rule. Triton: one forward launch, the
+    backward as two pieces of the attention (near pairs with RoPE, far pairs on Q and K
+    rotated at their far positions); cpu: both directions as those two pieces, merged by
+    their LSEs."""
     name, dtype, (Hq, Hkv), kind, window, cap, Sq, Sk, D = case
     g = torch.Generator().manual_seed(Sq + Sk)
     q = torch.randn(2, Hq, Sq, D, generator=g).to(DEVICE, dtype)
@@ -201,16 +204,17 @@ def test_triton_backward_matches_reference(case):
     pe = RoPE(extend=METHODS[name])
     kw = dict(causal=True, window=window, softcap=cap, **_positions(kind, Sq, Sk, Sq))
 
-    def grads(backend, cast):
+    def run(backend_, cast):
         leaves = [t.to(cast).detach().requires_grad_() for t in (q, k, v)]
-        out = posattn.attention(*leaves, pe=pe, backend=backend, **kw)
-        return torch.autograd.grad(out, leaves, dout.to(cast))
+        out, lse = posattn.attention(*leaves, pe=pe, backend=backend_, return_lse=True, **kw)
+        return (out, lse) + torch.autograd.grad(out, leaves, dout.to(cast))
 
-    got = grads("triton", dtype)
-    ref = grads("reference", torch.float64)
-    naive = grads("reference", dtype)
-    for name_, a, r, n in zip("qkv", got, ref, naive):
-        assert_rule(f"d{name_}", a, r, n, 3, dtype)
+    got = run(backend, dtype)
+    ref = run("reference", torch.float64)
+    naive = run("reference", dtype)
+    for name_, a, r, n in zip(("out", "lse", "dq", "dk", "dv"), got, ref, naive):
+        assert_rule(name_, a.detach(), r.detach(), n.detach(), 2 if name_ in ("out", "lse") else 3,
+                    dtype)
 
 
 def test_errors_name_the_argument():
@@ -218,8 +222,8 @@ def test_errors_name_the_argument():
     pe = RoPE(extend=ReRoPE(4))
     with pytest.raises(ValueError, match="causal=True"):
         posattn.attention(q, q, q, pe=pe, causal=False, backend="reference")
-    with pytest.raises(NotImplementedError, match="backend='cpu'"):
-        posattn.attention(q, q, q, pe=pe, causal=True, backend="cpu")
+    with pytest.raises(ValueError, match="causal=True"):
+        posattn.attention(q, q, q, pe=pe, causal=False, backend="cpu")
     with pytest.raises(TypeError, match="extend"):
         RoPE(extend="rerope")
     with pytest.raises(ValueError, match="group"):

@@ -145,8 +145,7 @@ def _extend(make: Callable[[int, "Config", int], "posattn.RoPEExtension"]) -> Ca
 
 _EXTEND_RULE = ("window w = L / 2 (none at eval_len = L); ReRoPE: relative positions capped at w; "
                 "leaky ReRoPE / Self-Extend: factor / group k = the smallest integer >= 2 with "
-                "w + (eval_len - 1 - w) / k <= L - 1; run on the reference backend where the "
-                "study's backend is 'cpu' (the cpu backend has no RoPE extensions yet)")
+                "w + (eval_len - 1 - w) / k <= L - 1")
 
 _STRETCH_RULE = ("factor = eval_len / L (none at eval_len = L); YaRN original_max_position = L; "
                  "one forward per window")

@@ -39,11 +39,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, C // self.n_heads).unbind(2)  # (B, S, H, D)
         if last is not None:
             q = q[:, S - last:]
-        spec = self.pe_spec(rope_options)
-        backend = self.backend
-        if backend == "cpu" and getattr(spec, "extend", None) is not None:
-            backend = "reference"  # the cpu backend has no RoPE extensions yet (config._EXTEND_RULE)
-        y = posattn.attention(q, k, v, spec, causal=True, layout="bshd", backend=backend)
+        y = posattn.attention(q, k, v, self.pe_spec(rope_options), causal=True, layout="bshd",
+                              backend=self.backend)
         return self.proj(y.reshape(B, q.shape[1], C))
 
 
