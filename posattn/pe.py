@@ -638,9 +638,8 @@ class RoPE(PE):
         interleaved: ``False`` = GPT-NeoX/Llama half-split pairs (j, j + d/2);
             ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
         extend: ``None`` or a :class:`RoPEExtension` (ReRoPE, LeakyReRoPE, SelfExtend):
-            remapped positions for the keys beyond its window (causal attention; the triton
-            and reference backends and ring attention, gradients included; not yet the cpu
-            backend or torch.compile).
+            remapped positions for the keys beyond its window (causal attention; every
+            backend and ring attention, gradients included; not yet torch.compile).
     """
 
     rotary = "rope"
