@@ -55,11 +55,12 @@ def plot(results: dict, path: str) -> None:
     lens = [L * m for m in cfg["eval_mults"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     keys = list(results["runs"])
-    markers = "osD^v<>Xp*"
+    markers = "osD^v<>Xp*hPd8H"
+    colors = plt.get_cmap("tab20")  # 20 distinct colours: the default cycle repeats after 10
     for i, key in enumerate(keys):
         run = results["runs"][key]
         style = dict(ls="--" if is_method_run(key) else "-", marker=markers[i % len(markers)],
-                     color=f"C{i % 10}", label=label(key), ms=5)
+                     color=colors(i % 20), label=label(key), ms=5)
         ppl = [run["eval"][str(n)]["ppl"] for n in lens]
         acc = [run["eval"][str(n)]["passkey"]["acc"] for n in lens]
         axes[0].plot(lens, ppl, **style)
