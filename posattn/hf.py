@@ -40,7 +40,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .api import attention, attention_varlen
-from .pe import PE, ALiBi, NoPE, RoPE
+from .pe import PE, ALiBi, NoPE, RoPE, RoPEExtension
 
 __all__ = ["NAME", "register", "fuse", "unfuse", "attention_forward", "mask_forward", "FUSABLE"]
 
@@ -310,7 +310,7 @@ def _unpadded(q, k, v, mask, pe, qpos, kpos, geo):
 # --------------------------------------------------------------------------------------------
 
 
-def fuse(model):
+def fuse(model, extend=None):
     """Swap ``model``'s own RoPE / ALiBi for posattn's fused one and run its attention through
     posattn (``attn_implementation="posattn"``, registered if needed). Returns ``model``.
 
@@ -318,9 +318,18 @@ def fuse(model):
     every rope_type transformers has), ALiBi slopes from the model's own slope code. Families:
     ``posattn.hf.FUSABLE``; any other model is a ValueError (nothing is changed then).
 
+    ``extend``: a :class:`posattn.RoPEExtension` (``posattn.ReRoPE``, ``LeakyReRoPE``,
+    ``SelfExtend``) to run a RoPE model past its trained context without retraining, e.g.
+    ``fuse(model, extend=posattn.SelfExtend(group=8, window=1024))``; a ValueError for a model
+    without RoPE. It works with generation's KV cache as it is, because the cache holds
+    unrotated keys.
+
     After fuse() the KV cache holds unrotated keys (see the module docstring). Undo with
     :func:`unfuse`.
     """
+    if extend is not None and not isinstance(extend, RoPEExtension):
+        raise TypeError(f"extend must be None or a posattn.RoPEExtension (ReRoPE, LeakyReRoPE, "
+                        f"SelfExtend), got {type(extend).__name__}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if getattr(model, "_posattn_undo", None) is not None:
@@ -334,6 +343,8 @@ def fuse(model):
     undo = _Undo()
     try:
         fuser(model, config, undo)
+        if extend is not None:
+            _extend_rope(model, config, undo, extend)
         undo.impl = config._attn_implementation
         _FUSED_CONFIGS[id(config)] = config
         undo.on_undo(lambda: _FUSED_CONFIGS.pop(id(config), None))
@@ -396,6 +407,17 @@ def _attention_modules(model, config):
     if not mods:
         raise ValueError(f"found no attention modules in {type(model).__name__}")
     return mods
+
+
+def _extend_rope(model, config, undo, extend) -> None:
+    """Give every fused attention module's RoPE spec the extension (fuse's ``extend``)."""
+    for mod in _attention_modules(model, config):
+        pe = getattr(mod, "_posattn_pe", None)
+        if not isinstance(pe, RoPE):
+            raise ValueError(f"extend= needs a RoPE model; {type(model).__name__} "
+                             f"({config.model_type}) attends with {type(pe).__name__}")
+        undo.set(mod, "_posattn_pe", RoPE(pe.base, pe.scaling, pe.rotary_dim, pe.interleaved,
+                                          extend=extend))
 
 
 def _rope_spec(config, module) -> RoPE:

@@ -20,6 +20,7 @@ from helpers import assert_rule
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+import posattn  # noqa: E402
 import posattn.hf as phf  # noqa: E402
 
 VOCAB = 64
@@ -308,6 +309,31 @@ def test_fused_dynamic_ntk_cache_is_the_full_recomputation():
     assert torch.equal(ours.sequences, full.sequences)
     gap = max((a - b).abs().max().item() for a, b in zip(cached.logits, full.logits))
     assert gap > 1e-3, f"transformers' cached path should differ here (max diff {gap:.2e})"
+
+
+def test_fuse_with_a_rope_extension():
+    """fuse(model, extend=...): a window past every distance is the model as trained (the eager
+    one, logits and gradients); a short one changes the logits, and its cached greedy
+    generation equals the fused model's own no-cache recomputation (the cache holds unrotated
+    keys, so each step remaps every key from its position). A model without RoPE refuses."""
+    eager = _model("llama", num_hidden_layers=1)
+    wide = phf.fuse(copy.deepcopy(eager), extend=posattn.SelfExtend(group=2, window=64))
+    _check_against_eager(eager, wide, *_batch(left_pad=(0, 0)))
+    short = phf.fuse(copy.deepcopy(eager), extend=posattn.LeakyReRoPE(window=3, factor=2))
+    ids, mask, _ = _batch(B=1, left_pad=(0,))
+    with torch.no_grad():
+        gap = (short(ids).logits - wide(ids).logits).abs().max().item()
+    assert gap > 1e-3, f"the extension should change the logits ({gap:.2e})"
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)
+    cached = short.generate(ids, use_cache=True, **kw)
+    full = short.generate(ids, use_cache=False, **kw)
+    for a, b in zip(cached.logits, full.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a RoPE model"):
+        phf.fuse(_model("bloom"), extend=posattn.ReRoPE(4))
+    with pytest.raises(TypeError, match="extend"):
+        phf.fuse(_model("llama"), extend="rerope")
 
 
 def test_unfuse_restores_and_unknown_models_are_refused():
