@@ -444,6 +444,8 @@ def _print_row(r):
     pe = r["pe"] + ("+grad" if r.get("pe_grad") and r["pe"] == "alibi" else
                     "-grad" if r["pe"].startswith("kerple") and not r.get("pe_grad")
                     and r["kernel"] == "bwd_dq" else "")
+    if r.get("extend"):
+        pe += f"+{r['extend']}"
     if r.get("center") and not r["explicit"]:
         pe += " centred"
     if r.get("window") is not None:
