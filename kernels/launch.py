@@ -671,8 +671,9 @@ def _far_positions(pe: KernelPE, pos: KernelPositions, which: str, x: torch.Tens
 
 def _far_rotated(x: torch.Tensor, pe: KernelPE, pos: KernelPositions, which: str,
                  inverse: bool = False) -> torch.Tensor:
-    """x rotated at its far positions (or back, ``inverse``), laid out as x."""
-    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    """x rotated at its far positions (or back, ``inverse``), a dense (B, H, S, D) tensor (the
+    forward passes dense q and k, so the far copies share their strides)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return rope_apply(x, _far_record(pe), 0, _far_positions(pe, pos, which, x), inverse=inverse,
                       out=out)
 
@@ -840,9 +841,12 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     if rope_strategy(pe, pos, Sq, Sk, mask.causal) == "once":
         q, k = _rotate_qk(q, k, pe, pos)
         pe = _unrotated(pe)
-    if pe.remap is not None:  # (its far rotations are laid out as q and k: no broadcast dims)
-        q, k = (t.contiguous() if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
-                else t for t in (q, k))
+    if pe.remap is not None:  # its far rotations are laid out as q and k: dense copies (a
+        # broadcast dim would have every batch row write one buffer; a slice of a packed qkv
+        # would reserve its whole span). A KV cache's K is rotated in the tile: never copied.
+        q = q.contiguous()
+        if pos.k_lens is None:
+            k = k.contiguous()
     lse = torch.empty((Bt, Hq, S_rows), device=q.device, dtype=torch.float32)
     meta, width = _layout_meta(pe, D, DV)
     tma = tma_ready(_arch(q), pe, k, v, pos)

@@ -217,6 +217,30 @@ def test_backward_matches_reference(case, backend):
                     dtype)
 
 
+def test_broadcast_inputs_with_per_batch_positions():
+    """q and k expanded over the batch (stride 0) with different positions per batch row: each
+    row's far rotation is its own (a stride-0 buffer would keep the last row's), forward and
+    backward, Triton and cpu."""
+    g = torch.Generator().manual_seed(11)
+    pe = RoPE(extend=SelfExtend(2, 6))
+    base = [torch.randn(1, 2, 21, 16, generator=g).to(DEVICE) for _ in range(3)]
+    qp = torch.stack([torch.arange(21) + 30, torch.arange(21) * 2 + 3]).to(DEVICE)
+    for backend in ("triton", "cpu"):
+        leaves = [t.clone().requires_grad_() for t in base]
+        q, k, v = (t.expand(2, -1, -1, -1) for t in leaves)
+        out = posattn.attention(q, k, v, pe=pe, causal=True, backend=backend, q_positions=qp,
+                                k_positions=qp)
+        grads = torch.autograd.grad(out.sum(), leaves)
+        refs = [t.double().clone().requires_grad_() for t in base]
+        rq, rk, rv = (t.expand(2, -1, -1, -1) for t in refs)
+        ref = posattn.attention(rq, rk, rv, pe=pe, causal=True, backend="reference",
+                                q_positions=qp, k_positions=qp)
+        ref_grads = torch.autograd.grad(ref.sum(), refs)
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-4)
+
+
 def test_errors_name_the_argument():
     q = torch.randn(1, 2, 5, 16, device=DEVICE)
     pe = RoPE(extend=ReRoPE(4))
