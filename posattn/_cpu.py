@@ -510,7 +510,7 @@ def _extended(q, k, v, spec, *, q_pos: Positions, k_pos: Positions, causal, scal
     near pairs (q - k < window: a left window of window - 1) with the model's RoPE, and the
     far pairs (k <= q - window: a right window of -window) on Q and K rotated at their far
     positions (reference.apply_rope, float64 angles) with no PE."""
-    from .pe import NoPE, RoPE
+    from .pe import NoPE
 
     ext = spec.extend
     w = ext.window
@@ -518,18 +518,13 @@ def _extended(q, k, v, spec, *, q_pos: Positions, k_pos: Positions, causal, scal
     if spec.needs_cur_len and cur_len is None:  # as reference.attention_bhsd
         cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
     left, right = window if window is not None else (None, None)
-    near_spec = RoPE(spec.base, spec.scaling, spec.rotary_dim, spec.interleaved)
-    o_n, l_n = attention_bhsd(q, k, v, near_spec, q_pos=q_pos, k_pos=k_pos, causal=causal,
+    o_n, l_n = attention_bhsd(q, k, v, spec.with_extend(None), q_pos=q_pos, k_pos=k_pos, causal=causal,
                               scale=scale, window=(w - 1 if left is None else min(left, w - 1), right),
                               softcap=softcap, cur_len=cur_len)
-    inv_freq, factor = spec.frequencies(D, cur_len if spec.needs_cur_len else None)
-    inv_freq = inv_freq * ext.far_map()[5]
+    far_len = cur_len if spec.needs_cur_len else None
 
     def far(x, pos, query):
-        p = ext.far_positions(pos.as_tensor(B, x.shape[2], "cpu"), query)
-        ang = p.to(torch.float64)[..., None] * inv_freq
-        return reference.apply_rope(x, torch.cos(ang) * factor, torch.sin(ang) * factor,
-                                    spec.interleaved)
+        return reference.far_rotate(spec, x, pos.as_tensor(B, x.shape[2], "cpu"), query, far_len)
 
     o_f, l_f = attention_bhsd(far(q, q_pos, True), far(k, k_pos, False), v, NoPE(), q_pos=q_pos,
                               k_pos=k_pos, causal=causal, scale=scale,

@@ -416,8 +416,7 @@ def _extend_rope(model, config, undo, extend) -> None:
         if not isinstance(pe, RoPE):
             raise ValueError(f"extend= needs a RoPE model; {type(model).__name__} "
                              f"({config.model_type}) attends with {type(pe).__name__}")
-        undo.set(mod, "_posattn_pe", RoPE(pe.base, pe.scaling, pe.rotary_dim, pe.interleaved,
-                                          extend=extend))
+        undo.set(mod, "_posattn_pe", pe.with_extend(extend))
 
 
 def _rope_spec(config, module) -> RoPE:

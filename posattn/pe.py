@@ -676,6 +676,10 @@ class RoPE(PE):
             raise ValueError(f"rotary_dim must be even and in [2, head_dim={head_dim}], got {d}")
         return d
 
+    def with_extend(self, extend: Optional[RoPEExtension]) -> "RoPE":
+        """This RoPE with another extension (None: none), everything else the same."""
+        return RoPE(self.base, self.scaling, self.rotary_dim, self.interleaved, extend)
+
     def check_mask(self, causal: bool) -> None:
         """An extension (ReRoPE, Self-Extend) is defined for causal attention only."""
         if self.extend is not None and not causal:

@@ -46,20 +46,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((y, rest), dim=-1)
 
 
+def far_rotate(spec: RoPE, x: torch.Tensor, pos: torch.Tensor, query: bool,
+               cur_len: Optional[int]) -> torch.Tensor:
+    """x (B, H, S, D) rotated at a RoPE extension's far positions of integer ``pos`` (B, S)
+    (spec.extend.far_positions; query or key side) with the frequencies times freq_scale,
+    float64 angles."""
+    ext = spec.extend
+    inv_freq, factor = spec.frequencies(x.shape[-1], cur_len)
+    ang = (ext.far_positions(pos, query).to(torch.float64)[..., None]
+           * (inv_freq * ext.far_map()[5]).to(pos.device))
+    return apply_rope(x, torch.cos(ang) * factor, torch.sin(ang) * factor, spec.interleaved)
+
+
 def _far_logits(spec: RoPE, q, k, q_pos, k_pos, cur_len, group):
     """q.k^T (B, Hq, Sq, Sk) of a RoPE extension's second pass, as its authors wrote it: Q and
-    K rotated at their far positions (spec.extend.far_positions) with the frequencies times
-    freq_scale, every pair of them (the caller selects the far ones)."""
-    ext = spec.extend
-    inv_freq, factor = spec.frequencies(q.shape[-1], cur_len)
-    inv_freq = inv_freq * ext.far_map()[5]
-
-    def rotate(x, pos, query):
-        ang = ext.far_positions(pos, query).to(torch.float64)[..., None] * inv_freq.to(pos.device)
-        return apply_rope(x, torch.cos(ang) * factor, torch.sin(ang) * factor, spec.interleaved)
-
-    qf = rotate(q, q_pos, True)
-    kf = rotate(k, k_pos, False).repeat_interleave(group, dim=1)
+    K rotated at their far positions (far_rotate), every pair of them (the caller selects the
+    far ones)."""
+    qf = far_rotate(spec, q, q_pos, True, cur_len)
+    kf = far_rotate(spec, k, k_pos, False, cur_len).repeat_interleave(group, dim=1)
     return torch.matmul(qf, kf.transpose(-1, -2))
 
 
