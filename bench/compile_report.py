@@ -335,15 +335,19 @@ GEOMETRY_ROWS = (
 )
 # RoPE extended by remapped positions (posattn.RoPEExtension): the forward only, causal, one
 # row per method shape (ReRoPE: an unrotated far key; leaky: a second frequency set;
-# Self-Extend: grouped positions), contiguous and explicit positions, a KV cache decode step
-# (its K rotated in the tile), a window.
+# Self-Extend: grouped positions; DCA: three passes by chunk index), contiguous and explicit
+# positions, a KV cache decode step (its K rotated in the tile), a window.
 EXTENSIONS = {"rerope": pe_registry.ReRoPE(512), "leaky": pe_registry.LeakyReRoPE(512, 16),
-              "selfextend": pe_registry.SelfExtend(8, 1024)}
+              "selfextend": pe_registry.SelfExtend(8, 1024),
+              "dca": pe_registry.DualChunk.for_trained_length(4096)}
 REMAP_ROWS = (
     ("rope", True, False, dict(extend="rerope")),
     ("rope", True, True, dict(extend="leaky")),
     ("rope", True, False, dict(extend="selfextend", kvcache=16, decode=1)),
     ("rope", True, False, dict(extend="selfextend", window=(4095, 0))),
+    ("rope", True, False, dict(extend="dca")),
+    ("rope", True, True, dict(extend="dca")),
+    ("rope", True, False, dict(extend="dca", kvcache=16, decode=1)),
 )
 # The forward of attention_with_kvcache over a paged cache (16-token pages: a 64- or 128-key
 # tile reads rows of 4-8 pages), every PE, causal (what a decode or prefill step runs)

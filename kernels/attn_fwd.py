@@ -40,7 +40,8 @@ import triton.language as tl
 from .bias import (BIAS_ALIBI, BIAS_NONE, BIAS_T5, alibi_causal_split, bias_params, bias_row_ref,
                    bias_shape, table_row, tile_bias_centred)
 from .fmath import LN2, LOG2E, softcap_logits
-from .geometry import load_positions, query_key_tiles, seq_geometry, tile_run, visible
+from .geometry import (floor_div, in_region, load_positions, query_key_tiles, region_gap,
+                       region_tiles, seq_geometry, tile_run, visible)
 from .loader import load_box, load_groups, load_qk, load_tile, qk_dot
 from .rotary import ROT_ROPE, far_positions, qk_columns, rope_angle_cos_sin, tile_rope
 
@@ -87,14 +88,16 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr,
                TMA: tl.constexpr, CENTER: tl.constexpr, BT, PAGE: tl.constexpr,
-               REGION: tl.constexpr, FAR_K: tl.constexpr):
+               REGION: tl.constexpr, FAR_K: tl.constexpr, N_FAR: tl.constexpr,
+               CHUNKED: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi) of one sequence.
 
-    REGION (RoPE extended by remapped positions, rotary.far_positions; 0: none): 1, the near
-    pass -- only pairs with q - k < remap_w, RoPE as trained; 2, the far pass -- only the
-    others, with Q and K rotated at their far positions: the caller passes Q so rotated, and K
-    comes from K_FAR (FAR_K: rotated beforehand, laid out as K) or is rotated here (a KV
-    cache). remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group).
+    REGION (RoPE extended by remapped positions; 0: none): the pass over region REGION's pairs
+    only (geometry.in_region, N_FAR far regions, CHUNKED: by chunk index): 1, the near pass,
+    RoPE as trained; 2 .. N_FAR + 1, a far pass, with Q and K rotated at their far positions:
+    the caller passes Q so rotated, and K comes from K_FAR (FAR_K: rotated beforehand, laid
+    out as K) or is rotated here (a KV cache: rotary.far_positions, mod r_unit when CHUNKED).
+    remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit).
 
     PAGE > 0 (a paged KV cache): key row n of the sequence is row BT[n // PAGE] * PAGE +
     n % PAGE of K and V (flat over pages), BT the sequence's row of the block table.
@@ -142,15 +145,17 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
             if PAGE > 0:  # through the block table (rows past the keys read page 0: masked)
                 page = tl.load(BT + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
                 krows = page * PAGE + offs_n % PAGE
-            if REGION == 2 and FAR_K:  # the far pass, K rotated at its far positions
+            if REGION >= 2 and FAR_K:  # a far pass, K rotated at its far positions
                 # beforehand (launch.attn_fwd: K_FAR, laid out as K)
-                K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group = remap
+                K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit = remap
                 ka, kb, kc = load_groups(K_FAR, krows, n_mask, stride_kn, stride_kd, colA, colB,
                                          maskA, colC, maskC, ROT, HAS_PASS, MASKED)
-            elif REGION == 2:  # the far pass over a KV cache: K rotated here, per element
-                K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group = remap
-                c_f, s_f = rope_angle_cos_sin(far_positions(kpos, rk_a, rk_b, r_group),
-                                              THETA_FAR, rope_factor, ROT_HALF, BLOCK_A)
+            elif REGION >= 2:  # a far pass over a KV cache: K rotated here, per element
+                K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit = remap
+                kf = far_positions(kpos, rk_a, rk_b, r_group)
+                if CHUNKED:  # DCA: k mod chunk_len
+                    kf = kf - floor_div(kf, r_unit) * r_unit
+                c_f, s_f = rope_angle_cos_sin(kf, THETA_FAR, rope_factor, ROT_HALF, BLOCK_A)
                 ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, c_f, s_f, 0.0, 0.0,
                                      colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, False)
             else:
@@ -178,13 +183,10 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
         if MASKED:
             vis = visible(n_mask[None, :], qpos[:, None], kpos[None, :], win_left, win_right,
                           CAUSAL, WIN_L, WIN_R)
-            if REGION != 0:  # this pass's pairs only: near (q - k < window) or far
-                _, _, remap_w, _, _, _ = remap
-                gap = qpos[:, None] - kpos[None, :]
-                if REGION == 1:
-                    vis = vis & (gap < remap_w)
-                else:
-                    vis = vis & (gap >= remap_w)
+            if REGION != 0:  # this pass's pairs only (geometry.in_region)
+                _, _, remap_w, _, _, _, r_unit = remap
+                vis = vis & in_region(region_gap(qpos, kpos, r_unit, CHUNKED), remap_w, REGION,
+                                      N_FAR)
             s = tl.where(vis, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1) * exp_scale)
@@ -223,8 +225,9 @@ def attn_fwd_kernel(
     FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr,
     KLEN=None, BT=None, stride_btb=None, KV_LENS: tl.constexpr = False, PAGE: tl.constexpr = 0,
     PACK_GQA: tl.constexpr = False,
-    Q_FAR=None, K_FAR=None, THETA_FAR=None, remap_w=None, rk_a=None, rk_b=None, r_group=None,
-    REMAP: tl.constexpr = False, FAR_K: tl.constexpr = False,
+    Q_FAR=None, Q_FAR2=None, K_FAR=None, THETA_FAR=None, remap_w=None, r_unit=None, rk_a=None,
+    rk_b=None, r_group=None, REMAP: tl.constexpr = False, FAR_K: tl.constexpr = False,
+    N_FAR: tl.constexpr = 1, CHUNKED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -280,6 +283,8 @@ def attn_fwd_kernel(
         K += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
         if REMAP:  # the far rotations, laid out as Q and K (launch.attn_fwd)
             Q_FAR += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
+            if N_FAR > 1:
+                Q_FAR2 += bt * stride_qb + h * stride_qh + q_row0 * stride_qm
             if FAR_K:
                 K_FAR += bt * stride_kb + hk * stride_kh + k_row0 * stride_kn
         V += bt * stride_vb + hk * stride_vh + k_row0 * stride_vn
@@ -328,7 +333,7 @@ def attn_fwd_kernel(
             c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
     qa, qb, qc = load_qk(Q, q_rows, m_mask, q_stride, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, ROT, HAS_PASS, True, False)
-    remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group)
+    remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit)
 
     # Key tiles (geometry.tile_range): masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
     # [f_hi, t_hi). Causal or windowed explicit positions: every tile masked, none skipped.
@@ -348,27 +353,25 @@ def attn_fwd_kernel(
         run0 = tl.program_id(2) * tiles_per_split
         run_lo = tl.maximum(run0, t_lo)
         run_hi = tl.minimum(run0 + tiles_per_split, t_hi)
-    if REMAP:  # RoPE extended by remapped positions: a near pass, then a far pass
+    if REMAP:  # RoPE extended by remapped positions: a near pass, then a pass per far region
         tl.static_assert(ROT == ROT_ROPE and CAUSAL and not PACK_GQA and not TMA,
                          "remapped RoPE: causal RoPE, pointer loads, unpacked rows")
-        near_lo, far_hi = t_lo, t_hi  # explicit positions: every tile, the pairs masked
-        if not EXPLICIT_POS:  # near keys: k > q_first - window; far keys: k <= q_last - window
-            q_first = q_start + pid_m * BLOCK_M
-            near_lo = tl.maximum(t_lo, tl.maximum(q_first - remap_w + 1 - k_start, 0) // BLOCK_N)
-            last_far = q_first + BLOCK_M - 1 - remap_w - k_start
-            far_hi = tl.minimum(t_hi, tl.where(last_far >= 0, last_far // BLOCK_N + 1, 0))
         if SPLIT:  # this program's run of the split
             t_lo = run_lo
             t_hi = run_hi
-        for region in tl.static_range(1, 3):
-            if region == 2:  # Q at its far positions, rotated beforehand (Q_FAR, laid out as Q)
+        for region in tl.static_range(1, N_FAR + 2):
+            if region == 2:  # Q at its far positions, rotated beforehand (laid out as Q)
                 qa, qb, qc = load_groups(Q_FAR, q_rows, m_mask, q_stride, stride_qd,
                                          colA, colB, maskA, colC, maskC, ROT, HAS_PASS, True)
-                lo = t_lo
-                hi = tl.minimum(far_hi, t_hi)
-            else:
-                lo = tl.maximum(near_lo, t_lo)
-                hi = t_hi
+            elif region == 3:
+                qa, qb, qc = load_groups(Q_FAR2, q_rows, m_mask, q_stride, stride_qd,
+                                         colA, colB, maskA, colC, maskC, ROT, HAS_PASS, True)
+            lo = t_lo  # explicit positions: every tile, the pairs masked
+            hi = t_hi
+            if not EXPLICIT_POS:  # the tiles that hold a pair of this region
+                q_first = q_start + pid_m * BLOCK_M
+                lo, hi = region_tiles(q_first, q_first + BLOCK_M - 1, k_start, r_unit, remap_w,
+                                      t_lo, t_hi, region, N_FAR, CHUNKED, BLOCK_N)
             acc, l_i, m_i = _fwd_tiles(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -378,7 +381,7 @@ def attn_fwd_kernel(
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
-                PAGE=PAGE, REGION=region, FAR_K=FAR_K)
+                PAGE=PAGE, REGION=region, FAR_K=FAR_K, N_FAR=N_FAR, CHUNKED=CHUNKED)
 
     # Three runs of tiles (unrolled at compile time; a run that cannot occur is not compiled):
     # 0 = masked tiles before the band (a window's left edge), 1 = unmasked, 2 = masked.
@@ -398,7 +401,7 @@ def attn_fwd_kernel(
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
-                PAGE=PAGE, REGION=0, FAR_K=False)
+                PAGE=PAGE, REGION=0, FAR_K=False, N_FAR=N_FAR, CHUNKED=False)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -317,7 +317,7 @@ def _load_env() -> None:
 
 def remap_tile(cfg: TileConfig, head_dim: int, dtype, arch: Optional[int],
                explicit: bool) -> TileConfig:
-    """The forward tile of a RoPE extension (attn_fwd REMAP: a near and a far pass, the
+    """The forward tile of a RoPE extension (attn_fwd REMAP: a near pass and one per far region, the
     (query, key) region tested per score; launch.attn_fwd asks for the geometry tiles first).
     On Ampere with explicit positions the per-element angles of the near pass and the int64
     region test spill the geometry tiles (D=128 128 x 16: 32 B on triton 3.9; D=64 128 x 32:

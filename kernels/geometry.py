@@ -150,3 +150,62 @@ def tile_run(RUN: tl.constexpr, t_lo, f_lo, f_hi, t_hi):
         return f_lo, f_hi
     else:
         return f_hi, t_hi
+
+
+# Regions of a RoPE extension (posattn.pe.RoPEExtension; attn_fwd's REMAP passes)
+# -------------------------------------------------------------------------------
+# Pair (q, k) is in region r by g = q // unit - k // unit (floor; unit 1: the distance q - k,
+# CHUNKED: the chunk indices): region 1 (the near pass) g < w, region r >= 2 (far) g >= w + r - 2,
+# and below w + r - 1 unless it is the last (r = N_FAR + 1). With contiguous positions a
+# block of rows meets a region only in a run of key tiles (region_tiles); a tile wholly in
+# one region is computed once, one that straddles a boundary once per region it meets.
+
+
+@triton.jit
+def floor_div(x, d):
+    """x // d rounded down (x any integer, d > 0): integer division truncates toward 0."""
+    q = x // d
+    return tl.where((x % d != 0) & (x < 0), q - 1, q)
+
+
+@triton.jit
+def region_gap(qpos, kpos, unit, CHUNKED: tl.constexpr):
+    """g of every (query, key) pair of a tile, (BLOCK_M, BLOCK_N): q - k, or CHUNKED the chunk
+    index difference (a division per row and per column, not per element)."""
+    if CHUNKED:
+        return floor_div(qpos, unit)[:, None] - floor_div(kpos, unit)[None, :]
+    else:
+        return qpos[:, None] - kpos[None, :]
+
+
+@triton.jit
+def in_region(g, w, REGION: tl.constexpr, N_FAR: tl.constexpr):
+    """The pairs of region REGION (1: near; 2 .. N_FAR + 1: far) among gaps g."""
+    if REGION == 1:
+        return g < w
+    elif REGION == N_FAR + 1:
+        return g >= w + REGION - 2
+    else:
+        return (g >= w + REGION - 2) & (g < w + REGION - 1)
+
+
+@triton.jit
+def region_tiles(q_first, q_last, k_start, unit, w, t_lo, t_hi, REGION: tl.constexpr,
+                 N_FAR: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The run [lo, hi) of key tiles within [t_lo, t_hi) that hold a pair of region REGION
+    for rows at contiguous positions q_first .. q_last: g in [g_lo, g_hi) needs
+    k >= (q_first // unit - g_hi + 1) unit and k < (q_last // unit - g_lo + 1) unit."""
+    c_lo = q_first
+    c_hi = q_last
+    if CHUNKED:
+        c_lo = floor_div(q_first, unit)
+        c_hi = floor_div(q_last, unit)
+    lo = t_lo
+    hi = t_hi
+    if REGION <= N_FAR:  # bounded above: g < w + REGION - 1
+        k_lo = (c_lo - (w + REGION - 1) + 1) * unit - k_start
+        lo = tl.maximum(t_lo, tl.maximum(k_lo, 0) // BLOCK_N)
+    if REGION >= 2:  # bounded below: g >= w + REGION - 2
+        k_hi = (c_hi - (w + REGION - 2) + 1) * unit - k_start  # exclusive
+        hi = tl.minimum(t_hi, tl.where(k_hi > 0, (k_hi - 1) // BLOCK_N + 1, 0))
+    return lo, hi

@@ -40,9 +40,9 @@ class KernelPE:
     buckets: a table bias's column per relative position k - q in [-R, R], int64 (2R + 1,)
     (posattn.pe.PE.bias_buckets), else None.
     family: the tile-config family (configs.FAMILIES).
-    remap: a RoPE extension (posattn.pe.RoPEExtension), forward only: (window, a_q, b_q,
-    a_k, b_k, group) of its far positions and theta_far, the far pass's inv_freq (float64
-    on the device); None otherwise.
+    remap: a RoPE extension (a posattn.pe.RoPEExtension, used by its interface only: window,
+    unit, n_far, key_map(), far_positions(), piece_mask()) and theta_far, the far passes'
+    inv_freq (float64 on the device); None otherwise.
     """
 
     rot: str = "none"
@@ -54,7 +54,7 @@ class KernelPE:
     params: Optional[torch.Tensor] = None
     family: str = "none"
     buckets: Optional[torch.Tensor] = None
-    remap: Optional[tuple] = None
+    remap: Optional[object] = None
     theta_far: Optional[torch.Tensor] = None
 
     def __post_init__(self):
@@ -636,19 +636,28 @@ def _remap_args(pe: KernelPE, pos: KernelPositions, q, k) -> dict:
     """The forward's RoPE-extension arguments (attn_fwd, REMAP); their defaults without one
     (every argument passed: bench.compile_report derives signatures from them).
 
-    The far pass's Q, and K unless it is a KV cache, are rotated at their far positions here,
-    by rope_apply into buffers laid out as q and k: the kernel then holds one rotation of Q at
-    a time and runs the far pass as plain loads (rotating them in the kernel kept both Q
-    rotations live and spilled; docs/internals.md). A KV cache's K is rotated in the tile
-    (rotating the whole cache per step would cost more than reading it)."""
-    if pe.remap is None:
-        return dict(Q_FAR=None, K_FAR=None, THETA_FAR=None, remap_w=None, rk_a=None, rk_b=None,
-                    r_group=None, REMAP=False, FAR_K=False)
-    w, a_q, b_q, a_k, b_k, group = pe.remap
-    q_far = _far_rotated(q, pe, pos, "q")
+    The far passes' Q (one per far region), and K unless it is a KV cache, are rotated at
+    their far positions here, by rope_apply into buffers laid out as q and k: the kernel then
+    holds one rotation of Q at a time and runs the far passes as plain loads (rotating them
+    in the kernel kept both Q rotations live and spilled; docs/internals.md). A KV cache's K
+    is rotated in the tile (rotating the whole cache per step would cost more than reading
+    it)."""
+    ext = pe.remap
+    if ext is None:
+        return dict(Q_FAR=None, Q_FAR2=None, K_FAR=None, THETA_FAR=None, remap_w=None,
+                    r_unit=None, rk_a=None, rk_b=None, r_group=None, REMAP=False, FAR_K=False,
+                    N_FAR=1, CHUNKED=False)
+    a_k, b_k, g_k, mod_k = ext.key_map()
+    if mod_k not in (0, ext.unit):
+        raise ValueError(f"{ext!r}: the kernels take a key map mod 0 or the unit, got {mod_k}")
+    if ext.n_far > 2:
+        raise ValueError(f"{ext!r}: the kernels take at most 2 far regions, got {ext.n_far}")
+    q_far = [_far_rotated(q, pe, pos, "q", piece=i) for i in range(ext.n_far)]
     k_far = None if pos.k_lens is not None else _far_rotated(k, pe, pos, "k")
-    return dict(Q_FAR=q_far, K_FAR=k_far, THETA_FAR=pe.theta_far, remap_w=w, rk_a=a_k, rk_b=b_k,
-                r_group=group, REMAP=True, FAR_K=k_far is not None)
+    return dict(Q_FAR=q_far[0], Q_FAR2=q_far[1] if ext.n_far > 1 else None, K_FAR=k_far,
+                THETA_FAR=pe.theta_far, remap_w=ext.window, r_unit=ext.unit, rk_a=a_k,
+                rk_b=b_k, r_group=g_k, REMAP=True, FAR_K=k_far is not None, N_FAR=ext.n_far,
+                CHUNKED=ext.unit > 1)
 
 
 def _far_record(pe: KernelPE) -> KernelPE:
@@ -656,48 +665,64 @@ def _far_record(pe: KernelPE) -> KernelPE:
     return dataclasses.replace(pe, theta=pe.theta_far, remap=None, theta_far=None)
 
 
-def _far_positions(pe: KernelPE, pos: KernelPositions, which: str, x: torch.Tensor) -> torch.Tensor:
-    """The q or k rows' far positions (posattn.pe.RoPEExtension.far_map), (B|1, S) int64."""
-    _, a_q, b_q, a_k, b_k, group = pe.remap
-    a, b = (a_q, b_q) if which == "q" else (a_k, b_k)
+def _row_positions(pos: KernelPositions, which: str, x: torch.Tensor) -> torch.Tensor:
+    """The positions of x's rows, the q or k side of a call, (B|1, S) int64."""
     if pos.k_lens is not None:  # a KV cache: queries continue each sequence's keys
-        p = pos.k_lens.to(torch.int64)[:, None] - x.shape[2] + torch.arange(x.shape[2], device=x.device)
-    else:
-        start, p = _rope_source(pos, which, x.device)
-        if p is None:
-            p = torch.arange(start, start + x.shape[2], device=x.device)[None]
-    return torch.div(a * p.to(torch.int64) + b, group, rounding_mode="floor")
+        return (pos.k_lens.to(torch.int64)[:, None] - x.shape[2]
+                + torch.arange(x.shape[2], device=x.device))
+    start, p = _rope_source(pos, which, x.device)
+    if p is None:
+        return torch.arange(start, start + x.shape[2], device=x.device)[None]
+    return p.to(torch.int64)
 
 
 def _far_rotated(x: torch.Tensor, pe: KernelPE, pos: KernelPositions, which: str,
-                 inverse: bool = False) -> torch.Tensor:
-    """x rotated at its far positions (or back, ``inverse``), a dense (B, H, S, D) tensor (the
-    forward passes dense q and k, so the far copies share their strides)."""
+                 inverse: bool = False, piece: int = 0) -> torch.Tensor:
+    """x rotated at its far positions (the query's in far region piece + 1), or back
+    (``inverse``): a dense (B, H, S, D) tensor (the forward passes dense q and k, so the far
+    copies share their strides)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return rope_apply(x, _far_record(pe), 0, _far_positions(pe, pos, which, x), inverse=inverse,
-                      out=out)
+    p = pe.remap.far_positions(_row_positions(pos, which, x), which == "q", piece)
+    return rope_apply(x, _far_record(pe), 0, p, inverse=inverse, out=out)
 
 
 def _remap_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Mask,
                scale: float, dq_dtype):
-    """The backward of a RoPE extension's forward as two pieces of one attention (the ring's
-    way, attn_bwd given the whole forward's out and LSE): the near pairs (q - k < window, a
-    left window of window - 1) with RoPE as trained, and the far pairs (a right window of
-    -window: k <= q - window) on Q and K rotated at their far positions, whose dQ and dK are
-    rotated back. Their sums are the gradients: every pair is in exactly one piece."""
-    w = pe.remap[0]
-    near = dataclasses.replace(pe, remap=None, theta_far=None)
-    near_mask = dataclasses.replace(mask, left=w - 1 if mask.left is None else min(mask.left, w - 1))
-    dq, dk, dv, _ = attn_bwd(do, q, k, v, out, lse, near, pos, near_mask, scale, False,
-                             dref=None, dq_dtype=torch.float32)
-    far_mask = dataclasses.replace(mask, right=-w if mask.right is None else min(mask.right, -w))
-    qf, kf = _far_rotated(q, pe, pos, "q"), _far_rotated(k, pe, pos, "k")
-    dqf, dkf, dvf, _ = attn_bwd(do, qf, kf, v, out, lse, _unrotated(_far_record(pe)), pos,
-                                far_mask, scale, False, dref=None, dq_dtype=torch.float32)
-    dq = dq + _far_rotated(dqf, pe, pos, "q", inverse=True)
-    dk = (dk.float() + _far_rotated(dkf.float(), pe, pos, "k", inverse=True)).to(k.dtype)
-    dv = (dv.float() + dvf.float()).to(v.dtype)
-    return dq.to(dq_dtype or q.dtype), dk, dv, None
+    """The backward of a RoPE extension's forward as pieces of one attention, one per region
+    (the ring's way, attn_bwd given the whole forward's out and LSE): the near pairs with RoPE
+    as trained, and each far region on Q and K rotated at their far positions, whose dQ and
+    dK are rotated back. A region is a mask attn_bwd has (RoPEExtension.piece_mask): a window
+    on the distance, or -- DCA's chunks -- a window on chunk-spread explicit positions (every
+    tile visited, masked per element). Their sums are the gradients: every pair is in exactly
+    one piece."""
+    ext = pe.remap
+
+    def side(mine, theirs):
+        return theirs if mine is None else (mine if theirs is None else min(mine, theirs))
+
+    dq = dk = dv = 0.0
+    kf = None
+    for r in range(ext.n_far + 1):
+        vis, left, right = ext.piece_mask(r)
+        ppos = pos
+        if vis is not None:  # chunk regions: every position spread (no window was allowed)
+            ppos = dataclasses.replace(pos, qpos=vis(_row_positions(pos, "q", q)),
+                                       kpos=vis(_row_positions(pos, "k", k)))
+        pmask = dataclasses.replace(mask, left=side(left, mask.left), right=side(right, mask.right))
+        if r == 0:
+            near = dataclasses.replace(pe, remap=None, theta_far=None)
+            dqr, dkr, dvr, _ = attn_bwd(do, q, k, v, out, lse, near, ppos, pmask, scale, False,
+                                        dref=None, dq_dtype=torch.float32)
+        else:
+            qf = _far_rotated(q, pe, pos, "q", piece=r - 1)
+            kf = _far_rotated(k, pe, pos, "k") if kf is None else kf
+            dqf, dkf, dvr, _ = attn_bwd(do, qf, kf, v, out, lse, _unrotated(_far_record(pe)),
+                                        ppos, pmask, scale, False, dref=None,
+                                        dq_dtype=torch.float32)
+            dqr = _far_rotated(dqf, pe, pos, "q", inverse=True, piece=r - 1)
+            dkr = _far_rotated(dkf.float(), pe, pos, "k", inverse=True)
+        dq, dk, dv = dq + dqr, dk + dkr.float(), dv + dvr.float()
+    return dq.to(dq_dtype or q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def _strides(prefix: str, t: torch.Tensor, dims: str) -> dict:
@@ -976,7 +1001,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
     provided ``dref`` is the frame ``lse`` was formed in (see attn_fwd) and, for a table
     bias, ``table_ref`` is one bucket that every piece centres its table gradient on
     (bias.table_grad_centred; None: each call picks its own, exact only for whole rows)."""
-    if pe.remap is not None:  # a RoPE extension: two pieces (near, far)
+    if pe.remap is not None:  # a RoPE extension: a piece per region
         return _remap_bwd(do, q, k, v, out, lse, pe, pos, mask, scale, dq_dtype)
     Bt, Hq, S_rows, D = q.shape
     Hkv, DV = k.shape[1], v.shape[3]

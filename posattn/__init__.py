@@ -28,7 +28,7 @@ from .kvcache import attention_with_kvcache
 from .pe import (
     PE, NoPE, RoPE, ALiBi, KERPLE, T5Bias, Sandwich,
     RoPEScaling, PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE,
-    RoPEExtension, ReRoPE, LeakyReRoPE, SelfExtend,
+    RoPEExtension, ReRoPE, LeakyReRoPE, SelfExtend, DualChunk,
     alibi_slopes,
 )
 from . import reference
@@ -44,6 +44,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "attention_varlen", "attention_with_kvcache", "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "Sandwich",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
-    "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend",
+    "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend", "DualChunk",
     "alibi_slopes", "reference", "nn", "distributed",
 ]

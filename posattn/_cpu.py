@@ -505,37 +505,51 @@ def attention_bhsd(q, k, v, spec: PE, *, q_pos: Positions, k_pos: Positions, cau
 
 def _extended(q, k, v, spec, *, q_pos: Positions, k_pos: Positions, causal, scale, window,
               softcap, cur_len):
-    """A RoPE extension (posattn.pe.RoPEExtension) as two pieces of one attention, merged by
-    their LSEs in torch (differentiable: each piece's backward takes its LSE's gradient): the
-    near pairs (q - k < window: a left window of window - 1) with the model's RoPE, and the
-    far pairs (k <= q - window: a right window of -window) on Q and K rotated at their far
-    positions (reference.apply_rope, float64 angles) with no PE."""
+    """A RoPE extension (posattn.pe.RoPEExtension) as pieces of one attention, one per region,
+    merged by their LSEs in torch (differentiable: each piece's backward takes its LSE's
+    gradient). A piece is a call with the region's mask (RoPEExtension.piece_mask: a window on
+    the distance, or on chunk-spread positions): the near pairs with the model's RoPE, each
+    far region on Q and K rotated at their far positions (reference.far_rotate, float64
+    angles) with no PE."""
     from .pe import NoPE
 
     ext = spec.extend
-    w = ext.window
     B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
     if spec.needs_cur_len and cur_len is None:  # as reference.attention_bhsd
         cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
-    left, right = window if window is not None else (None, None)
-    o_n, l_n = attention_bhsd(q, k, v, spec.with_extend(None), q_pos=q_pos, k_pos=k_pos, causal=causal,
-                              scale=scale, window=(w - 1 if left is None else min(left, w - 1), right),
-                              softcap=softcap, cur_len=cur_len)
     far_len = cur_len if spec.needs_cur_len else None
+    left, right = window if window is not None else (None, None)
+    qp, kp = q_pos.as_tensor(B, Sq, "cpu"), k_pos.as_tensor(B, Sk, "cpu")
 
-    def far(x, pos, query):
-        return reference.far_rotate(spec, x, pos.as_tensor(B, x.shape[2], "cpu"), query, far_len)
+    def side(mine, theirs):
+        return theirs if mine is None else (mine if theirs is None else min(mine, theirs))
 
-    o_f, l_f = attention_bhsd(far(q, q_pos, True), far(k, k_pos, False), v, NoPE(), q_pos=q_pos,
-                              k_pos=k_pos, causal=causal, scale=scale,
-                              window=(left, -w if right is None else min(right, -w)),
-                              softcap=softcap)
-    m = torch.maximum(l_n, l_f)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()  # no key in either: 0
-    wn, wf = torch.exp(l_n - m), torch.exp(l_f - m)
-    tot = wn + wf
+    outs, lses = [], []
+    for r in range(ext.n_far + 1):
+        vis, p_left, p_right = ext.piece_mask(r)
+        pq, pk = q_pos, k_pos
+        if vis is not None:  # chunk regions: the mask on spread positions
+            pq, pk = Positions(Sq, tensor=vis(qp)), Positions(Sk, tensor=vis(kp))
+        piece_window = (side(p_left, left), side(p_right, right))
+        if r == 0:
+            o, lse = attention_bhsd(q, k, v, spec.with_extend(None), q_pos=pq, k_pos=pk,
+                                    causal=causal, scale=scale, window=piece_window,
+                                    softcap=softcap, cur_len=cur_len)
+        else:
+            qf = reference.far_rotate(spec, q, qp, True, far_len, r - 1)
+            kf = reference.far_rotate(spec, k, kp, False, far_len)
+            o, lse = attention_bhsd(qf, kf, v, NoPE(), q_pos=pq, k_pos=pk, causal=causal,
+                                    scale=scale, window=piece_window, softcap=softcap)
+        outs.append(o)
+        lses.append(lse)
+    lse = torch.stack(lses)
+    m = lse.amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()  # no key in any: 0
+    w = torch.exp(lse - m)
+    tot = w.sum(0)
     safe = torch.where(tot > 0, tot, torch.ones_like(tot))
-    out = (wn[..., None] * o_n.to(wn.dtype) + wf[..., None] * o_f.to(wn.dtype)) / safe[..., None]
+    out = sum(wi[..., None] * o.to(w.dtype) for wi, o in zip(w, outs)) / safe[..., None]
     return out.to(q.dtype), m + torch.log(tot)
 
 

@@ -84,10 +84,8 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
             lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
         rope = dict(theta=theta, factor=factor, rot_dim=2 * theta.numel(),
                     interleaved=spec.interleaved)
-        if spec.extend is not None:  # a RoPE extension: its far pass (forward only)
-            a_q, b_q, a_k, b_k, group, freq_scale = spec.extend.far_map()
-            rope.update(remap=(spec.extend.window, a_q, b_q, a_k, b_k, group),
-                        theta_far=theta * freq_scale)
+        if spec.extend is not None:  # a RoPE extension: its far passes
+            rope.update(remap=spec.extend, theta_far=theta * spec.extend.freq_scale)
     params = None
     if spec.bias != "none":
         if any(isinstance(x, torch.Tensor) for x in vars(spec).values()):

@@ -128,7 +128,7 @@ def attention(
 
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
-    spec.check_mask(causal)
+    spec.check_mask(causal, window)
     qpos = parse_positions(q_positions, "q_positions", B, Sq, Sk - Sq, q.device)
     kpos = parse_positions(k_positions, "k_positions", B, Sk, 0, q.device)
     backend = _pick_backend(backend, q)
@@ -340,7 +340,7 @@ def attention_varlen(
 
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
-    spec.check_mask(causal)
+    spec.check_mask(causal, window)
     backend = _pick_backend(backend, q)
     geo = dict(causal=causal, scale=scale, window=window, softcap=softcap, q_positions=qp,
                k_positions=kp)

@@ -585,7 +585,7 @@ def ring_attention(
                          "(q_positions and k_positions)")
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
-    spec.check_mask(causal)
+    spec.check_mask(causal, window)
     backend = api._pick_backend(backend, q)
     ring = _Ring(group, rank, world)
 

@@ -319,7 +319,7 @@ def fuse(model, extend=None):
     ``posattn.hf.FUSABLE``; any other model is a ValueError (nothing is changed then).
 
     ``extend``: a :class:`posattn.RoPEExtension` (``posattn.ReRoPE``, ``LeakyReRoPE``,
-    ``SelfExtend``) to run a RoPE model past its trained context without retraining, e.g.
+    ``SelfExtend``, ``DualChunk``) to run a RoPE model past its trained context without retraining, e.g.
     ``fuse(model, extend=posattn.SelfExtend(group=8, window=1024))``; a ValueError for a model
     without RoPE. It works with generation's KV cache as it is, because the cache holds
     unrotated keys.
@@ -329,7 +329,7 @@ def fuse(model, extend=None):
     """
     if extend is not None and not isinstance(extend, RoPEExtension):
         raise TypeError(f"extend must be None or a posattn.RoPEExtension (ReRoPE, LeakyReRoPE, "
-                        f"SelfExtend), got {type(extend).__name__}")
+                        f"SelfExtend, DualChunk), got {type(extend).__name__}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if getattr(model, "_posattn_undo", None) is not None:

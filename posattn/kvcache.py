@@ -153,7 +153,7 @@ def attention_with_kvcache(
             _append(v_cache, v, rows)
     spec = resolve_pe(pe)
     spec.check(Hq, D, q.device)
-    spec.check_mask(causal)
+    spec.check_mask(causal, window)
     backend = api._pick_backend(backend, q)
     # keys per sequence: after the append; without k / v (the caller wrote them) the cache
     # already counts the new tokens, as flash_attn_with_kvcache reads it

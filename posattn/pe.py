@@ -203,9 +203,10 @@ class PE:
         Raises ``TypeError`` / ``ValueError`` naming the offending argument. No-op by default.
         """
 
-    def check_mask(self, causal: bool) -> None:
-        """Validate this spec against a call's mask: a PE defined for decoders only raises
-        ``ValueError`` when ``causal`` is False. No-op by default."""
+    def check_mask(self, causal: bool, window=None) -> None:
+        """Validate this spec against a call's mask (``window``: the checked ``(left, right)``
+        or None): a PE defined for decoders only raises ``ValueError`` when ``causal`` is
+        False. No-op by default."""
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return f"{type(self).__name__}()"
@@ -555,26 +556,69 @@ def _cfg_get(config, key: str, default=None):
 
 class RoPEExtension:
     """A training-free context extension by remapped RoPE positions (ReRoPE, leaky ReRoPE,
-    Self-Extend): a query attends to the keys less than ``window`` positions back
-    (``q_pos - k_pos < window``) with the model's RoPE as trained, and to every key further
-    back with a second, *far* rotation: the query rotated at ``(a_q q_pos + b_q) // group``,
-    the key at ``(a_k k_pos + b_k) // group``, both with the model's frequencies times
-    ``freq_scale``. Causal attention only (the methods are defined for decoders). Subclasses
-    say which far positions (:meth:`far_map`); ``posattn.RoPE(..., extend=...)`` takes one.
+    Self-Extend, Dual Chunk Attention). Causal attention only (the methods are defined for
+    decoders). ``posattn.RoPE(..., extend=...)`` takes one.
+
+    Every (query, key) pair falls in one *region* by ``g = q_pos // unit - k_pos // unit``
+    (floor division; ``unit`` 1 for the distance methods, the chunk length for DCA): region 0,
+    ``g < window``, keeps the model's RoPE as trained; the pairs beyond are the *far* regions,
+    ``n_far`` of them (region ``min(g - window + 1, n_far)``), each attended with the query
+    rotated at :meth:`far_positions` (``piece`` = region - 1) and the key at its far position
+    (the same for every far region), with the model's frequencies times ``freq_scale``.
+    Subclasses say which positions: the affine ones by :meth:`far_map`.
     """
 
     window: int
+    unit = 1  # positions are grouped by floor(pos / unit) for the regions
+    n_far = 1  # how many far regions (each its own query rotation)
+    freq_scale = 1.0
 
     def far_map(self) -> Tuple[int, int, int, int, int, float]:
-        """(a_q, b_q, a_k, b_k, group, freq_scale) of the far rotation (integers but the
-        last)."""
+        """(a_q, b_q, a_k, b_k, group, freq_scale): far positions ``(a pos + b) // group`` (one
+        far region; integers but the last)."""
         raise NotImplementedError
 
-    def far_positions(self, pos: torch.Tensor, query: bool) -> torch.Tensor:
-        """The far rotation's positions of integer ``pos`` (int64, floor division)."""
+    def key_map(self) -> Tuple[int, int, int, int]:
+        """(a, b, group, mod) of the keys' far position ``((a pos + b) // group) mod mod``
+        (mod 0: none): what a kernel needs to rotate a key at its far position in the tile."""
+        _, _, a_k, b_k, group, _ = self.far_map()
+        return a_k, b_k, group, 0
+
+    def far_positions(self, pos: torch.Tensor, query: bool, piece: int = 0) -> torch.Tensor:
+        """The far rotation's positions of integer ``pos`` (int64, floor division): a key's, or
+        a query's in far region ``piece + 1``."""
         a_q, b_q, a_k, b_k, group, _ = self.far_map()
         a, b = (a_q, b_q) if query else (a_k, b_k)
         return torch.div(a * pos.to(torch.int64) + b, group, rounding_mode="floor")
+
+    def region(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The region (0: near, 1 .. n_far: far) of every pair of broadcast int64 positions."""
+        u = self.unit
+        g = (torch.div(q_pos, u, rounding_mode="floor") - torch.div(k_pos, u, rounding_mode="floor"))
+        return (g - self.window + 1).clamp(0, self.n_far)
+
+    def piece_mask(self, r: int):
+        """Region ``r`` as a mask an attention call already has: ``(vis, left, right)`` such
+        that a causal pair is in region r iff ``v(q) - left <= v(k) <= v(q) + right`` (None:
+        unbounded), with ``v = vis`` (a function of int64 positions; None: the positions
+        themselves). For ``unit`` 1 that is a window on the distance. Otherwise v(p) =
+        2 unit (p // unit) + p mod unit spreads the chunks apart, so that v(q) - v(k) =
+        2 unit g + (q mod unit - k mod unit) lies in a range of its own for every g; v keeps
+        the order of positions (causal masks are unchanged) and the distance of two
+        positions in one chunk (a rotation at v(p) is the model's RoPE inside a chunk)."""
+        u = self.unit
+        g_lo = None if r == 0 else self.window + r - 1  # region r: g_lo <= g < g_hi
+        g_hi = None if r == self.n_far else self.window + r
+        if u == 1:
+            return (None, None if g_hi is None else g_hi - 1,
+                    None if g_lo is None else -g_lo)
+
+        def vis(p):
+            p = p.to(torch.int64)
+            return 2 * u * torch.div(p, u, rounding_mode="floor") + torch.remainder(p, u)
+
+        return (vis, None if g_hi is None else 2 * u * (g_hi - 1) + u - 1,
+                None if g_lo is None else -(2 * u * g_lo - u + 1))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
@@ -605,6 +649,10 @@ class LeakyReRoPE(RoPEExtension):
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (1 is plain RoPE), got {self.factor}")
 
+    @property
+    def freq_scale(self) -> float:
+        return 1.0 / self.factor
+
     def far_map(self):
         return 1, self.window * (self.factor - 1), 1, 0, 1, 1.0 / self.factor
 
@@ -628,6 +676,58 @@ class SelfExtend(RoPEExtension):
         return 1, G * (W - W // G), 1, 0, G, 1.0
 
 
+class DualChunk(RoPEExtension):
+    """Dual Chunk Attention (An et al. 2024, "Training-Free Long-Context Scaling of Large
+    Language Models", arXiv 2402.17463, section 3; HKUNLP/ChunkLlama's reference code).
+
+    Positions are cut into chunks of ``chunk_len = chunk_size - local_window``; every key is
+    rotated at ``k mod chunk_len``. A query attends to the keys of its own chunk with relative
+    positions as trained (intra-chunk: it sits at ``q mod chunk_len``), to the previous chunk's
+    keys rotated at ``min(q mod chunk_len + chunk_len, chunk_size)`` (successive-chunk), and
+    to every older key at ``min(2 chunk_len - 1, chunk_size)`` (inter-chunk): no relative
+    position exceeds ``chunk_size``. The authors' defaults for a model trained on ``n``
+    positions: :meth:`for_trained_length`. Regions go by chunk index, not distance (a key
+    one position back is in the previous chunk when the query opens a chunk).
+    """
+
+    window = 1  # region 0: the query's own chunk (g = 0)
+    n_far = 2  # successive (g = 1), inter (g >= 2)
+
+    def __init__(self, chunk_size: int, local_window: int):
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        if isinstance(local_window, bool) or not isinstance(local_window, numbers.Integral):
+            raise TypeError(f"local_window must be an int, got {type(local_window).__name__} "
+                            f"{local_window!r}")
+        self.local_window = int(local_window)
+        if not 0 <= self.local_window < self.chunk_size:
+            raise ValueError(f"local_window must be in [0, chunk_size={self.chunk_size}), "
+                             f"got {self.local_window}")
+
+    @property
+    def unit(self) -> int:
+        """chunk_len = chunk_size - local_window: the regions' unit."""
+        return self.chunk_size - self.local_window
+
+    @classmethod
+    def for_trained_length(cls, n: int, local_window: Optional[int] = None) -> "DualChunk":
+        """ChunkLlama's choice for a model trained on ``n`` positions: chunk_size = 3n // 4,
+        local_window = n // 16 unless given."""
+        n = _positive_int("n", n)
+        return cls(3 * n // 4, n // 16 if local_window is None else local_window)
+
+    def key_map(self):
+        return 1, 0, 1, self.unit
+
+    def far_positions(self, pos, query, piece=0):
+        L, C = self.unit, self.chunk_size
+        k = torch.remainder(pos.to(torch.int64), L)
+        if not query:
+            return k
+        if piece == 0:  # successive chunk
+            return torch.clamp(k + L, max=C)
+        return torch.full_like(k, min(2 * L - 1, C))  # inter chunk
+
+
 class RoPE(PE):
     """Rotary position embedding.
 
@@ -637,8 +737,8 @@ class RoPE(PE):
         rotary_dim: number of leading head dims rotated (even, <= head_dim); ``None`` = head_dim.
         interleaved: ``False`` = GPT-NeoX/Llama half-split pairs (j, j + d/2);
             ``True`` = GPT-J interleaved pairs (2j, 2j + 1).
-        extend: ``None`` or a :class:`RoPEExtension` (ReRoPE, LeakyReRoPE, SelfExtend):
-            remapped positions for the keys beyond its window (causal attention; every
+        extend: ``None`` or a :class:`RoPEExtension` (ReRoPE, LeakyReRoPE, SelfExtend,
+            DualChunk): remapped positions for the keys beyond its window or chunk (causal attention; every
             backend and ring attention, gradients included; not yet torch.compile).
     """
 
@@ -652,7 +752,7 @@ class RoPE(PE):
                  extend: Optional[RoPEExtension] = None):
         if extend is not None and not isinstance(extend, RoPEExtension):
             raise TypeError(f"extend must be None or a RoPEExtension (ReRoPE, LeakyReRoPE, "
-                            f"SelfExtend), got {type(extend).__name__}")
+                            f"SelfExtend, DualChunk), got {type(extend).__name__}")
         self.extend = extend
         # base <= 1 would make wavelengths shrink with the dim index (and YaRN divides by ln base).
         self.base = _positive_float("base", base, minimum_exclusive=1.0)
@@ -680,11 +780,15 @@ class RoPE(PE):
         """This RoPE with another extension (None: none), everything else the same."""
         return RoPE(self.base, self.scaling, self.rotary_dim, self.interleaved, extend)
 
-    def check_mask(self, causal: bool) -> None:
-        """An extension (ReRoPE, Self-Extend) is defined for causal attention only."""
+    def check_mask(self, causal: bool, window=None) -> None:
+        """An extension (ReRoPE, Self-Extend, DCA) is defined for causal attention only; DCA's
+        chunk regions take no sliding window (its backward masks by chunk, not distance)."""
         if self.extend is not None and not causal:
             raise ValueError(f"RoPE(extend={self.extend!r}) needs causal=True: the method is "
                              f"defined for decoders (keys at or before their query)")
+        if self.extend is not None and self.extend.unit > 1 and window is not None:
+            raise ValueError(f"RoPE(extend={self.extend!r}) takes no window (got window="
+                             f"{window!r}): its regions are chunks, not distances")
 
     def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
         """rotary_dim even and <= head_dim; scaling parameters that depend on it (LongRoPE lists)."""

@@ -47,24 +47,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def far_rotate(spec: RoPE, x: torch.Tensor, pos: torch.Tensor, query: bool,
-               cur_len: Optional[int]) -> torch.Tensor:
+               cur_len: Optional[int], piece: int = 0) -> torch.Tensor:
     """x (B, H, S, D) rotated at a RoPE extension's far positions of integer ``pos`` (B, S)
-    (spec.extend.far_positions; query or key side) with the frequencies times freq_scale,
-    float64 angles."""
+    (spec.extend.far_positions; query or key side, the query's in far region piece + 1) with
+    the frequencies times freq_scale, float64 angles."""
     ext = spec.extend
     inv_freq, factor = spec.frequencies(x.shape[-1], cur_len)
-    ang = (ext.far_positions(pos, query).to(torch.float64)[..., None]
-           * (inv_freq * ext.far_map()[5]).to(pos.device))
+    ang = (ext.far_positions(pos, query, piece).to(torch.float64)[..., None]
+           * (inv_freq * ext.freq_scale).to(pos.device))
     return apply_rope(x, torch.cos(ang) * factor, torch.sin(ang) * factor, spec.interleaved)
 
 
 def _far_logits(spec: RoPE, q, k, q_pos, k_pos, cur_len, group):
-    """q.k^T (B, Hq, Sq, Sk) of a RoPE extension's second pass, as its authors wrote it: Q and
-    K rotated at their far positions (far_rotate), every pair of them (the caller selects the
-    far ones)."""
-    qf = far_rotate(spec, q, q_pos, True, cur_len)
+    """q.k^T (B, Hq, Sq, Sk) of a RoPE extension's far passes, as its authors wrote them: Q
+    and K rotated at their far positions (far_rotate), every pair of them, one tensor per far
+    region (the caller selects each region's pairs)."""
     kf = far_rotate(spec, k, k_pos, False, cur_len).repeat_interleave(group, dim=1)
-    return torch.matmul(qf, kf.transpose(-1, -2))
+    return [torch.matmul(far_rotate(spec, q, q_pos, True, cur_len, piece), kf.transpose(-1, -2))
+            for piece in range(spec.extend.n_far)]
 
 
 def bias(spec: PE, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> Optional[torch.Tensor]:
@@ -134,7 +134,7 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
         elif cur_len is None:
             cur_len = max(q_pos.max_position(), k_pos.max_position()) + 1
         if spec.extend is not None:  # the far pass's logits, before the near rotation
-            far = _far_logits(spec, qc, kc, qp, kp, cur_len, group) * scale
+            far = [f * scale for f in _far_logits(spec, qc, kc, qp, kp, cur_len, group)]
         qc = apply_rope(qc, *rope_cos_sin(spec, D, qp, cur_len), spec.interleaved)
         kc = apply_rope(kc, *rope_cos_sin(spec, D, kp, cur_len), spec.interleaved)
 
@@ -142,9 +142,10 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     vc = vc.repeat_interleave(group, dim=1)
 
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    if far is not None:  # the methods' selection: near keys (q - k < window) keep RoPE's logits
-        near = (qp[:, :, None] - kp[:, None, :] < spec.extend.window)[:, None]
-        s = torch.where(near, s, far)
+    if far is not None:  # the methods' selection: near pairs (region 0) keep RoPE's logits
+        region = spec.extend.region(qp[:, :, None], kp[:, None, :])[:, None]
+        for r, f in enumerate(far, 1):
+            s = torch.where(region == r, f, s)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     b = bias(spec, Hq, qp, kp, compute_dtype)

@@ -72,9 +72,11 @@ CASES = [
     # RoPE extensions (not a FACTORS value: the cpu backend does not run them), causal only
     ("self_extend", "triton", 2, "zigzag", True, "bshd", "gqa", "fp32", "default", None, None),
     ("leaky_rerope", "triton", 4, "none", True, "bhsd", "mha", "fp16", "explicit", "w", "cap"),
+    ("dca", "triton", 4, "zigzag", True, "bshd", "gqa", "fp16", "explicit", None, "cap"),
 ]
 EXTENSIONS = {"self_extend": lambda: posattn.SelfExtend(2, 5),
-              "leaky_rerope": lambda: posattn.LeakyReRoPE(4, 3)}
+              "leaky_rerope": lambda: posattn.LeakyReRoPE(4, 3),
+              "dca": lambda: posattn.DualChunk(5, 1)}  # chunks of 4 positions
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 

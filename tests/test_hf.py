@@ -326,10 +326,13 @@ def test_fuse_with_a_rope_extension():
     assert gap > 1e-3, f"the extension should change the logits ({gap:.2e})"
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
               output_logits=True)
-    cached = short.generate(ids, use_cache=True, **kw)
-    full = short.generate(ids, use_cache=False, **kw)
-    for a, b in zip(cached.logits, full.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for ext in (posattn.LeakyReRoPE(window=3, factor=2), posattn.DualChunk(4, 1)):
+        model = short if isinstance(ext, posattn.LeakyReRoPE) else phf.fuse(copy.deepcopy(eager),
+                                                                            extend=ext)
+        cached = model.generate(ids, use_cache=True, **kw)
+        full = model.generate(ids, use_cache=False, **kw)
+        for a, b in zip(cached.logits, full.logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="needs a RoPE model"):
         phf.fuse(_model("bloom"), extend=posattn.ReRoPE(4))
     with pytest.raises(TypeError, match="extend"):

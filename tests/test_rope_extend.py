@@ -1,9 +1,11 @@
-"""RoPE extended by remapped positions (posattn.ReRoPE, LeakyReRoPE, SelfExtend).
+"""RoPE extended by remapped positions (posattn.ReRoPE, LeakyReRoPE, SelfExtend, DualChunk).
 
-1. The reference (posattn.reference: the methods' two passes, materialised and selected per
+1. The reference (posattn.reference: the methods' passes, materialised and selected per
    (query, key)) against a third formulation written here from the methods' relative
    positions -- ReRoPE min(q - k, w); leaky w + (q - k - w) / k beyond w; Self-Extend
-   q // G - k // G + W - W // G beyond W -- as complex rotations of q . k per frequency.
+   q // G - k // G + W - W // G beyond W; DCA by chunk -- as complex rotations of q . k per
+   frequency; and DCA against its authors' loop over chunks (three attention calls per
+   chunk merged by their LSEs), prefill and decode.
 2. The Triton forward (one pass: a tile computes the near product, the far one, or both only
    where it straddles the window's edge) against the float64 reference by the error rule,
    over positions, dtypes, heads, windows, soft caps, packed sequences and a paged KV cache.
@@ -13,12 +15,13 @@ import pytest
 import torch
 
 import posattn
-from posattn import LeakyReRoPE, ReRoPE, RoPE, SelfExtend
+from posattn import DualChunk, LeakyReRoPE, ReRoPE, RoPE, SelfExtend
 from conftest import DEVICE
 from helpers import assert_rule, force_splits
 
 FP16, FP32 = torch.float16, torch.float32
-METHODS = {"rerope": ReRoPE(7), "leaky": LeakyReRoPE(6, 4), "selfextend": SelfExtend(3, 8)}
+METHODS = {"rerope": ReRoPE(7), "leaky": LeakyReRoPE(6, 4), "selfextend": SelfExtend(3, 8),
+           "dca": DualChunk(12, 3)}  # DCA: chunks of 9 positions
 
 
 def _relative(name, ext, d):
@@ -26,6 +29,12 @@ def _relative(name, ext, d):
     is not enough for Self-Extend, whose groups depend on the positions themselves)."""
     qp, kp = d
     delta = qp - kp
+    if name == "dca":  # by chunk: own chunk q - k; previous min(q % L + L, C) - k % L; older
+        L, C = ext.chunk_size - ext.local_window, ext.chunk_size  # min(2L - 1, C) - k % L
+        gap = torch.div(qp, L, rounding_mode="floor") - torch.div(kp, L, rounding_mode="floor")
+        succ = torch.clamp(qp % L + L, max=C) - kp % L
+        inter = min(2 * L - 1, C) - kp % L
+        return torch.where(gap == 0, delta, torch.where(gap == 1, succ, inter)).double()
     if name == "rerope":
         far = torch.full_like(delta, ext.window).double()
     elif name == "leaky":
@@ -65,11 +74,66 @@ def test_reference_is_the_methods_relative_positions(name):
     torch.testing.assert_close(got[0], want, rtol=0, atol=1e-12)
 
 
+def _chunk_loop(q, k, v, ext, scale):
+    """DCA as its authors run it (HKUNLP/ChunkLlama, prefill from position 0): keys rotated at
+    k mod L; per chunk of L queries, one causal call on its own chunk (queries at q mod L),
+    one on the previous chunk (queries at min(q mod L + L, C)), one on every older key
+    (queries at the previous-chunk table's last entry, min(2L - 1, C)), merged by their LSEs.
+    float64 (H, S, D) -> (H, S, Dv)."""
+    L, C = ext.chunk_size - ext.local_window, ext.chunk_size
+    D, S = q.shape[-1], q.shape[1]
+    theta = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+
+    def rot(x, p):  # half-split pairs at positions p (n,)
+        ang = p.double()[:, None] * theta
+        c, s_ = torch.cos(ang), torch.sin(ang)
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+        return torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), -1)
+
+    def call(qs, ks, vs, causal):  # softmax attention and its LSE
+        s = qs @ ks.transpose(-1, -2) * scale
+        if causal:
+            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ vs, torch.logsumexp(s, -1)
+
+    kr = rot(k, torch.arange(S) % L)
+    outs = []
+    for c0 in range(0, S, L):
+        c1 = min(c0 + L, S)
+        idx = torch.arange(c0, c1) % L
+        parts = [call(rot(q[:, c0:c1], idx), kr[:, c0:c1], v[:, c0:c1], True)]
+        if c0 >= L:
+            parts.append(call(rot(q[:, c0:c1], torch.clamp(idx + L, max=C)),
+                              kr[:, c0 - L:c0], v[:, c0 - L:c0], False))
+        if c0 >= 2 * L:
+            parts.append(call(rot(q[:, c0:c1], torch.full_like(idx, min(2 * L - 1, C))),
+                              kr[:, :c0 - L], v[:, :c0 - L], False))
+        lse = torch.stack([p[1] for p in parts])
+        w = torch.softmax(lse, 0)
+        outs.append(sum(wi[..., None] * p[0] for wi, p in zip(w, parts)))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("ext", [DualChunk(12, 3), DualChunk(8, 0), DualChunk(10, 6)],
+                         ids=repr)
+def test_dca_reference_is_the_authors_chunk_loop(ext):
+    g = torch.Generator().manual_seed(12)
+    H, S, D = 2, 41, 8
+    q, k, v = (torch.randn(1, H, S, D, generator=g, dtype=torch.float64) for _ in range(3))
+    got = posattn.attention(q, k, v, pe=RoPE(extend=ext), causal=True, backend="reference")
+    want = _chunk_loop(q[0], k[0], v[0], ext, D ** -0.5)
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-12)
+    # decode (the authors' cache branch): the last query alone over every key
+    last = posattn.attention(q[:, :, -1:], k, v, pe=RoPE(extend=ext), causal=True,
+                             backend="reference")
+    torch.testing.assert_close(last[0], want[:, -1:], rtol=0, atol=1e-12)
+
+
 def test_window_past_every_distance_is_plain_rope():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 2, 19, 8, generator=g, dtype=torch.float64) for _ in range(3))
     plain = posattn.attention(q, k, v, pe="rope", causal=True, backend="reference")
-    for ext in (ReRoPE(19), LeakyReRoPE(19, 2), SelfExtend(2, 19)):
+    for ext in (ReRoPE(19), LeakyReRoPE(19, 2), SelfExtend(2, 19), DualChunk(20, 1)):
         got = posattn.attention(q, k, v, pe=RoPE(extend=ext), causal=True, backend="reference")
         torch.testing.assert_close(got, plain, rtol=0, atol=1e-14)
 
@@ -83,6 +147,9 @@ CASES = [
     ("selfextend", FP32, (4, 2), "default", None, None, 64, 64, 16),
     ("selfextend", FP16, (2, 2), "explicit", None, 20.0, 30, 30, 16),
     ("selfextend", FP16, (2, 1), "offset", (20, 0), None, 9, 41, 32),
+    ("dca", FP16, (2, 2), "default", None, None, 45, 45, 16),
+    ("dca", FP32, (4, 2), "explicit", None, 20.0, 21, 40, 32),
+    ("dca", FP32, (2, 1), "offset", None, None, 17, 50, 16),
 ]
 
 
@@ -158,6 +225,28 @@ def test_triton_varlen_and_kvcache():
         assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
 
 
+def test_dca_over_a_kv_cache():
+    """DCA decoding from a KV cache: the keys rotated in the tile at k mod chunk_len, two
+    sequences whose new tokens sit at different places in their chunks (one opens a chunk,
+    so its previous key is in the successive region)."""
+    g = torch.Generator().manual_seed(13)
+    pe = RoPE(extend=DualChunk(7, 2))  # chunks of 5
+    lens = [31, 45]
+    kc, vc = (torch.randn(2, 48, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    qn = torch.randn(2, 2, 4, 16, generator=g).to(DEVICE)
+    with torch.no_grad():
+        got = posattn.attention_with_kvcache(
+            qn, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+            pe=pe, backend="triton")
+    for b, n in enumerate(lens):
+        qs = qn[b:b + 1].transpose(1, 2)
+        ks, vs = (c[b:b + 1, :n].transpose(1, 2) for c in (kc, vc))
+        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
+                                backend="reference")
+        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
+        assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_split_k(monkeypatch, cache):
     """The forward split over runs of key tiles (flash-decoding) merged by their LSEs: each run
@@ -185,6 +274,8 @@ GRAD_CASES = [
     ("leaky", FP16, (2, 2), "explicit", (20, 0), 20.0, 23, 37, 16),
     ("selfextend", FP32, (2, 1), "offset", None, None, 19, 45, 32),
     ("selfextend", FP16, (2, 2), "default", (15, 0), None, 33, 33, 16),
+    ("dca", FP32, (4, 2), "default", None, None, 40, 40, 16),
+    ("dca", FP16, (2, 1), "explicit", None, 20.0, 23, 37, 16),
 ]
 
 
@@ -256,6 +347,14 @@ def test_errors_name_the_argument():
         LeakyReRoPE(8, 1)
     with pytest.raises(ValueError, match="window"):
         ReRoPE(0)
+    with pytest.raises(ValueError, match="local_window"):
+        DualChunk(8, 8)
+    with pytest.raises(TypeError, match="local_window"):
+        DualChunk(8, 2.5)
+    with pytest.raises(ValueError, match="takes no window"):
+        posattn.attention(q, q, q, pe=RoPE(extend=DualChunk(4, 1)), causal=True, window=(3, 0),
+                          backend="reference")
+    assert repr(DualChunk.for_trained_length(4096)) == "DualChunk(chunk_size=3072, local_window=256)"
 
 
 def test_reference_backward_runs():
