@@ -96,6 +96,100 @@ def test_train_batch_and_eval_sets(corpus):
         assert torch.equal(pk, pk2)                             # deterministic
 
 
+def test_recall_keys_share_all_but_one_symbol():
+    g = torch.Generator().manual_seed(0)
+    for key_len, n_pairs in ((2, 3), (3, 4), (1, 3), (2, 5)):
+        for _ in range(50):
+            keys = ex.recall_keys(n_pairs, key_len, g)
+            assert keys.shape == (n_pairs, key_len)
+            assert ((keys >= ex.RKEY0) & (keys < ex.RKEY0 + ex.N_RKEYS)).all()
+            assert len({tuple(k) for k in keys.tolist()}) == n_pairs           # distinct keys
+            for j in range(min(key_len, n_pairs - 1)):                         # distractor j: differs at j only
+                assert (keys[1 + j] != keys[0]).tolist() == [i == j for i in range(key_len)]
+    with pytest.raises(ValueError):
+        ex.recall_keys(ex.N_RKEYS + 1, 1, g)
+
+
+def test_make_recall_plants_pairs_and_query():
+    g = torch.Generator().manual_seed(0)
+    filler = torch.randint(0, 256, (2, 30))
+    blocks = [[(0, 1), (5, 0), (12, 2)], [(3, 2), (8, 1), (20, 0), (24, 1)]]
+    x, keys, values = ex.make_recall(filler, blocks, g, 2, 3)
+    assert keys.shape == (2, 3, 2) and values.shape == (2, 3)
+    assert all(len(set(v)) == 3 for v in values.tolist())
+    assert ((values >= ex.VALUE0) & (values < ex.VOCAB)).all()
+    for i, row in enumerate(blocks):
+        assert torch.equal(x[i, -3:-1], keys[i, 0]) and x[i, -1] == values[i, 0]      # query, answer
+        for p, j in row:
+            assert torch.equal(x[i, p:p + 2], keys[i, j]) and x[i, p + 2] == values[i, j]
+        untouched = set(range(27)) - {p + d for p, _ in row for d in range(3)}
+        assert all(x[i, t] == filler[i, t] for t in untouched)
+    with pytest.raises(ValueError):
+        ex.make_recall(filler, [[(0, 0), (2, 1)], []], g, 2, 3)                     # overlapping blocks
+    with pytest.raises(ValueError):
+        ex.make_recall(filler, [[(25, 0)], []], g, 2, 3)                            # overlaps the query
+    assert ex.recall_distance(0, 30, 2) == 27
+
+
+def test_train_batch_with_recall(corpus):
+    off = ex.train_batch(corpus, tiny(), torch.Generator().manual_seed(0))
+    assert not (off >= ex.RKEY0).any()                          # off by default: the passkey-only batches
+    cfg = tiny(recall=True, recall_frac=0.5, recall_pairs=3, recall_repeats=2, train_len=32)
+    x = ex.train_batch(corpus, cfg, torch.Generator().manual_seed(0))
+    half = cfg.batch_size // 2
+    assert (x[:half, -2] == ex.KEY).all() and not (x[:half] >= ex.RKEY0).any()   # passkey rows
+    for row in x[half:].tolist():
+        assert ex.KEY not in row
+        blocks = [tuple(row[p:p + 3]) for p in range(len(row) - 2) if min(row[p:p + 2]) >= ex.RKEY0]
+        assert len(blocks) == 3 + 2 and len(set(blocks)) == 3   # 3 pairs + 2 repeats, the last at the end
+        assert blocks[-1] == tuple(row[-3:]) and blocks[-1] in blocks[:3]
+        assert all(ex.RKEY0 <= b[1] < ex.RKEY0 + ex.N_RKEYS and ex.VALUE0 <= b[2] < ex.VOCAB for b in blocks)
+        assert len({b[2] for b in blocks}) == 3                 # one value per pair
+
+
+def test_recall_eval_set(corpus):
+    cfg = tiny(recall=True, recall_eval=6)
+    for n in cfg.eval_lens:
+        x, pos, values = ex.recall_eval_set(corpus, cfg, n)
+        assert x.shape == (6, n + 1) and values.shape == (6, cfg.recall_pairs)
+        assert (x[:, -1] == values[:, 0]).all()                 # the answer is the last token
+        for i, p in enumerate(pos):
+            assert torch.equal(x[i, p:p + 3], x[i, -3:])         # the queried pair, planted at p
+            assert (x[i] >= ex.RKEY0).sum() == 2 * (cfg.recall_pairs + 1)
+            assert set(values[i].tolist()) == {int(t) for t in x[i] if ex.VALUE0 <= t < ex.VOCAB}
+        d = [ex.recall_distance(p, n + 1, 2) for p in pos]
+        assert min(d) == 3 and max(d) == n - 2                  # distances span the window
+        x2, pos2, _ = ex.recall_eval_set(corpus, cfg, n)
+        assert torch.equal(x, x2) and pos == pos2               # deterministic
+
+
+class _Oracle(torch.nn.Module):
+    """Answers the final key with the value after its earlier occurrence (``exact``) or after the
+    first pair in the window (a model that copies some value without matching the key)."""
+
+    def __init__(self, vocab, exact):
+        super().__init__()
+        self.vocab, self.exact = vocab, exact
+
+    def forward(self, idx, last=None):
+        out = torch.zeros(idx.shape[0], last, self.vocab)
+        for b, row in enumerate(idx.tolist()):
+            key = row[-2:]
+            ans = next(row[p + 2] for p in range(len(row) - 3) if row[p] >= ex.RKEY0
+                       and (not self.exact or row[p:p + 2] == key))
+            out[b, -1, ans] = 1
+        return out
+
+
+def test_eval_recall_scores_the_queried_value(corpus):
+    cfg = tiny(recall=True, recall_eval=8)
+    good = ex.eval_recall(_Oracle(cfg.vocab, True), corpus, 32, cfg)
+    assert good["acc"] == 1 and good["distractor"] == 0 and good["n"] == 8
+    assert good["acc_far_half"] == 1 and set(good["acc_by_distance"]) == {"0-16", "16-32"}
+    first = ex.eval_recall(_Oracle(cfg.vocab, False), corpus, 32, cfg)
+    assert 0 < first["acc"] < 1 and first["acc"] + first["distractor"] == 1
+
+
 # ------------------------------------------------------------------------------------ model
 
 
@@ -240,6 +334,23 @@ def test_run_study_writes_outputs(tmp_path, capsys):
     # same seed, same numbers
     res2 = ex.run_study(tiny(pes=("rope",), rope_scalings=()), None, log=lambda s: None)
     assert res2["runs"]["rope"]["eval"]["32"]["ppl"] == res["runs"]["rope"]["eval"]["32"]["ppl"]
+
+
+def test_run_study_with_recall(tmp_path):
+    res = ex.main(["--tiny", "--backend", "reference", "--recall", "--pes", "alibi,rope", "--out", str(tmp_path)])
+    keys = ["alibi", "rope"] + [f"rope+{s}" for s in ex.ROPE_SCALINGS]
+    assert list(res["runs"]) == keys and res["config"]["recall"] is True
+    data = json.loads((tmp_path / "results.json").read_text())
+    for key in keys:
+        for n in ("16", "32"):
+            r = data["runs"][key]["eval"][n]["recall"]
+            assert 0 <= r["acc"] <= 1 and 0 <= r["distractor"] <= 1 - r["acc"] and len(r["items"]) == 4
+    md = (tmp_path / "results.md").read_text()
+    assert "Multi-token-key recall accuracy" in md and "Recall accuracy, queried pair in the far half" in md
+    assert (tmp_path / "ppl_vs_length.png").stat().st_size > 0
+    plain = ex.run_study(tiny(pes=("alibi",), rope_scalings=()), None, log=lambda s: None)
+    assert "recall" not in plain["runs"]["alibi"]["eval"]["32"]            # off by default
+    assert "recall" not in ex.markdown_tables(plain).lower()
 
 
 def test_registry_is_the_single_source(tmp_path, monkeypatch):

@@ -20,9 +20,11 @@ import posattn
 
 DOC = 256   # document separator (between source files)
 KEY = 257   # passkey marker
-VALUE0 = 258  # first passkey value token
+VALUE0 = 258  # first value token (passkey values and recall values)
 N_VALUES = 32
-VOCAB = VALUE0 + N_VALUES
+VOCAB = VALUE0 + N_VALUES    # the study's vocabulary (Config.vocab adds the recall symbols)
+RKEY0 = VOCAB   # first recall-key symbol (only with Config.recall): keys are strings over N_RKEYS
+N_RKEYS = 8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,10 +268,20 @@ class Config:
     passkey_frac: float = 1.0
     passkey_len: int = 1             # value tokens per passkey
     passkey_copies: int = 3          # blocks per training window (the last one at the end)
+    # multi-token-key recall (data.make_recall), opt-in (--recall): a recall_frac share of the
+    # training windows carries recall pairs instead of a passkey, and every run is also evaluated
+    # on it. Off by default: it did not train within the CPU budget (docs/extrapolate.md), and
+    # off, the vocabulary and the batches are those of the passkey-only study.
+    recall: bool = False
+    recall_frac: float = 0.25
+    recall_key_len: int = 2          # symbols per key
+    recall_pairs: int = 3            # key -> value pairs per window: the queried one + distractors
+    recall_repeats: int = 2          # training: repeated pairs after the first occurrences (the last at the end)
     # evaluation
     eval_mults: Tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_segments: int = 12          # segments of max_eval_len + 1 held-out tokens, same at every length
     passkey_eval: int = 48           # passkey windows per eval length
+    recall_eval: int = 48            # recall windows per eval length
     eval_elems: int = 1 << 23        # B * H * S * S per eval forward (the reference materialises S x S)
     eval_batch_tokens: int = 1 << 19 # B * S per eval forward
     # what to run (default: the registries' default entries, read when a Config is made)
@@ -292,6 +304,11 @@ class Config:
         return [self.train_len * m for m in self.eval_mults]
 
     @property
+    def vocab(self) -> int:
+        """Vocabulary size: bytes, <DOC>, <KEY>, the values, and the recall symbols with ``recall``."""
+        return VOCAB + (N_RKEYS if self.recall else 0)
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
@@ -307,5 +324,5 @@ class Config:
     def tiny() -> "Config":
         """Seconds: for tests and smoke runs."""
         return Config(n_layers=1, d_model=32, n_heads=2, d_ff=64, train_len=16, batch_size=4, steps=3,
-                      warmup=1, eval_mults=(1, 2), eval_segments=2, passkey_eval=4,
+                      warmup=1, eval_mults=(1, 2), eval_segments=2, passkey_eval=4, recall_eval=4,
                       corpus_max_bytes=200_000, log_every=1, name="tiny")

@@ -1,5 +1,5 @@
 """Data: the Python standard library's own ``.py`` files as bytes, split by file into train and
-held-out; training windows with planted passkeys; the fixed evaluation sets."""
+held-out; training windows with planted passkeys or recall pairs; the fixed evaluation sets."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import DOC, KEY, N_VALUES, VALUE0, Config
+from .config import DOC, KEY, N_RKEYS, N_VALUES, RKEY0, VALUE0, Config
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "encodings", "pydoc_data", "__pycache__"}
 
@@ -116,16 +116,93 @@ def _spaced_positions(count: int, avail: int, w: int, gen: torch.Generator) -> L
     return [rj + j * (w - 1) for j, rj in enumerate(r)]
 
 
+def recall_keys(n_pairs: int, key_len: int, gen: torch.Generator) -> torch.Tensor:
+    """(n_pairs, key_len) distinct keys over the ``N_RKEYS`` recall symbols; row 0 is the queried
+    key. Row 1 + j (j < key_len) equals row 0 except at symbol j, so every key symbol of the
+    query is shared with some distractor: only a match on the whole key singles out row 0. Further
+    rows (if n_pairs > key_len + 1) are random keys."""
+    if n_pairs > N_RKEYS ** key_len:
+        raise ValueError(f"{n_pairs} distinct keys of {key_len} symbols over {N_RKEYS} do not exist")
+    target = torch.randint(0, N_RKEYS, (key_len,), generator=gen)
+    keys = [target]
+    for j in range(min(key_len, n_pairs - 1)):
+        k = target.clone()
+        k[j] = (target[j] + torch.randint(1, N_RKEYS, (1,), generator=gen)) % N_RKEYS   # != target[j]
+        keys.append(k)
+    while len(keys) < n_pairs:
+        k = torch.randint(0, N_RKEYS, (key_len,), generator=gen)
+        if not any(torch.equal(k, o) for o in keys):
+            keys.append(k)
+    return torch.stack(keys) + RKEY0
+
+
+def make_recall(filler: torch.Tensor, blocks: Sequence[Sequence[Tuple[int, int]]], gen: torch.Generator,
+                key_len: int, n_pairs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-token-key associative recall: plant pair blocks ``k_1..k_m <V>`` in each row and end
+    the row with the queried pair (pair 0).
+
+    filler: (n, T) int64. ``blocks[i]``: ``(position, pair)`` of every planted block of row i,
+    ``pair`` in [0, n_pairs); pair 0 is the queried one. Each row gets its own keys
+    (:func:`recall_keys`: every distractor shares all but one symbol with the queried key) and
+    n_pairs distinct value tokens. The final block (the query: the model must produce ``<V>``
+    after ``k_1..k_m``) occupies the last ``key_len + 1`` tokens; the planted blocks must not
+    overlap it or each other. A block that repeats a pair planted earlier in the row is a
+    retrieval example too. Returns the new (n, T) tensor, the keys (n, n_pairs, key_len) and the
+    values (n, n_pairs).
+    """
+    x = filler.clone()
+    n, T = x.shape
+    w = key_len + 1
+    if n_pairs > N_VALUES:
+        raise ValueError(f"{n_pairs} pairs need distinct values, there are {N_VALUES}")
+    keys = torch.empty(n, n_pairs, key_len, dtype=torch.long)
+    values = torch.empty(n, n_pairs, dtype=torch.long)
+    for i in range(n):
+        keys[i] = recall_keys(n_pairs, key_len, gen)
+        values[i] = torch.randperm(N_VALUES, generator=gen)[:n_pairs] + VALUE0
+    pair_blocks = torch.cat([keys, values[:, :, None]], dim=2)      # (n, n_pairs, w)
+    for i, row in enumerate(blocks):
+        starts = sorted(p for p, _ in row)
+        if any(not 0 <= p <= T - 2 * w for p in starts) or any(b < a + w for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"recall positions {starts} overlap or leave a window of {T} tokens")
+        for p, j in row:
+            x[i, p:p + w] = pair_blocks[i, j]
+    x[:, T - w:] = pair_blocks[:, 0]
+    return x, keys, values
+
+
+def recall_distance(pos: int, total: int, key_len: int) -> int:
+    """Distance from the query (the final block's first key symbol) back to the queried pair."""
+    return (total - key_len - 1) - pos
+
+
 def train_batch(corpus: Corpus, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     """(B, L + 1) int64 text windows; a ``passkey_frac`` share carries ``passkey_copies`` copies of
     a passkey block, the last at the end (every copy after the first is a retrieval example at a
-    distance < L). The inserts replace a few bytes; the rest of the window is text."""
+    distance < L). With ``cfg.recall``, the last ``recall_frac`` share instead carries
+    ``recall_pairs`` recall pairs followed by ``recall_repeats`` (>= 1) repeats of them, the last
+    (the queried pair) at the end: every repeat is a retrieval example with all distractors
+    before it. The inserts replace a few bytes; the rest of the window is text. Without
+    ``cfg.recall`` the batches are those of the passkey-only study."""
     x = random_windows(corpus.train, cfg.batch_size, cfg.train_len + 1, gen)
-    npk = int(round(cfg.passkey_frac * cfg.batch_size))
+    T = cfg.train_len + 1
+    nrc = int(round(cfg.recall_frac * cfg.batch_size)) if cfg.recall else 0
+    npk = min(int(round(cfg.passkey_frac * cfg.batch_size)), cfg.batch_size - nrc)
     if npk:
-        T, w = cfg.train_len + 1, cfg.passkey_len + 1
+        w = cfg.passkey_len + 1
         pos = [_spaced_positions(cfg.passkey_copies - 1, T - w, w, gen) for _ in range(npk)]
         x[:npk] = make_passkey(x[:npk], pos, gen, cfg.passkey_len)
+    if nrc:
+        if cfg.recall_repeats < 1:
+            raise ValueError("recall_repeats must be >= 1 (the last repeat is the query at the end)")
+        w, m = cfg.recall_key_len + 1, cfg.recall_pairs
+        blocks = []
+        for _ in range(nrc):
+            pos = _spaced_positions(m + cfg.recall_repeats - 1, T - w, w, gen)
+            order = torch.randperm(m, generator=gen).tolist()          # first occurrences
+            rep = torch.randint(0, m, (cfg.recall_repeats - 1,), generator=gen).tolist()
+            blocks.append(list(zip(pos, order + rep)))
+        x[-nrc:] = make_recall(x[-nrc:], blocks, gen, cfg.recall_key_len, m)[0]
     return x
 
 
@@ -151,3 +228,30 @@ def passkey_eval_set(corpus: Corpus, cfg: Config, length: int) -> Tuple[torch.Te
     pos = [round(hi * i / max(n - 1, 1)) for i in range(n)]
     filler = random_windows(corpus.heldout, n, T, gen)
     return make_passkey(filler, [[p] for p in pos], gen, cfg.passkey_len), pos
+
+
+def recall_eval_set(corpus: Corpus, cfg: Config, length: int) -> Tuple[torch.Tensor, List[int], torch.Tensor]:
+    """(n, length + 1) recall windows on held-out text: the queried pair at distances spread evenly
+    over the window (as :func:`passkey_eval_set`), its ``recall_pairs - 1`` distractors at random
+    places; deterministic in (seed, length). Returns the windows, the queried pair's positions and
+    the values (n, recall_pairs), column 0 the answer."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + length + 7_919)
+    T, w, m = length + 1, cfg.recall_key_len + 1, cfg.recall_pairs
+    hi = T - 2 * w
+    n = cfg.recall_eval
+    pos = [round(hi * i / max(n - 1, 1)) for i in range(n)]
+    filler = random_windows(corpus.heldout, n, T, gen)
+    blocks = []
+    for p in pos:
+        taken = [p]
+        for _ in range(1000 * m):                       # rejection: distractors anywhere else
+            if len(taken) == m:
+                break
+            q = int(torch.randint(0, hi + 1, (1,), generator=gen))
+            if all(abs(q - t) >= w for t in taken):
+                taken.append(q)
+        if len(taken) < m:
+            raise ValueError(f"cannot place {m} recall pairs of {w} tokens in a window of {T}")
+        blocks.append([(q, j) for j, q in enumerate(taken)])
+    x, _, values = make_recall(filler, blocks, gen, cfg.recall_key_len, m)
+    return x, pos, values

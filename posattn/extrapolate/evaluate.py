@@ -1,5 +1,5 @@
-"""Evaluation: held-out perplexity and passkey retrieval at every eval length, with or without a
-RoPE method (:data:`~.config.ROPE_METHODS`)."""
+"""Evaluation: held-out perplexity, passkey retrieval and multi-token-key recall at every eval
+length, with or without a RoPE method (:data:`~.config.ROPE_METHODS`)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import posattn
 
-from .config import VOCAB, Config, rope_method
-from .data import Corpus, passkey_distance, passkey_eval_set
+from .config import Config, rope_method
+from .data import Corpus, passkey_distance, passkey_eval_set, recall_distance, recall_eval_set
 from .model import ByteLM
 from .train import _autocast
 
@@ -68,7 +68,7 @@ def eval_perplexity(model: ByteLM, segments: torch.Tensor, length: int, cfg: Con
     for i in range(0, inp.shape[0], bs):
         x = inp[i:i + bs].to(cfg.device)
         lg = _logits(model, x, cfg, chunked)
-        nll[i:i + bs] = F.cross_entropy(lg.reshape(-1, VOCAB), tgt[i:i + bs].reshape(-1).to(cfg.device),
+        nll[i:i + bs] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[i:i + bs].reshape(-1).to(cfg.device),
                                         reduction="none").view(x.shape).double().cpu()
     mean = nll.mean().item()
     out = {"ppl": math.exp(mean), "bits_per_byte": mean / math.log(2), "tokens": int(nll.numel())}
@@ -99,23 +99,53 @@ def eval_passkey(model: ByteLM, corpus: Corpus, length: int, cfg: Config) -> dic
         correct[i:i + bs] = lg.argmax(-1).cpu() == tgt[i:i + bs, -nv:]
     dist = [passkey_distance(p, length + 1, nv) for p in pos]
     ok = correct.all(1)
+    far = [i for i, d in enumerate(dist) if d >= length // 2]
+    return {"acc": correct.float().mean().item(), "exact": ok.float().mean().item(),
+            "acc_far_half": ok[far].float().mean().item(), "n": len(pos),
+            "acc_by_distance": _by_distance(ok, dist, length, cfg),
+            "items": [[d, bool(c)] for d, c in zip(dist, ok.tolist())]}
+
+
+def _by_distance(ok: torch.Tensor, dist, length: int, cfg: Config) -> Dict[str, float]:
+    """Accuracy in distance buckets [0, L), [L, 2L), [2L, 4L), ..."""
     L, by, lo = cfg.train_len, {}, 0
-    while lo < length:                    # distance buckets [0, L), [L, 2L), [2L, 4L), ...
+    while lo < length:
         hi = max(L, 2 * lo)
         sel = [i for i, d in enumerate(dist) if lo <= d < hi]
         if sel:
             by[f"{lo}-{hi}"] = ok[sel].float().mean().item()
         lo = hi
+    return by
+
+
+@torch.no_grad()
+def eval_recall(model: ByteLM, corpus: Corpus, length: int, cfg: Config) -> dict:
+    """Multi-token-key recall accuracy on ``recall_eval`` held-out windows of ``length`` tokens
+    (:func:`~.data.recall_eval_set`): the prediction after the final key (the window's last
+    token, one forward as :func:`eval_passkey`) must be the queried pair's value. ``distractor``:
+    the share of windows answered with a distractor's value (a partial key match or a wrong
+    pair); ``acc`` + ``distractor`` is the share that retrieved some pair's value."""
+    x, pos, values = recall_eval_set(corpus, cfg, length)
+    pred = torch.empty(x.shape[0], dtype=torch.long)
+    bs = _eval_batch(cfg, length)
+    for i in range(0, x.shape[0], bs):
+        xb = x[i:i + bs, :-1].to(cfg.device)
+        with _autocast(cfg):
+            pred[i:i + bs] = model(xb, last=1).float()[:, -1].argmax(-1).cpu()
+    ok = pred == values[:, 0]
+    wrong_pair = (pred[:, None] == values[:, 1:]).any(1)
+    dist = [recall_distance(p, length + 1, cfg.recall_key_len) for p in pos]
     far = [i for i, d in enumerate(dist) if d >= length // 2]
-    return {"acc": correct.float().mean().item(), "exact": ok.float().mean().item(),
-            "acc_far_half": ok[far].float().mean().item(), "n": len(pos), "acc_by_distance": by,
+    return {"acc": ok.float().mean().item(), "distractor": wrong_pair.float().mean().item(),
+            "acc_far_half": ok[far].float().mean().item(), "n": len(pos),
+            "acc_by_distance": _by_distance(ok, dist, length, cfg),
             "items": [[d, bool(c)] for d, c in zip(dist, ok.tolist())]}
 
 
 def evaluate(model: ByteLM, corpus: Corpus, segments: torch.Tensor, cfg: Config, scaling: Optional[str] = None,
              log: Callable[[str], None] = print, label: str = "") -> Dict[int, dict]:
-    """Perplexity and passkey at every eval length; ``scaling``: a :data:`ROPE_METHODS` name
-    (None: the model as trained)."""
+    """Perplexity, passkey and recall at every eval length; ``scaling``: a :data:`ROPE_METHODS`
+    name (None: the model as trained)."""
     res = {}
     chunked = scaling is not None and rope_method(scaling).chunked
     for length in cfg.eval_lens:
@@ -124,10 +154,12 @@ def evaluate(model: ByteLM, corpus: Corpus, segments: torch.Tensor, cfg: Config,
         try:
             r = eval_perplexity(model, segments, length, cfg, chunked)
             r["passkey"] = eval_passkey(model, corpus, length, cfg)
+            if cfg.recall:
+                r["recall"] = eval_recall(model, corpus, length, cfg)
         finally:
             model.rope_options = {}
         r["seconds"] = time.time() - t0
         res[length] = r
         log(f"  [{label:>18}] len {length:6d}: ppl {r['ppl']:7.3f}  passkey {r['passkey']['acc']:.2f} "
-            f"({r['seconds']:.1f}s)")
+            + (f"recall {r['recall']['acc']:.2f} " if "recall" in r else "") + f"({r['seconds']:.1f}s)")
     return res

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import posattn
 
-from .config import VOCAB, Config, study_pe
+from .config import Config, study_pe
 
 PE_MODULE = "pe_module"   # attribute (and state-dict name part) of a layer's learnable PE module
 
@@ -57,7 +57,8 @@ class Block(nn.Module):
 
 
 class ByteLM(nn.Module):
-    """Decoder-only LM over 256 bytes + <DOC> + <KEY> + 32 passkey values, tied embedding, pre-norm blocks.
+    """Decoder-only LM over 256 bytes + <DOC> + <KEY> + 32 values (+ 8 recall-key symbols with
+    ``cfg.recall``: ``cfg.vocab`` tokens), tied embedding, pre-norm blocks.
 
     ``rope_options`` (keyword arguments for ``posattn.RoPE``, from a RoPE method) is applied at
     inference by RoPE models; ``rope_scaling`` reads and sets its ``scaling`` entry.
@@ -67,7 +68,7 @@ class ByteLM(nn.Module):
         super().__init__()
         study_pe(pe)          # ValueError for an unknown PE
         self.pe = pe
-        self.emb = nn.Embedding(VOCAB, cfg.d_model)
+        self.emb = nn.Embedding(cfg.vocab, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, pe) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.rope_options: dict = {}

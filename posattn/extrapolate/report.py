@@ -1,4 +1,4 @@
-"""Reports: the markdown tables, the plot, the environment record and the output files. Row
+"""Reports: the markdown tables (perplexity, passkey, recall), the plot, the environment record and the output files. Row
 labels and line styles come from the registries (:func:`~.config.label`)."""
 from __future__ import annotations
 
@@ -42,7 +42,20 @@ def markdown_tables(results: dict) -> str:
                  f"key at distances spread evenly over the window)", lambda r, n: f"{r['passkey']['acc']:.2f}")
     out += table("Passkey accuracy, key in the far half of the window (distance >= n/2)",
                  lambda r, n: f"{r['passkey']['acc_far_half']:.2f}")
+    if _has_recall(results):
+        m, k = cfg["recall_pairs"], cfg["recall_key_len"]
+        out += table(f"Multi-token-key recall accuracy ({m} pairs with {k}-symbol keys, every distractor "
+                     f"shares all but one symbol with the queried key; chance 1/{m} copying a value of the "
+                     f"window, at most 1/2 matching one symbol; {cfg['recall_eval']} windows per length, the queried pair at distances "
+                     f"spread evenly over the window)",
+                     lambda r, n: f"{r['recall']['acc']:.2f}" if "recall" in r else "—")
+        out += table("Recall accuracy, queried pair in the far half of the window (distance >= n/2)",
+                     lambda r, n: f"{r['recall']['acc_far_half']:.2f}" if "recall" in r else "—")
     return out
+
+
+def _has_recall(results: dict) -> bool:
+    return any("recall" in e for run in results["runs"].values() for e in run["eval"].values())
 
 
 def plot(results: dict, path: str) -> None:
@@ -53,7 +66,8 @@ def plot(results: dict, path: str) -> None:
     cfg = results["config"]
     L = cfg["train_len"]
     lens = [L * m for m in cfg["eval_mults"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    recall = _has_recall(results)
+    fig, axes = plt.subplots(1, 3 if recall else 2, figsize=(18 if recall else 12, 5.2))
     keys = list(results["runs"])
     markers = "osD^v<>Xp*hPd8H"
     colors = plt.get_cmap("tab20")  # 20 distinct colours: the default cycle repeats after 10
@@ -67,6 +81,9 @@ def plot(results: dict, path: str) -> None:
         # accuracies often coincide (all 1.0): dodge each series a little along x so all show
         dodge = 2 ** (0.035 * (i - (len(keys) - 1) / 2))
         axes[1].plot([n * dodge for n in lens], acc, **style)
+        if recall:
+            rec = [run["eval"][str(n)].get("recall", {}).get("acc", float("nan")) for n in lens]
+            axes[2].plot([n * dodge for n in lens], rec, **style)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(lens, [f"{n}\n({n // L}L)" for n in lens])
@@ -81,6 +98,11 @@ def plot(results: dict, path: str) -> None:
     axes[1].set_ylim(-0.02, 1.02)
     axes[1].axhline(1 / N_VALUES, color="gray", lw=0.8, ls=":")
     axes[1].set_title("Passkey retrieval (series dodged in x to show overlaps)")
+    if recall:
+        axes[2].set_ylabel("multi-token-key recall accuracy")
+        axes[2].set_ylim(-0.02, 1.02)
+        axes[2].axhline(1 / cfg["recall_pairs"], color="gray", lw=0.8, ls=":")
+        axes[2].set_title(f"Recall, {cfg['recall_key_len']}-symbol keys (chance 1/{cfg['recall_pairs']})")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=(len(keys) + 1) // 2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))

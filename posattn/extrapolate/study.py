@@ -66,6 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--steps", type=int, help="training steps per model")
     ap.add_argument("--train-len", type=int, help="training length L")
     ap.add_argument("--pes", help=f"comma-separated subset of {','.join(STUDY_PES)}")
+    ap.add_argument("--recall", action="store_true",
+                    help="also train and evaluate the multi-token-key recall probe (off by default: it did not "
+                         "train within the CPU budget, see docs/extrapolate.md)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device")
     ap.add_argument("--backend", choices=("auto", "triton", "cpu", "reference"))
@@ -75,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  ("backend", a.backend)):
         if v is not None:
             setattr(cfg, k, v)
+    if a.recall:
+        cfg.recall = True
     if a.pes:
         cfg.pes = tuple(p.strip() for p in a.pes.split(","))
         bad = [p for p in cfg.pes if p not in STUDY_PES]

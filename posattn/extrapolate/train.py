@@ -8,7 +8,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import VOCAB, Config, label
+from .config import Config, label
 from .data import Corpus, train_batch
 from .model import ByteLM, build_model
 
@@ -22,7 +22,7 @@ def _autocast(cfg: Config):
 def lm_loss(model: ByteLM, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     with _autocast(cfg):
         logits = model(x[:, :-1])
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
 def train_model(cfg: Config, pe: str, corpus: Corpus, log: Callable[[str], None] = print) -> Tuple[ByteLM, dict]:
