@@ -332,6 +332,8 @@ GEOMETRY_ROWS = (
     ("t5", False, True, {}),  # T5 encoder: explicit positions (int64-wide clamp)
     ("t5", False, False, dict(window=(256, 256), varlen=True)),
     ("sandwich", False, True, dict(window=(256, 256))),  # explicit: int64 clamped table index
+    ("xpos", True, True, {}),  # explicit: per-element decays, the block's reference and span
+    ("xpos", True, False, dict(varlen=True)),  # dK/dV: the sequence's own tile starts
 )
 # RoPE extended by remapped positions (posattn.RoPEExtension): the forward only, causal, one
 # row per method shape (ReRoPE: an unrotated far key; leaky: a second frequency set;

@@ -37,8 +37,8 @@ from .fmath import LOG2E, softcap_logits
 from .geometry import (key_band, load_positions, query_key_tiles, seq_geometry, tile_range,
                        tile_run, visible)
 from .loader import load_qk, load_tile, qk_dot
-from .rotary import (ROT_ROPE, qk_columns, rope_angle_cos_sin, rope_rotate, rope_start_cos_sin,
-                     tile_rope)
+from .rotary import (ROT_ROPE, block_ref, offset_table, qk_columns, rope_cos_sin, rope_rotate,
+                     rope_start_cos_sin, tile_rope)
 
 
 @triton.jit
@@ -104,16 +104,19 @@ def grad_dot(ds16, xa, xb, xc, acc_a, acc_b, acc_c, ROT: tl.constexpr, HAS_PASS:
 @triton.jit
 def store_grad_groups(ptr, rows, row_mask, pos, stride_row, stride_col, xa, xb, xc, scale, THETA,
                       rope_factor, colA, colB, maskA, colC, maskC, ROT: tl.constexpr,
-                      HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+                      HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr,
+                      xref=0, XPOS: tl.constexpr = False, QUERY: tl.constexpr = False,
+                      span=0):
     """dQ or dK, accumulated as dot groups in the rotated frame: times the logit scale, rotated
     back for RoPE (the transpose rotation of the rows at ``pos``), stored (store_groups).
     The cos/sin are recomputed here rather than kept live through the loop: registers are the
-    scarce resource there."""
+    scarce resource there. xPos: the rows' decay from ``xref`` (QUERY: they are queries;
+    ``span``: the key block's) is part of the rotation, so of its transpose."""
     xa *= scale
     xb *= scale
     xc *= scale
     if ROT == ROT_ROPE:
-        c, s = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        c, s = rope_cos_sin(pos, xref, THETA, rope_factor, XPOS, QUERY, ROT_HALF, BLOCK_A, span)
         xa, xb = rope_rotate(xa, xb, c, -s)
     store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, colB, maskA,
                  colC, maskC, ROT, HAS_PASS)
@@ -126,13 +129,14 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
                 Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2,
                 win_left, win_right, lse_row0, lse_len, h0,
-                n_iters, tiles_per_head, t_lo, t_split, t_jump, cols,
+                n_iters, tiles_per_head, t_lo, t_split, t_jump, cols, xref,
                 ROT: tl.constexpr, BIAS: tl.constexpr, NP: tl.constexpr, MASKED: tl.constexpr,
                 CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
                 SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, SEQ_SHIFT: tl.constexpr,
                 HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr,
                 BLOCK_M: tl.constexpr, PREC: tl.constexpr, BIAS_TABLE: tl.constexpr,
-                DO_DK: tl.constexpr, DO_DV: tl.constexpr, CENTER: tl.constexpr):
+                DO_DK: tl.constexpr, DO_DV: tl.constexpr, CENTER: tl.constexpr,
+                XPOS: tl.constexpr):
     """Accumulate dK, dV of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
@@ -162,7 +166,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
             qpos = q0 + tl.arange(0, BLOCK_M)
         cos, sin, c0, s0 = tile_rope(qpos, t * BLOCK_M, c_tab, s_tab, THETA, ROPE_TILES,
                                      rope_factor, c_seq, s_seq, ROT, EXPLICIT_POS, SEQ_SHIFT,
-                                     ROT_HALF, BLOCK_A)
+                                     ROT_HALF, BLOCK_A, xref, q0, XPOS, True)
         qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
@@ -227,7 +231,7 @@ def attn_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr, XPOS: tl.constexpr = False,
 ):
     """dK and dV of one key block (DO_DK / DO_DV: both, or one of them -- see
     configs.TileConfig.split: a program that computes only one holds half the accumulators)."""
@@ -272,10 +276,15 @@ def attn_bwd_dkdv_kernel(
     s_tab = 0.0
     c_seq = 0.0
     s_seq = 0.0
-    if ROT == ROT_ROPE:
-        c_k, s_k = rope_angle_cos_sin(kpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+    xref = 0
+    kspan = 0
+    if ROT == ROT_ROPE:  # xPos: every decay relative to the block's first key (rotary.py)
+        if XPOS:
+            xref, kspan = block_ref(kpos, n_mask, k_start + pid_n * BLOCK_N, EXPLICIT_POS, BLOCK_N)
+        c_k, s_k = rope_cos_sin(kpos, xref, THETA, rope_factor, XPOS, False, ROT_HALF, BLOCK_A,
+                                kspan)
         if not EXPLICIT_POS:
-            c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_M), THETA, 1.0, ROT_HALF, BLOCK_A)
+            c_tab, s_tab = offset_table(THETA, XPOS, True, ROT_HALF, BLOCK_A, BLOCK_M)
             if VARLEN:  # the Q tile-start table starts at 0; this sequence's queries at q_start
                 c_seq, s_seq = rope_start_cos_sin(q_start, THETA, ROT_HALF, BLOCK_A)
     ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, c_k, s_k, 0.0, 0.0, colA, colB,
@@ -326,16 +335,16 @@ def attn_bwd_dkdv_kernel(
             stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, stride_qpm,
             Sq, q_start, rope_factor, scale_log2, cap_in, cap_log2, win_left, win_right,
             lse_row0, lse_rows, h0,
-            GROUP * n_run, tl.maximum(n_run, 1), lo, split, f_hi, cols,
+            GROUP * n_run, tl.maximum(n_run, 1), lo, split, f_hi, cols, xref,
             ROT=ROT, BIAS=BIAS, NP=NP, MASKED=run == 0, CAUSAL=CAUSAL, WIN_L=WIN_L,
             WIN_R=WIN_R, SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, SEQ_SHIFT=VARLEN,
             HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, PREC=PREC,
-            BIAS_TABLE=BIAS_TABLE, DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER)
+            BIAS_TABLE=BIAS_TABLE, DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER, XPOS=XPOS)
 
     if DO_DK:
         store_grad_groups(DK_OUT, offs_n, n_mask, kpos, stride_dkn, stride_dkd, dka, dkb, dkc,
                           scale, THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS,
-                          ROT_HALF, BLOCK_A)
+                          ROT_HALF, BLOCK_A, xref, XPOS, False, kspan)
     if DO_DV:
         tl.store(DV_OUT + offs_n.to(tl.int64)[:, None] * stride_dvn + colV[None, :] * stride_dvd,
                  dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & maskV[None, :])
@@ -346,13 +355,13 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
               Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-              win_left, win_right, tile_lo, tile_hi, cols,
+              win_left, win_right, tile_lo, tile_hi, cols, xref,
               ROT: tl.constexpr, BIAS: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
               SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
               ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
               PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
-              CENTER: tl.constexpr, NP: tl.constexpr):
+              CENTER: tl.constexpr, NP: tl.constexpr, XPOS: tl.constexpr):
     """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi), and with
     NEED_PE_GRAD the accumulators g1, g2 of dS * d(bias)/d(param) (bias.param_grad_init)."""
     colA, colB, maskA, colC, maskC, colV, maskV = cols  # head-dim columns
@@ -365,7 +374,8 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
             kpos = k_start + offs_n
         cos, sin, c0, s0 = tile_rope(kpos, t * BLOCK_N, c_tab, s_tab, THETA, ROPE_TILES,
                                      rope_factor, 0.0, 0.0, ROT, EXPLICIT_POS, False, ROT_HALF,
-                                     BLOCK_A)
+                                     BLOCK_A, xref[0], k_start + t * BLOCK_N, XPOS, False,
+                                     xref[1])
         ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
                              maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
@@ -414,7 +424,7 @@ def attn_bwd_dq_kernel(
     BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_PASS: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    TABLE_REF: tl.constexpr = -1,
+    TABLE_REF: tl.constexpr = -1, XPOS: tl.constexpr = False,
 ):
     """dQ of one query block; with NEED_PE_GRAD also this block's share of the PE-parameter
     gradients, stored at GPARAM[pid_m, b, h, :] (every program of a dense batch writes its
@@ -464,10 +474,15 @@ def attn_bwd_dq_kernel(
     s_q = 0.0
     c_tab = 0.0
     s_tab = 0.0
-    if ROT == ROT_ROPE:
-        c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+    xref = 0
+    xspan = 0
+    if ROT == ROT_ROPE:  # xPos: every decay relative to the block's first query (rotary.py)
+        if XPOS:
+            xref, xspan = block_ref(qpos, m_mask, q_start + pid_m * BLOCK_M, EXPLICIT_POS,
+                                    BLOCK_M)
+        c_q, s_q = rope_cos_sin(qpos, xref, THETA, rope_factor, XPOS, True, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
-            c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
+            c_tab, s_tab = offset_table(THETA, XPOS, False, ROT_HALF, BLOCK_A, BLOCK_N)
     qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, ROT, HAS_PASS, True, False)
     do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, True)
@@ -494,13 +509,14 @@ def attn_bwd_dq_kernel(
                 K, V, KPOS, THETA, ROPE_TILES, BIAS_F, BIAS_G, c_tab, s_tab,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                 Sk, k_start, rope_factor, scale_log2, pa, pb, dref, fref, cap_in, cap_log2,
-                win_left, win_right, lo, hi, cols,
+                win_left, win_right, lo, hi, cols, (xref, xspan),
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
-                BIAS_TABLE=BIAS_TABLE, NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER, NP=NP)
+                BIAS_TABLE=BIAS_TABLE, NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER, NP=NP,
+                XPOS=XPOS)
     store_grad_groups(DQ, offs_m, m_mask, qpos, stride_dqm, stride_dqd, dqa, dqb, dqc, scale,
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS, ROT_HALF,
-                      BLOCK_A)
+                      BLOCK_A, xref, XPOS, True)
     if NEED_PE_GRAD:  # partials (query blocks, B, Hq, NP); torch sums them
         store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP, TABLE_REF)

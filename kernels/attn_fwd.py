@@ -43,7 +43,8 @@ from .fmath import LN2, LOG2E, softcap_logits
 from .geometry import (floor_div, in_region, load_positions, query_key_tiles, region_gap,
                        region_tiles, seq_geometry, tile_run, visible)
 from .loader import load_box, load_groups, load_qk, load_tile, qk_dot
-from .rotary import ROT_ROPE, far_positions, qk_columns, rope_angle_cos_sin, tile_rope
+from .rotary import (ROT_ROPE, block_ref, far_positions, offset_table, qk_columns,
+                     rope_angle_cos_sin, rope_cos_sin, tile_rope)
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                BIAS_F, c_tab, s_tab,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn,
                k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref, cap_in,
-               cap_log2, win_left, win_right, tile_lo, tile_hi, cols, remap,
+               cap_log2, win_left, win_right, tile_lo, tile_hi, cols, remap, xref,
                ROT: tl.constexpr, BIAS: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_L: tl.constexpr, WIN_R: tl.constexpr,
                SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
@@ -89,7 +90,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr,
                TMA: tl.constexpr, CENTER: tl.constexpr, BT, PAGE: tl.constexpr,
                REGION: tl.constexpr, FAR_K: tl.constexpr, N_FAR: tl.constexpr,
-               CHUNKED: tl.constexpr):
+               CHUNKED: tl.constexpr, XPOS: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi) of one sequence.
 
     REGION (RoPE extended by remapped positions; 0: none): the pass over region REGION's pairs
@@ -98,6 +99,8 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
     the caller passes Q so rotated, and K comes from K_FAR (FAR_K: rotated beforehand, laid
     out as K) or is rotated here (a KV cache: rotary.far_positions, mod r_unit when CHUNKED).
     remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit).
+    XPOS: xPos's decay on the key tiles, relative to the query block: xref = (its reference,
+    its span) (rotary.tile_rope).
 
     PAGE > 0 (a paged KV cache): key row n of the sequence is row BT[n // PAGE] * PAGE +
     n % PAGE of K and V (flat over pages), BT the sequence's row of the block table.
@@ -134,7 +137,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
             kpos = k_start + offs_n
         cos, sin, c0, s0 = tile_rope(kpos, t * BLOCK_N, c_tab, s_tab, THETA, ROPE_TILES,
                                      rope_factor, 0.0, 0.0, ROT, EXPLICIT_POS, False, ROT_HALF,
-                                     BLOCK_A)
+                                     BLOCK_A, xref[0], k_start + t * BLOCK_N, XPOS, False, xref[1])
         if TMA:  # one dot group (no RoPE): see launch.tma_ready
             ka = load_box(KD, b, hk, k_row0 + t * BLOCK_N, 0, BLOCK_N, BLOCK_A)
             kb = ka
@@ -227,7 +230,7 @@ def attn_fwd_kernel(
     PACK_GQA: tl.constexpr = False,
     Q_FAR=None, Q_FAR2=None, K_FAR=None, THETA_FAR=None, remap_w=None, r_unit=None, rk_a=None,
     rk_b=None, r_group=None, REMAP: tl.constexpr = False, FAR_K: tl.constexpr = False,
-    N_FAR: tl.constexpr = 1, CHUNKED: tl.constexpr = False,
+    N_FAR: tl.constexpr = 1, CHUNKED: tl.constexpr = False, XPOS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first (shorter tail)
@@ -322,15 +325,21 @@ def attn_fwd_kernel(
     pa2 = pa * LOG2E
     dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
 
-    # RoPE: rotate the Q tile once; build the per-offset table for the key tiles.
+    # RoPE: rotate the Q tile once; build the per-offset table for the key tiles. xPos: every
+    # decay relative to the block's first query (rotary.py)
     c_q = 0.0
     s_q = 0.0
     c_tab = 0.0
     s_tab = 0.0
+    xref = 0
+    xspan = 0
     if ROT == ROT_ROPE:
-        c_q, s_q = rope_angle_cos_sin(qpos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+        if XPOS:
+            xref, xspan = block_ref(qpos, m_mask, q_start + (0 if PACK_GQA else pid_m * BLOCK_M),
+                                    EXPLICIT_POS, BLOCK_M)
+        c_q, s_q = rope_cos_sin(qpos, xref, THETA, rope_factor, XPOS, True, ROT_HALF, BLOCK_A)
         if not EXPLICIT_POS:
-            c_tab, s_tab = rope_angle_cos_sin(tl.arange(0, BLOCK_N), THETA, 1.0, ROT_HALF, BLOCK_A)
+            c_tab, s_tab = offset_table(THETA, XPOS, False, ROT_HALF, BLOCK_A, BLOCK_N)
     qa, qb, qc = load_qk(Q, q_rows, m_mask, q_stride, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
                          maskA, colC, maskC, ROT, HAS_PASS, True, False)
     remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit)
@@ -354,8 +363,8 @@ def attn_fwd_kernel(
         run_lo = tl.maximum(run0, t_lo)
         run_hi = tl.minimum(run0 + tiles_per_split, t_hi)
     if REMAP:  # RoPE extended by remapped positions: a near pass, then a pass per far region
-        tl.static_assert(ROT == ROT_ROPE and CAUSAL and not PACK_GQA and not TMA,
-                         "remapped RoPE: causal RoPE, pointer loads, unpacked rows")
+        tl.static_assert(ROT == ROT_ROPE and CAUSAL and not PACK_GQA and not TMA and not XPOS,
+                         "remapped RoPE: causal RoPE (not xPos), pointer loads, unpacked rows")
         if SPLIT:  # this program's run of the split
             t_lo = run_lo
             t_hi = run_hi
@@ -376,12 +385,13 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kpn, k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                cap_in, cap_log2, win_left, win_right, lo, hi, cols, remap,
+                cap_in, cap_log2, win_left, win_right, lo, hi, cols, remap, (xref, xspan),
                 ROT=ROT, BIAS=BIAS, MASKED=True, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
-                PAGE=PAGE, REGION=region, FAR_K=FAR_K, N_FAR=N_FAR, CHUNKED=CHUNKED)
+                PAGE=PAGE, REGION=region, FAR_K=FAR_K, N_FAR=N_FAR, CHUNKED=CHUNKED,
+                XPOS=False)
 
     # Three runs of tiles (unrolled at compile time; a run that cannot occur is not compiled):
     # 0 = masked tiles before the band (a window's left edge), 1 = unmasked, 2 = masked.
@@ -396,12 +406,12 @@ def attn_fwd_kernel(
                 acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b32, hk32, KPOS, THETA,
                 ROPE_TILES, BIAS_F, c_tab, s_tab, stride_kn, stride_kd, stride_vn, stride_vd,
                 stride_kpn, k_row0, Sk, k_start, rope_factor, scale_log2, pa2, pb, dref, fref,
-                cap_in, cap_log2, win_left, win_right, lo, hi, cols, remap,
+                cap_in, cap_log2, win_left, win_right, lo, hi, cols, remap, (xref, xspan),
                 ROT=ROT, BIAS=BIAS, MASKED=run != 1, CAUSAL=CAUSAL, WIN_L=WIN_L, WIN_R=WIN_R,
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
-                PAGE=PAGE, REGION=0, FAR_K=False, N_FAR=N_FAR, CHUNKED=False)
+                PAGE=PAGE, REGION=0, FAR_K=False, N_FAR=N_FAR, CHUNKED=False, XPOS=XPOS)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

@@ -33,7 +33,9 @@ class KernelPE:
     """What the kernels need of a PE: one record per call, built from a spec (posattn.pe).
 
     rot: rotary axis ("none" | "rope"); theta (rot_dim // 2,) float64 inv_freq on the device,
-    factor (the attention factor, multiplies cos and sin), rot_dim, interleaved.
+    factor (the attention factor, multiplies cos and sin), rot_dim, interleaved. xpos: xPos's
+    decay (kernels' XPOS; rotary.py): theta then holds log2(zeta_j) / gamma after the
+    frequencies, (rot_dim,).
     bias: bias axis ("none" | "alibi" | "kerple_log" | "kerple_power" | "t5"); params (Hq, P),
     any float dtype: the one parameter channel (ALiBi: the slope; KERPLE: r1, r2; a table
     bias: its table, columns padded with zeros to a power of two here, through autograd).
@@ -55,6 +57,7 @@ class KernelPE:
     family: str = "none"
     buckets: Optional[torch.Tensor] = None
     remap: Optional[object] = None
+    xpos: bool = False
     theta_far: Optional[torch.Tensor] = None
 
     def __post_init__(self):
@@ -89,7 +92,8 @@ class KernelPE:
 
     def codes(self) -> dict:
         """The PE constexprs of every attention kernel: ROT, BIAS, NP."""
-        return dict(ROT=ROT_CODES[self.rot], BIAS=BIAS_CODES[self.bias], NP=max(self.n_params, 1))
+        return dict(ROT=ROT_CODES[self.rot], BIAS=BIAS_CODES[self.bias], NP=max(self.n_params, 1),
+                    XPOS=self.xpos)
 
 
 @dataclass(frozen=True)
@@ -551,13 +555,16 @@ def roomy_tile(pos: KernelPositions, center: bool) -> bool:
     return pos.explicit or center
 
 
-def geometry_tile(pos: KernelPositions, mask: Mask) -> bool:
+def geometry_tile(pos: KernelPositions, mask: Mask, pe: Optional[KernelPE] = None) -> bool:
     """Whether a launch takes the geometry tiles (configs.tile_config's ``geometry``):
     packed sequences (bounds and row offsets), a KV cache (per-sequence key counts, page
     lookups: sm_90 D=64 RoPE at 128 x 128 spilled 8 B on triton 3.6), a window's left edge (a third, masked loop) or
-    a softcap (tanh per score; the backward keeps 1 - tanh^2) -- extra work the tight tiles
-    (sm_90 D=128: 255 registers without it) have no registers for."""
-    return pos.varlen or pos.k_lens is not None or mask.left is not None or mask.softcap > 0
+    a softcap (tanh per score; the backward keeps 1 - tanh^2), or xPos (a decay per tile and
+    the block's reference: sm_90 D=64 forward 128 x 128 spilled 48 B, D=128 dK 32 x 128 32 B)
+    -- extra work the tight tiles (sm_90 D=128: 255 registers without it) have no registers
+    for."""
+    return (pos.varlen or pos.k_lens is not None or mask.left is not None or mask.softcap > 0
+            or (pe is not None and pe.xpos))
 
 
 def _dref_args(dref: Optional[torch.Tensor], B: int, varlen: bool = False):
@@ -750,8 +757,9 @@ ROPE_STRATEGIES = ("tile", "once")
 def rope_strategy(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, causal: bool) -> str:
     """"tile" or "once" for a RoPE launch of Sq queries against Sk keys (varlen: the longest
     sequences); "tile" for any other PE. Under ``capture``: its ``rope`` argument."""
-    if not pe.rope or pos.k_lens is not None or pe.remap is not None:
-        return "tile"  # (a KV cache: its lengths live on the device; a remap: two rotations)
+    if not pe.rope or pos.k_lens is not None or pe.remap is not None or pe.xpos:
+        return "tile"  # (a KV cache: its lengths live on the device; a remap: two rotations;
+        # xPos: its decay is relative to the visiting block, rotary.py)
     choice = _capture.rope if _capture is not None else (ROPE_STRATEGY or os.environ.get("POSATTN_ROPE") or None)
     if choice is not None:
         if choice not in ROPE_STRATEGIES:
@@ -780,6 +788,9 @@ def rope_apply(x: torch.Tensor, pe: KernelPE, start: int, positions: Optional[to
     total, D)) at positions ``start + row`` or ``positions`` (B|1, S): one pass
     (rotary.rope_apply_kernel) into ``out`` (default: a new tensor laid out like x; may be x)."""
     B, H, S, D = x.shape
+    if pe.xpos:
+        raise ValueError("rope_apply: xPos has no rotate-once form (its decay is relative to "
+                         "the visiting block)")
     out = torch.empty_like(x) if out is None else out
     meta, _ = _layout_meta(pe, D, D)
     if B * H * S == 0:
@@ -803,7 +814,8 @@ def _unrotated(pe: KernelPE) -> KernelPE:
     """The record the attention kernels run once q and k are rotated: no rotary axis, and
     pe="none"'s tiles when there is no bias either."""
     return dataclasses.replace(pe, rot="none", theta=None, factor=1.0, rot_dim=0,
-                               interleaved=False, family="none" if pe.bias == "none" else pe.family)
+                               interleaved=False, xpos=False,
+                               family="none" if pe.bias == "none" else pe.family)
 
 
 def _rotate_qk(q, k, pe: KernelPE, pos: KernelPositions):
@@ -880,7 +892,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     DREF, center = _dref_args(dref, B, pos.varlen)
     cfg = tile_config("fwd", width, mask.causal, q.dtype, _arch(q), pe.family,
                       explicit=roomy_tile(pos, center), tma=tma,
-                      geometry=geometry_tile(pos, mask) or pe.remap is not None)
+                      geometry=geometry_tile(pos, mask, pe) or pe.remap is not None)
     if pe.remap is not None:
         cfg = remap_tile(cfg, width, q.dtype, _arch(q), pos.explicit)
     pack = pack_gqa(pe, pos, mask, scale, Hq // Hkv, Sq, center)
@@ -1030,7 +1042,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
         dref = bias_refs(pe, pos, mask, Sq, Sk, q.device)
     DREF, center = _dref_args(dref, B, pos.varlen)
     roomy = roomy_tile(pos, center)
-    geo = geometry_tile(pos, mask)
+    geo = geometry_tile(pos, mask, pe)
     common = _common_args(pe, pos, mask, scale, q)
     cfg = tile_config("bwd_dkdv", width, mask.causal, q.dtype, arch, pe.family, explicit=roomy,
                       geometry=geo)

@@ -15,6 +15,14 @@ scaling produced them. Conventions:
   attention factor. Which head-dim columns form a pair (half-split or interleaved) is decided by
   the column index vectors (:func:`qk_columns`); the dot product over all dims does not care
   about the order of the dims, so both layouts share one code path.
+* xPos (the XPOS constexpr, with ROT_ROPE): pair j of a query at q and a key at k is also
+  scaled by zeta_j^((q - k) / gamma), split as zeta_j^((q - ref) / gamma) on the query and
+  zeta_j^((ref - k) / gamma) on the key, ``ref`` the first position of the program's own
+  block (its queries in the forward and dQ, its keys in dK/dV): the factors stay near 1
+  inside the block and decay (never grow past zeta^(-BLOCK / gamma)) across the causal
+  triangle, at any absolute position. THETA then holds log2(zeta_j) / gamma after the
+  ROT_HALF frequencies (:func:`xpos_decay`). The decay multiplies cos and sin, so every
+  rotation and its transpose (the gradients' way back) carry it with no other change.
 * Angles: ``pos * inv_freq`` is formed in float64 and reduced mod pi/2 before cos/sin in
   float32 (:func:`sincos_reduced`), so positions of 1e6 and beyond keep their precision (an fp32 product is off by
   ~0.03 rad there). For contiguous positions the loop tiles rotate in two steps: by a
@@ -98,6 +106,80 @@ def rope_angle_cos_sin(pos, THETA, factor, ROT_HALF: tl.constexpr, BLOCK_A: tl.c
     return c * factor, s * factor
 
 
+@triton.jit
+def xpos_log2(THETA, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """log2(zeta_j) / gamma, (BLOCK_A,) float32, read from THETA[ROT_HALF + j] (xPos)."""
+    j = tl.arange(0, BLOCK_A)
+    return tl.load(THETA + ROT_HALF + j, mask=j < ROT_HALF, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def xpos_decay(rel, THETA, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """zeta_j^(rel / gamma) = exp2(rel log2(zeta_j) / gamma) of integer offsets ``rel``
+    (BLOCK,) from the block's reference: (BLOCK, BLOCK_A) float32."""
+    return tl.math.exp2(rel.to(tl.float32)[:, None] * xpos_log2(THETA, ROT_HALF, BLOCK_A)[None, :])
+
+
+@triton.jit
+def xpos_decay_at(rel, THETA, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+    """zeta_j^(rel / gamma) of one offset ``rel`` (a tile's start): (BLOCK_A,) float32."""
+    return tl.math.exp2(tl.cast(rel, tl.float32) * xpos_log2(THETA, ROT_HALF, BLOCK_A))
+
+
+@triton.jit
+def xpos_offset(pos, ref, span, QUERY: tl.constexpr):
+    """The exponent's offset of xPos's decay for rows at ``pos`` from the block's ``ref``:
+    pos - ref for queries, ref - pos for keys, clamped where no visible pair reaches (the
+    causal mask: a query before the key block's first key, ``ref`` there, sees none of it;
+    a key past the query block's last query, ref + ``span``, is seen by none of them), so
+    that an invisible row's factor stays bounded (ζ^(-span / gamma) at most) instead of
+    overflowing into an Inf that a zero dS would turn into NaN. Visible pairs are exact."""
+    if QUERY:
+        return tl.maximum(pos - ref, 0)
+    return tl.maximum(ref - pos, -span)
+
+
+@triton.jit
+def rope_cos_sin(pos, ref, THETA, factor, XPOS: tl.constexpr, QUERY: tl.constexpr,
+                 ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, span=0):
+    """cos/sin of rows at ``pos`` (:func:`rope_angle_cos_sin`, x factor), with xPos's decay
+    relative to ``ref`` when XPOS: zeta^((pos - ref) / gamma) for queries (QUERY), zeta^((ref -
+    pos) / gamma) for keys (:func:`xpos_offset`; ``span``: the query block's)."""
+    c, s = rope_angle_cos_sin(pos, THETA, factor, ROT_HALF, BLOCK_A)
+    if XPOS:
+        z = xpos_decay(xpos_offset(pos, ref, span, QUERY), THETA, ROT_HALF, BLOCK_A)
+        c *= z
+        s *= z
+    return c, s
+
+
+@triton.jit
+def offset_table(THETA, XPOS: tl.constexpr, QUERY: tl.constexpr, ROT_HALF: tl.constexpr,
+                 BLOCK_A: tl.constexpr, BLOCK: tl.constexpr):
+    """The per-offset rotation of contiguous loop tiles, cos/sin(j theta) for j < BLOCK (no
+    factor), with xPos's decay of offset j from the tile's start: zeta^(j / gamma) for a
+    query tile (QUERY), zeta^(-j / gamma) for a key tile."""
+    j = tl.arange(0, BLOCK)
+    c, s = rope_angle_cos_sin(j, THETA, 1.0, ROT_HALF, BLOCK_A)
+    if XPOS:
+        z = xpos_decay(j if QUERY else -j, THETA, ROT_HALF, BLOCK_A)
+        c *= z
+        s *= z
+    return c, s
+
+
+@triton.jit
+def block_ref(pos, mask, first, EXPLICIT_POS: tl.constexpr, BLOCK: tl.constexpr):
+    """xPos's reference of a block of rows and its span: (its first position ``first``,
+    BLOCK - 1) with contiguous positions, or (the smallest valid one, largest - smallest)
+    with explicit positions (any order; padded rows ignored)."""
+    if EXPLICIT_POS:
+        lo = tl.min(tl.where(mask, pos, tl.max(pos, 0)), 0).to(tl.int64)
+        hi = tl.max(tl.where(mask, pos, tl.min(pos, 0)), 0).to(tl.int64)
+        return lo, hi - lo
+    return tl.cast(first, tl.int64), tl.cast(BLOCK - 1, tl.int64)
+
+
 # Row spacing of the tile-start table: every tile size (BLOCK_M / BLOCK_N) is a multiple of it.
 TILE_STEP = tl.constexpr(16)
 
@@ -167,12 +249,16 @@ def rope_start_cos_sin(p, THETA, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
 @triton.jit
 def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, c_seq, s_seq,
               ROT: tl.constexpr, EXPLICIT_POS: tl.constexpr, SEQ_SHIFT: tl.constexpr,
-              ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr):
+              ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, ref=0, p0=0,
+              XPOS: tl.constexpr = False, QUERY: tl.constexpr = False, span=0):
     """Rotation of a loop tile ``offset`` positions after its sequence's first token, as
     loader.load_qk takes it: (cos, sin, c0, s0). Explicit positions: per-element cos/sin
     (no tile-start step); contiguous: the per-offset table (c_tab, s_tab) plus the tile-start
     row of ROPE_TILES, rotated further by the sequence's own start (c_seq, s_seq:
-    :func:`rope_start_cos_sin`) when SEQ_SHIFT (varlen, whose table starts at 0)."""
+    :func:`rope_start_cos_sin`) when SEQ_SHIFT (varlen, whose table starts at 0).
+    XPOS: the decay from the block's ``ref`` (QUERY: the tile holds queries; ``span``: the
+    query block's, :func:`xpos_offset`), per element, or for contiguous positions on the tile
+    start ``p0`` (the table carries the offsets')."""
     check_rot(ROT)
     cos = c_tab
     sin = s_tab
@@ -180,11 +266,18 @@ def tile_rope(pos, offset, c_tab, s_tab, THETA, ROPE_TILES, rope_factor, c_seq, 
     s0 = 0.0
     if ROT == ROT_ROPE:
         if EXPLICIT_POS:
-            cos, sin = rope_angle_cos_sin(pos, THETA, rope_factor, ROT_HALF, BLOCK_A)
+            cos, sin = rope_cos_sin(pos, ref, THETA, rope_factor, XPOS, QUERY, ROT_HALF, BLOCK_A,
+                                    span)
         else:
             c0, s0 = rope_tile_start(ROPE_TILES, offset, BLOCK_A)
             if SEQ_SHIFT:  # R((p_seq + offset) theta) = R(offset theta) R(p_seq theta)
                 c0, s0 = rope_rotate(c0, s0, c_seq, s_seq)
+            if XPOS:
+                # (not clamped: a contiguous tile straddling the block's edge needs its exact
+                # start, and the causal tile range keeps every visited start within a block)
+                z0 = xpos_decay_at(p0 - ref if QUERY else ref - p0, THETA, ROT_HALF, BLOCK_A)
+                c0 *= z0
+                s0 *= z0
     return cos, sin, c0, s0
 
 

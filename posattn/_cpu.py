@@ -239,6 +239,9 @@ class Rotation:
         return reference.apply_rope(x, cos, -sin if inverse else sin, self.interleaved)
 
 
+XPOS_MAX_LOG2 = 60  # xPos: the largest |log2| of a factor the cpu backend forms (float32 math)
+
+
 def make_rotation(spec: PE, head_dim: int, geo: Geometry, cur_len: Optional[int]) -> Rotation:
     if spec.rotary != "rope":
         return Rotation(None, None)
@@ -249,6 +252,17 @@ def make_rotation(spec: PE, head_dim: int, geo: Geometry, cur_len: Optional[int]
     elif cur_len is None:  # as reference.attention_bhsd: max position + 1 of this call
         top = max([int(t.max()) for t in (geo.qpos, geo.kpos) if t.numel()], default=-1)
         cur_len = top + 1
+    if spec.xpos:  # queries and keys take opposite decays about one centre
+        c = reference.xpos_centre(geo.qpos, geo.kpos)
+        reach = max(abs(int(t.min()) - c) for t in (geo.qpos, geo.kpos) if t.numel())
+        reach = max([reach] + [abs(int(t.max()) - c) for t in (geo.qpos, geo.kpos) if t.numel()])
+        if reach * -float(spec.decay(head_dim)[0]) > XPOS_MAX_LOG2:
+            raise ValueError(f"XPos on backend='cpu': positions span {2 * reach}, past what its "
+                             f"decays about one centre keep in float32 (2**+-{XPOS_MAX_LOG2}); "
+                             f"use backend='triton' (per-block decays) or 'reference'")
+        cs_q = reference.rope_cos_sin(spec, head_dim, geo.qpos, cur_len, 1, c)
+        cs_k = reference.rope_cos_sin(spec, head_dim, geo.kpos, cur_len, -1, c)
+        return Rotation(cs_q, cs_k, spec.interleaved)
     cs_q = reference.rope_cos_sin(spec, head_dim, geo.qpos, cur_len)
     # self-attention: the same positions, the same angles (cos/sin in float64 cost as much as a
     # rotation)

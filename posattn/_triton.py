@@ -78,12 +78,14 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
     if spec.rotary == "rope":
         def make():
             inv_freq, factor = spec.frequencies(head_dim, cur_len)
+            if spec.xpos:  # its decay after the frequencies (launch.KernelPE)
+                inv_freq = torch.cat((inv_freq, spec.decay(head_dim)))
             return inv_freq.to(device=device, dtype=torch.float64), float(factor)
 
         theta, factor = _device_constant(
             lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
-        rope = dict(theta=theta, factor=factor, rot_dim=2 * theta.numel(),
-                    interleaved=spec.interleaved)
+        rope = dict(theta=theta, factor=factor, rot_dim=spec.resolve_rotary_dim(head_dim),
+                    interleaved=spec.interleaved, xpos=spec.xpos)
         if spec.extend is not None:  # a RoPE extension: its far passes
             rope.update(remap=spec.extend, theta_far=theta * spec.extend.freq_scale)
     params = None
@@ -209,6 +211,9 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
 
     q, k, v = _stride1(q), _stride1(k), _stride1(v)
     pos = kernel_positions(q_pos, k_pos, B, q.device)
+    if pos.explicit:
+        check_xpos_span(spec, q.dtype, ("q_positions", pos.qpos, None),
+                        ("k_positions", pos.kpos, None))
     mask = kernel_mask(causal, window, softcap)
     if torch.compiler.is_compiling():  # the same launchers as opaque graph nodes (see _ops)
         if pe.remap is not None:
@@ -217,6 +222,42 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
         out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos, mask), scale)
         return out, lse
     return _FusedAttention.apply(q, k, v, pe.params, pe, pos, mask, scale)
+
+
+XPOS_ROWS = 128  # the largest block of rows a kernel program holds (configs)
+
+
+def check_xpos_span(spec: PE, dtype, *named_positions) -> None:
+    """xPos with explicit positions: every block of rows a program holds (at most XPOS_ROWS
+    consecutive rows of one sequence) takes its decays relative to its first position, so the
+    positions in any XPOS_ROWS consecutive rows may span at most spec.max_span(dtype)
+    (a ValueError naming the argument otherwise). named_positions: (name, (B|1, S) tensor or
+    None, host lengths of packed sequences or None). One host sync; refused during CUDA-graph
+    capture."""
+    if not getattr(spec, "xpos", False):
+        return
+    limit = spec.max_span(dtype)
+    for name, p, lens in named_positions:
+        if p is None or p.numel() == 0:
+            continue
+        if p.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"XPos with explicit {name}: their span is checked on the host, "
+                             f"which CUDA-graph capture does not allow; capture with implied "
+                             f"positions")
+        rows = [p.reshape(-1, p.shape[-1])] if lens is None else \
+            [s[None] for s in torch.split(p.reshape(-1), list(lens)) if s.numel()]
+        worst = 0
+        for x in rows:
+            x = x.to(torch.float64)[:, None]  # (B, 1, S): windows of XPOS_ROWS rows
+            k = min(XPOS_ROWS, x.shape[-1])
+            hi = torch.nn.functional.max_pool1d(x, k, 1)
+            lo = -torch.nn.functional.max_pool1d(-x, k, 1)
+            worst = max(worst, int((hi - lo).max()))
+        if worst > limit:
+            raise ValueError(f"XPos with explicit {name}: positions within {XPOS_ROWS} "
+                             f"consecutive rows span {worst} > {limit}, the most the kernels "
+                             f"take for {dtype} at scale_base {spec.scale_base} (their decay "
+                             f"is relative to each block); use backend='reference' or 'cpu'")
 
 
 def kernel_mask(causal: bool, window, softcap) -> launch.Mask:
@@ -254,6 +295,9 @@ def attention_varlen(q, k, v, cu_q, cu_k, lens_q, lens_k, spec: PE, *, causal: b
         q_positions, k_positions = q_positions[None], k_positions[None]
     pos = KernelPositions(qpos=q_positions, kpos=k_positions, cu_q=cu_q, cu_k=cu_k,
                           lens_q=tuple(lens_q), lens_k=tuple(lens_k))
+    if pos.explicit:
+        check_xpos_span(spec, q.dtype, ("q_positions", q_positions, lens_q),
+                        ("k_positions", k_positions, lens_k))
     mask = kernel_mask(causal, window, softcap)
     out, lse = _FusedAttention.apply(qv, kv, vv, pe.params, pe, pos, mask, scale)
     return out[0].transpose(0, 1), lse[0]

@@ -31,9 +31,9 @@ import torch
 Number = Union[int, float]
 
 __all__ = [
-    "PE", "NoPE", "RoPE", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "t5_bucket",
+    "PE", "NoPE", "RoPE", "XPos", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "t5_bucket",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
-    "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend",
+    "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend", "DualChunk",
     "alibi_slopes", "resolve_pe", "REGISTRY", "registered", "axes",
 ]
 
@@ -163,6 +163,7 @@ class PE:
     * its kernel axes: ``rotary`` ("none" | "rope") and ``bias`` ("none" | "alibi" |
       "kerple_log" | "kerple_power" | "t5"), which kernels/rotary.py and kernels/bias.py implement;
     * ``tile_family``: the tile-config family (kernels/configs.py);
+    * ``causal_only``: whether it is defined for causal attention only (xPos);
     * :meth:`bias_params`: its per-head parameters as one (H, P) tensor (the kernels' one
       parameter channel; autograd flows through it back into the spec's own tensors);
     * :meth:`bias_buckets`: for a table bias (T5), the table column per relative position;
@@ -174,6 +175,7 @@ class PE:
     rotary: str = "none"
     bias: str = "none"
     tile_family: str = "none"
+    causal_only: bool = False  # defined for decoders only: check_mask refuses causal=False
 
     def bias_params(self, num_heads: int, device) -> Optional[torch.Tensor]:
         """(num_heads, P) per-head bias parameters, or None for a PE without a bias."""
@@ -744,6 +746,7 @@ class RoPE(PE):
 
     rotary = "rope"
     tile_family = "rope"
+    xpos = False  # XPos: RoPE with a per-pair decay (kernels: the XPOS constexpr)
 
     name = "rope"
 
@@ -986,6 +989,66 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     if c != num_heads:
         s = s + pow2(2 * c)[0::2][: num_heads - c]
     return torch.tensor(s, dtype=torch.float64)
+
+
+
+class XPos(RoPE):
+    """xPos (Sun et al. 2022, "A Length-Extrapolatable Transformer", arXiv 2212.10554, section
+    3.2; microsoft/torchscale's XPOS): RoPE whose pair j of a query at q and a key at k is also
+    scaled by ``zeta_j ** ((q - k) / scale_base)``, ``zeta_j = (2j / d + 0.4) / 1.4`` (d the
+    rotary dim): attention decays with distance, more in the fast-rotating pairs. Causal
+    attention only (a ValueError otherwise: the factor grows for keys after the query).
+    Half-split pairs by default, as posattn.RoPE; ``interleaved=True`` pairs dims as
+    torchscale does (for its checkpoints; on sm_90 interleaved pairs cost registers that some
+    shipped tiles do not have -- docs/internals.md). RoPE's scalings apply to its angles. The kernels take the factor relative to each block (never overflowing at any
+    position); with explicit positions a block of rows (up to 128) must span at most
+    :attr:`EXPLICIT_SPAN` positions for its dtype (checked, a ValueError).
+    """
+
+    xpos = True
+    causal_only = True
+    name = "xpos"
+    # explicit positions: the largest span of positions in 256 consecutive rows the Triton
+    # kernels take (their factors zeta_0 ** (+-span / scale_base) must stay well inside the
+    # input dtype's normal range: fp16 2**+-8, bf16 / fp32 2**+-64), at scale_base 512
+    EXPLICIT_SPAN = {torch.float16: 2048, torch.bfloat16: 16384, torch.float32: 16384}
+
+    def __init__(self, base: float = 10000.0, scale_base: float = 512.0,
+                 scaling: Optional[RoPEScaling] = None, rotary_dim: Optional[int] = None,
+                 interleaved: bool = False):
+        super().__init__(base, scaling, rotary_dim, interleaved)
+        self.scale_base = _positive_float("scale_base", scale_base)
+
+    def decay(self, head_dim: int) -> torch.Tensor:
+        """log2(zeta_j) / scale_base, float64 (rotary_dim // 2,)."""
+        d = self.resolve_rotary_dim(head_dim)
+        zeta = (torch.arange(0, d, 2, dtype=torch.float64) + 0.4 * d) / (1.4 * d)
+        return torch.log2(zeta) / self.scale_base
+
+    def max_span(self, dtype: torch.dtype) -> int:
+        """The explicit-position span per block the kernels take (EXPLICIT_SPAN, scaled to
+        this scale_base)."""
+        return int(self.EXPLICIT_SPAN.get(dtype, 16384) * self.scale_base / 512.0)
+
+    def check_mask(self, causal: bool, window=None) -> None:
+        if not causal:
+            raise ValueError("XPos needs causal=True: its factor zeta^((q - k) / scale_base) "
+                             "grows without bound for keys after the query")
+
+    def with_extend(self, extend):
+        if extend is not None:
+            raise ValueError("XPos takes no RoPE extension")
+        return self
+
+    def __repr__(self) -> str:
+        return (f"XPos(base={self.base}, scale_base={self.scale_base}, scaling={self.scaling!r}, "
+                f"rotary_dim={self.rotary_dim}, interleaved={self.interleaved})")
+
+    def at_length(self, cur_len: int) -> "XPos":
+        if not self.needs_cur_len:
+            return self
+        return XPos(self.base, self.scale_base, _AtLength(self.scaling, _positive_int("cur_len", cur_len)),
+                    self.rotary_dim, self.interleaved)
 
 
 class ALiBi(PE):
@@ -1313,6 +1376,7 @@ REGISTRY = {
     "t5": lambda table=None, num_heads=8, **kw: T5Bias(
         _default_t5_table(num_heads) if table is None else table, **kw),
     "sandwich": Sandwich,
+    "xpos": XPos,
 }
 # names a user cannot pass as a string: the spec needs the model's data (T5's table)
 _NEEDS_DATA = {"t5": "posattn.T5Bias(table)"}

@@ -22,11 +22,47 @@ from .pe import PE, RoPE
 from .positions import Positions
 
 
-def rope_cos_sin(spec: RoPE, head_dim: int, pos: torch.Tensor, cur_len: Optional[int]):
-    """cos, sin of shape (B, S, rotary_dim // 2), float64, already multiplied by the attention factor."""
+def rope_cos_sin(spec: RoPE, head_dim: int, pos: torch.Tensor, cur_len: Optional[int],
+                 xpos_side: int = 0, xpos_centre: int = 0):
+    """cos, sin of shape (B, S, rotary_dim // 2), float64, already multiplied by the attention
+    factor. xPos (spec.xpos) with xpos_side +1 (queries) or -1 (keys): also by its decay
+    zeta_j^(side (pos - centre) / scale_base) (0: none; the product of a query's and a key's is zeta_j^((q - k)
+    / scale_base) whatever the centre: xpos_centre only keeps float64 in range)."""
     inv_freq, factor = spec.frequencies(head_dim, cur_len)
     angle = pos.to(torch.float64)[..., None] * inv_freq.to(pos.device)
-    return torch.cos(angle) * factor, torch.sin(angle) * factor
+    cos, sin = torch.cos(angle) * factor, torch.sin(angle) * factor
+    if spec.xpos and xpos_side:
+        rel = xpos_side * (pos.to(torch.float64) - xpos_centre)
+        z = torch.exp2(rel[..., None] * spec.decay(head_dim).to(pos.device))
+        cos, sin = cos * z, sin * z
+    return cos, sin
+
+
+def _xpos_logits(spec: RoPE, qr, kr, qp, kp):
+    """xPos's q.k^T (B, Hq, Sq, Sk) as its definition reads: the rotated pairs' dot products,
+    pair j times zeta_j^((q - k) / scale_base) per (query, key), at any positions (no factor
+    of one position alone is formed, so nothing over- or underflows that the product does not).
+    qr, kr: rotated (B, Hq, S, D), heads repeated."""
+    D = qr.shape[-1]
+    r2 = spec.resolve_rotary_dim(D) // 2
+    if spec.interleaved:
+        pairs = [(qr[..., 0:2 * r2:2], kr[..., 0:2 * r2:2]), (qr[..., 1:2 * r2:2], kr[..., 1:2 * r2:2])]
+    else:
+        pairs = [(qr[..., :r2], kr[..., :r2]), (qr[..., r2:2 * r2], kr[..., r2:2 * r2])]
+    # (B, Sq, Sk); keys after their query (always masked: xPos is causal) at 0, not a factor
+    # that grows without bound
+    rel = (qp[:, :, None] - kp[:, None, :]).clamp(min=0).to(torch.float64)
+    z = torch.exp2(rel[..., None] * spec.decay(D).to(rel.device)).to(qr.dtype)  # (B, Sq, Sk, r2)
+    s = sum(torch.einsum("bhqj,bhkj,bqkj->bhqk", a, b, z) for a, b in pairs)
+    return s + torch.matmul(qr[..., 2 * r2:], kr[..., 2 * r2:].transpose(-1, -2))
+
+
+def xpos_centre(*positions: torch.Tensor) -> int:
+    """The middle of the positions' range: xPos's factors relative to it stay within float64
+    (spans up to ~5e5 positions at scale_base 512)."""
+    lo = min(int(p.min()) for p in positions if p.numel())
+    hi = max(int(p.max()) for p in positions if p.numel())
+    return (lo + hi) // 2
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -141,7 +177,10 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
     kc = kc.repeat_interleave(group, dim=1)
     vc = vc.repeat_interleave(group, dim=1)
 
-    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if getattr(spec, "xpos", False):
+        s = _xpos_logits(spec, qc, kc, qp, kp) * scale
+    else:
+        s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if far is not None:  # the methods' selection: near pairs (region 0) keep RoPE's logits
         region = spec.extend.region(qp[:, :, None], kp[:, None, :])[:, None]
         for r, f in enumerate(far, 1):

@@ -154,6 +154,11 @@ class FlashSlack:
       ~ eps * L_i) and forms Delta = rowsum(O * dO) from the rounded output, so dS = P (dP - Delta)
       carries an error ~ eps * (|dO| |V| + |O| |dO|) that the naive math (which keeps P, and gets
       dS = 0 exactly on one-hot rows, e.g. Sk = 1) does not have.
+    * xPos, k and v only: the dK/dV kernel takes its decays relative to its key block, the
+      forward relative to its query block (kernels/rotary.py), so the recomputed logit differs
+      from the forward's by the roundings of the factors: ~eps * |scale| |q_i| |k_j| per
+      score, which can exceed eps * L_i where the pairs' terms cancel. L_i there is raised by
+      4 |scale| |q_i| max_j |k_j| (the dQ kernel shares the forward's factors).
     * pe(name): per head, the sum over (b, i, j) of (eps |dS| + that dS error) * |d bias / d param|:
       a PE-parameter gradient is a reduction over B * Sq * Sk terms that often cancel, so its
       rounding error scales with this sum, not with the (small) result.
@@ -204,17 +209,27 @@ class FlashSlack:
         dP = dout @ V.transpose(-1, -2)
         delta = (out * dout).sum(-1, keepdim=True)
         self.dS = (P * (dP - delta)).abs()
-        W = 4 * eps * L * (dP - delta).abs() + eps * (dout.abs() @ V.abs().transpose(-1, -2)
-                                                      + (out.abs() * dout.abs()).sum(-1, keepdim=True))
-        self.PW = P * W
+
+        def dS_error(L):
+            return P * (4 * eps * L * (dP - delta).abs()
+                        + eps * (dout.abs() @ V.abs().transpose(-1, -2)
+                                 + (out.abs() * dout.abs()).sum(-1, keepdim=True)))
+
+        self.PW = PW_kv = dS_error(L)
+        L_kv = L
+        if getattr(self.spec, "xpos", False) and Sk:  # the dK/dV kernel's own factors (above)
+            qn = q.norm(dim=-1, keepdim=True)  # (B, Hq, Sq, 1)
+            kn = k.norm(dim=-1).amax(-1)[:, :, None, None].repeat_interleave(g, 1)
+            L_kv = L + 4 * abs(scale) * qn * kn
+            PW_kv = dS_error(L_kv)
 
         def mx(t):
             return t.abs().max().item() if t.numel() else 0.0
 
         rot = 2.0  # a rotated (RoPE) element: at most sqrt(2) x attention factor x the largest input
         self.q = abs(scale) * rot * mx(k) * mx(self.PW.sum(-1))
-        self.k = abs(scale) * rot * mx(q) * mx(self.PW.sum(-2)) * g
-        self.v = mx((4 * eps * L * P).transpose(-1, -2) @ dout.abs()) * g
+        self.k = abs(scale) * rot * mx(q) * mx(PW_kv.sum(-2)) * g
+        self.v = mx((4 * eps * L_kv * P).transpose(-1, -2) @ dout.abs()) * g
 
     def _row_centre(self, Hq, Sk, causal, lse):
         """(B, Hq, Sq, 1) float64: each row's bias at its nearest visible key for a bias PE

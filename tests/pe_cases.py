@@ -79,6 +79,8 @@ HARNESS = _table([
     # d_bar 32, not the paper's 128: the same kernel path, a 4x cheaper distance table in the
     # interpreter (far-positions cases build 10**6 entries); 128 in test_sandwich and the fuzz
     Case("sandwich", "sandwich", lambda H, D: posattn.Sandwich(d_bar=32)),
+    # xPos: scale_base 32, not 512, so that test lengths see the decay; causal only
+    Case("xpos", "xpos", lambda H, D: posattn.XPos(scale_base=32.0, interleaved=True)),
     # variants
     Case("t5_decoder", "t5",
          lambda H, D: posattn.T5Bias(_t5_table(H, 32, 6), bidirectional=False, max_distance=20)),
@@ -117,6 +119,7 @@ def kernel_cases() -> dict[str, Case]:
         Case("t5", "t5", lambda H, D: posattn.T5Bias(
             (2.0 * torch.randn(H, 32, generator=g)).to(DEVICE).requires_grad_(), max_distance=20)),
         Case("sandwich", "sandwich", lambda H, D: posattn.Sandwich(d_bar=32)),
+        Case("xpos", "xpos", lambda H, D: posattn.XPos(scale_base=64.0, interleaved=False)),
     ])
 
 
@@ -209,3 +212,28 @@ def every_pe(variants: bool | Iterable[str] = False, suite: str = "harness") -> 
 def bias_pes(variants: bool | Iterable[str] = False, suite: str = "harness", **kw) -> list[str]:
     """Every registered PE with a bias (posattn.pe.axes(name)[1] != "none")."""
     return names(suite, variants=variants, bias=True, **kw)
+
+
+def causal_only(name: str, suite: str | None = None) -> bool:
+    """Is the registered PE a case is of defined for causal attention only (xPos)? Its
+    non-causal cases are a ValueError, which the suites check instead of running them."""
+    from posattn.pe import REGISTRY
+    return REGISTRY[base_of(name, suite)]().causal_only
+
+
+def invalid_pair(a: str, x, b: str, y) -> bool:
+    """A pair of factor values no case can hold (the pairwise tables skip it; the suites check
+    that the API refuses it): a causal-only PE (factor "pe") without the causal mask."""
+    vals = {a: x, b: y}
+    return ("pe" in vals and "causal" in vals and vals["causal"] is False
+            and causal_only(vals["pe"]))
+
+
+def with_causal(names_: Iterable[str], suite: str | None = None) -> list:
+    """(name, causal) pytest params for every name and mask, but a causal-only PE's
+    non-causal one (invalid_pair; the refusal is tested on its own), ids "name-full" /
+    "name-causal"."""
+    import pytest
+    return [pytest.param(n, c, id=f"{n}-{'causal' if c else 'full'}")
+            for n in names_ for c in (False, True)
+            if c or not causal_only(n, suite)]

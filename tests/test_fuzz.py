@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import posattn
-from posattn import ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, Sandwich, T5Bias, YaRN
+from posattn import (ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, Sandwich, T5Bias,
+                     XPos, YaRN)
 from conftest import DEVICE
 from attn_harness import check
 from pe_cases import REGISTERED
@@ -96,6 +97,11 @@ def _draw_pe(rng, Hq, D):
                 "bidirectional": rng.random() < 0.5, "max_distance": rng.choice([20, 128])}
     if kind == "sandwich":  # parameter-free; the paper's width or a narrow one
         return {"kind": "sandwich", "d_bar": rng.choice([16, 128]), "heads": Hq}
+    if kind == "xpos":  # causal only (draw_case); torchscale's scale base or a strong decay
+        rotary_dim = rng.choice([None, None, rng.randrange(2, D + 1, 2)])
+        return {"kind": "xpos", "base": 10000.0, "scale_base": rng.choice([512.0, 64.0]),
+                "scaling": _draw_scaling(rng, rotary_dim or D), "rotary_dim": rotary_dim,
+                "interleaved": rng.random() < 0.7}
     if not kind.startswith("kerple"):
         raise NotImplementedError(f"test_fuzz draws no {kind!r} case: teach _draw_pe, make_pe and "
                                   "_bias_bound about it")
@@ -188,9 +194,19 @@ def draw_case(rng):
     if _bias_bound(pe, max_dist) > BIAS_LIMIT[getattr(torch, dtype)] or (
             dtype == "float16" and pe["kind"] in ("alibi", "kerple", "sandwich") and max_dist > FP16_MAX_DIST):
         dtype = "float32"
+    causal = rng.random() < 0.5
+    if pe["kind"] == "xpos":  # causal only; explicit positions within the kernels' block span
+        causal = True
+        span = max(max(r[i:i + 128]) - min(r[i:i + 128]) for rows in (q_rows, k_rows)
+                   for r in rows for i in range(max(1, len(r) - 127)) if r)
+        if span > XPos(scale_base=pe["scale_base"]).max_span(torch.float16):
+            dtype = "float32"
+        limit = XPos(scale_base=pe["scale_base"]).max_span(torch.float32)
+        if span > limit:
+            pe["scale_base"] = float(math.ceil(pe["scale_base"] * span / limit))
     return {
         "B": B, "Hq": Hq, "Hkv": Hkv, "Sq": Sq, "Sk": Sk, "D": D, "Dv": Dv, "dtype": dtype,
-        "layout": rng.choice(["bhsd", "bshd"]), "causal": rng.random() < 0.5,
+        "layout": rng.choice(["bhsd", "bshd"]), "causal": causal,
         "scale": rng.choice([None, None, None, round(rng.uniform(0.02, 0.5), 4), 1e-3, 2.5, 6.0, -0.3]),
         "pe": pe, "far": far, "q_positions": qpos, "k_positions": kpos,
         "view": rng.choice(["contiguous", "contiguous", "sliced", "other_storage", "expanded"]),
@@ -223,11 +239,19 @@ def make_pe(desc):
     if kind == "sandwich":
         return Sandwich(desc["d_bar"])
     scaling = desc["scaling"]
-    if scaling is not None:
-        name, *args = scaling
-        scaling = {"pi": PI, "ntk": NTK, "dynamic_ntk": DynamicNTK, "yarn": YaRN, "llama3": Llama3,
-                   "longrope": lambda s, lg, L0, f: LongRoPE(s, lg, L0, factor=f)}[name](*args)
-    return RoPE(base=desc["base"], scaling=scaling, rotary_dim=desc["rotary_dim"], interleaved=desc["interleaved"])
+    if kind == "xpos":
+        return XPos(base=desc["base"], scale_base=desc["scale_base"], scaling=_make_scaling(scaling),
+                    rotary_dim=desc["rotary_dim"], interleaved=desc["interleaved"])
+    return RoPE(base=desc["base"], scaling=_make_scaling(scaling), rotary_dim=desc["rotary_dim"],
+                interleaved=desc["interleaved"])
+
+
+def _make_scaling(scaling):
+    if scaling is None:
+        return None
+    name, *args = scaling
+    return {"pi": PI, "ntk": NTK, "dynamic_ntk": DynamicNTK, "yarn": YaRN, "llama3": Llama3,
+            "longrope": lambda s, lg, L0, f: LongRoPE(s, lg, L0, factor=f)}[name](*args)
 
 
 def make_positions(pos):

@@ -113,8 +113,7 @@ def check_case(pe, shape, causal, dtype, seed=0, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", KERNEL_PES, ids=str)
+@pytest.mark.parametrize("pe,causal", pe_cases.with_causal(KERNEL_PES, "kernel"))
 def test_kernel_matches_reference(pe, causal, shape, dtype):
     check_case(_pes()[pe], SHAPES[shape], causal, dtype)
 

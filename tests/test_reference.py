@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import posattn
 from helpers import with_params
-from pe_cases import REGISTERED, pe_factory
+from pe_cases import REGISTERED, pe_factory, with_causal
 from posattn.pe import resolve_pe
 
 B, Hq, Hkv, D = 2, 4, 2, 16
@@ -139,8 +139,7 @@ def test_lse_and_empty_rows():
     torch.testing.assert_close(lse[:, :, 3:], torch.logsumexp(s, -1)[:, :, 3:].double())
 
 
-@pytest.mark.parametrize("pe_name", REGISTERED)
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pe_name,causal", with_causal(REGISTERED))
 def test_gradcheck(pe_name, causal):
     """fp64 gradcheck of the reference, including every PE's parameters (spec.tensors())."""
     Sq, Sk = 4, 6

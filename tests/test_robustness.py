@@ -28,7 +28,7 @@ from conftest import DEVICE, HAS_CUDA
 from helpers import assert_rule, leaf, naive_attention, with_params
 from attn_harness import (PES, assert_unmodified, gen, plain, rand, snapshot, check, dout_maker,
                           fwd_bwd, qkv, run_kernel)
-from pe_cases import REGISTERED, pe_factory
+from pe_cases import REGISTERED, pe_factory, with_causal
 
 KERNEL_DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 OTHER_DEVICE = "cpu" if HAS_CUDA else "meta"
@@ -317,16 +317,14 @@ def test_validation_survives_python_O():
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", REGISTERED)
+@pytest.mark.parametrize("pe,causal", with_causal(REGISTERED))
 def test_decode_single_query(pe, causal, dtype):
     """Sq = 1 (decode step with a KV cache), GQA, Sk crossing a tile boundary."""
     check(qkv(1, 2, 1, 1, 37, 16), plain, PES[pe](2, 16), dtype, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pe", REGISTERED)
+@pytest.mark.parametrize("pe,causal", with_causal(REGISTERED))
 def test_single_key(pe, causal, dtype):
     """Sk = 1: with causal and the default alignment only the last query sees the key."""
     res = check(qkv(1, 2, 1, 5, 1, 16, Dv=8), plain, PES[pe](2, 16), dtype, causal=causal)

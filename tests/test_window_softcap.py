@@ -31,6 +31,7 @@ from posattn.positions import Positions, parse_positions
 from conftest import DEVICE
 from helpers import leaf, pe_leaves, with_params
 from attn_harness import FlashSlack, PES, assert_rule_with_slack, gen, rand
+from pe_cases import invalid_pair
 
 KERNEL = "triton"  # the backend under test (the float64 and in-dtype yardsticks call posattn.reference)
 FP16, FP32 = torch.float16, torch.float32
@@ -239,6 +240,12 @@ CASES = [
     ("sandwich", True, "right3", None, "fp16", "mha", "default", 2, 22, 22, 32, None),
     ("sandwich", False, "4_2", None, "fp32", "gqa", "explicit", 1, 43, 43, 16, None),
     ("sandwich", True, "0_0", CAP, "fp32", "gqa", "default", 1, 18, 55, 16, None),
+    # xPos is causal only (pe_cases.invalid_pair; test_causal_only_pes_refuse_full_attention)
+    ("xpos", True, "None", CAP, "fp32", "gqa", "explicit", 1, 33, 47, 16, None),
+    ("xpos", True, "left5", None, "fp32", "mha", "offset", 2, 25, 25, 32, None),
+    ("xpos", True, "right3", CAP, "fp32", "gqa", "default", 1, 40, 52, 16, None),
+    ("xpos", True, "4_2", None, "fp16", "mha", "default", 1, 45, 45, 32, 16),
+    ("xpos", True, "0_0", CAP, "fp16", "gqa", "offset", 1, 19, 30, 16, None),
 ]
 DTYPES = {"fp16": FP16, "fp32": FP32}
 
@@ -254,8 +261,18 @@ def test_cases_cover_every_pair():
     rows = [dict(zip(names, c[:7])) for c in CASES]
     missing = [(a, x, b, y) for a, b in itertools.combinations(names, 2)
                for x in FACTORS[a] for y in FACTORS[b]
-               if not any(r[a] == x and r[b] == y for r in rows)]
+               if not any(r[a] == x and r[b] == y for r in rows) and not invalid_pair(a, x, b, y)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("pe", [p for p in FACTORS["pe"] if invalid_pair("pe", p, "causal", False)])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_causal_only_pes_refuse_full_attention(pe, backend):
+    """The pairs the tables leave out (pe_cases.invalid_pair) are refused by name, by every
+    backend, before anything runs."""
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="causal=True"):
+        posattn.attention(q, q, q, pe=PES[pe](2, 16), causal=False, backend=backend)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
