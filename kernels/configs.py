@@ -316,14 +316,32 @@ def _load_env() -> None:
 
 
 def remap_tile(cfg: TileConfig, head_dim: int, dtype, arch: Optional[int],
-               explicit: bool) -> TileConfig:
+               explicit: bool, chunked: bool = False) -> TileConfig:
     """The forward tile of a RoPE extension (attn_fwd REMAP: a near pass and one per far region, the
     (query, key) region tested per score; launch.attn_fwd asks for the geometry tiles first).
     On Ampere with explicit positions the per-element angles of the near pass and the int64
     region test spill the geometry tiles (D=128 128 x 16: 32 B on triton 3.9; D=64 128 x 32:
-    16 B on 3.6): 64 x 32 on 4 warps."""
-    if (explicit and arch is not None and arch not in HOPPER_CLASS
-            and dtype != torch.float32):
+    16 B on 3.6): 64 x 32 on 4 warps. DCA (chunked: a floor division of every position by
+    the chunk length, per row and per column, and a third pass) with explicit positions: on
+    Hopper the D=64 geometry tile 128 x 64 spilled 8 B on triton 3.6: 128 x 32; on Ampere at
+    D=128 64 x 32 on 4 warps spilled 120 B (3.6): 128 x 16 on 8 warps."""
+    if arch is None or dtype == torch.float32 or not explicit:
+        return cfg
+    if arch not in HOPPER_CLASS:
+        if chunked and head_dim > 64:
+            return TileConfig(128, 16, 8, 2)
         return TileConfig(64, 32, 4, 2)
+    if chunked and cfg.BLOCK_N > 32:
+        return TileConfig(cfg.BLOCK_M, 32, cfg.num_warps, cfg.num_stages)
     return cfg
 
+
+def xpos_tile(cfg: TileConfig, kernel: str, head_dim: int, dtype, arch: Optional[int],
+              explicit: bool) -> TileConfig:
+    """xPos's tile (it takes the geometry tiles: launch.geometry_tile), but on Ampere with
+    explicit positions at D=128 the forward's 128 x 16 on 8 warps spilled 8 B on triton 3.6
+    (the block's reference and span next to per-element decays): 64 x 16 on 4 warps."""
+    if (kernel == "fwd" and explicit and head_dim > 64 and arch is not None
+            and arch not in HOPPER_CLASS and dtype != torch.float32):
+        return TileConfig(64, 16, 4, 2)
+    return cfg

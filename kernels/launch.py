@@ -16,7 +16,7 @@ import triton
 from .._env import cuda_arch
 from .attn_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attn_fwd import attn_combine_kernel, attn_fwd_kernel
-from .configs import HOPPER_CLASS, TileConfig, remap_tile, tile_config
+from .configs import HOPPER_CLASS, TileConfig, remap_tile, tile_config, xpos_tile
 from . import bias as bias_axis
 from . import rotary as rotary_axis
 from .bias import bias_ref_kernel, bias_table_kernel
@@ -894,7 +894,9 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
                       explicit=roomy_tile(pos, center), tma=tma,
                       geometry=geometry_tile(pos, mask, pe) or pe.remap is not None)
     if pe.remap is not None:
-        cfg = remap_tile(cfg, width, q.dtype, _arch(q), pos.explicit)
+        cfg = remap_tile(cfg, width, q.dtype, _arch(q), pos.explicit, pe.remap.unit > 1)
+    if pe.xpos:
+        cfg = xpos_tile(cfg, "fwd", width, q.dtype, _arch(q), pos.explicit)
     pack = pack_gqa(pe, pos, mask, scale, Hq // Hkv, Sq, center)
     if pack:  # decode-shaped (a KV cache): a GQA group's heads x tokens in the rows
         cfg = decode_tile(pack, width, q.dtype, _arch(q))
