@@ -215,7 +215,7 @@ def test_every_attention_goes_through_posattn(pe, monkeypatch):
     loss.backward()
     expected = {"nope": posattn.NoPE, "rope": posattn.RoPE, "alibi": posattn.ALiBi,
                 "kerple_log": posattn.KERPLE, "kerple_power": posattn.KERPLE,
-                "t5": posattn.T5Bias, "sandwich": posattn.Sandwich}[pe]
+                "t5": posattn.T5Bias, "sandwich": posattn.Sandwich, "xpos": posattn.XPos}[pe]
     assert len(calls) == cfg.n_layers
     assert all(t is expected and kw["causal"] is True for t, kw in calls)
     for blk in model.blocks:  # learnable PE parameters get gradients through posattn.attention
@@ -359,9 +359,9 @@ def test_registry_is_the_single_source(tmp_path, monkeypatch):
     default names, LABELS and the CLI choices are read from the registries."""
     # the default run is the committed results' set (results/extrapolate_cpu)
     assert ex.PE_NAMES == ex.Config().pes == ("nope", "rope", "alibi", "kerple_log", "kerple_power",
-                                               "t5", "sandwich")
+                                               "t5", "sandwich", "xpos")
     assert ex.ROPE_SCALINGS == ex.Config().rope_scalings == ("pi", "ntk", "dynamic_ntk", "yarn",
-                                                             "rerope", "leaky_rerope", "self_extend")
+                                                             "rerope", "leaky_rerope", "self_extend", "dca")
     assert list(ex.LABELS) == ex.run_keys() and all(ex.LABELS[k] == ex.label(k) for k in ex.LABELS)
 
     class Slopes(torch.nn.Module):                 # learnable ALiBi slopes, one per head

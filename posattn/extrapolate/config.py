@@ -119,6 +119,10 @@ STUDY_PES: Dict[str, StudyPE] = {
                                                                  max_distance=128),
                   module=T5Table),
     "sandwich": StudyPE("Sandwich", spec=lambda m, cfg, rope: posattn.Sandwich()),  # d_bar 128
+    # xPos with the paper's ratio of scale base to training length (512 at 1024: L / 2) and the
+    # RoPE model's base; without the paper's blockwise causal attention at evaluation
+    "xpos": StudyPE("xPos", spec=lambda m, cfg, rope: posattn.XPos(base=cfg.rope_base,
+                                                                  scale_base=cfg.train_len / 2)),
 }
 
 
@@ -174,6 +178,11 @@ ROPE_METHODS: Dict[str, RoPEMethod] = {
         "Self-Extend",
         _extend(lambda n, cfg, w: posattn.SelfExtend(_fit(n, cfg.train_len, w), w)),
         rule=_EXTEND_RULE),
+    "dca": RoPEMethod(
+        "DCA",
+        _extend(lambda n, cfg, w: posattn.DualChunk.for_trained_length(cfg.train_len)),
+        rule=("DualChunk.for_trained_length(L): chunk_size 3L/4, local_window L/16 (the "
+              "authors' defaults; none at eval_len = L)")),
 }
 
 
