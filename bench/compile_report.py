@@ -83,7 +83,7 @@ def centred(pe: str, explicit: bool, center=None) -> bool:
 def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                     cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                     tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
-                    kvcache=0, decode=0, extend=None):
+                    kvcache=0, decode=0, extend=None, interleaved=False):
     """The launch of ``kernel`` that the launchers make for this case, recorded by
     launch.capture on meta tensors of SHAPE: (launch.Launch, TileConfig, tma). Arguments as in
     compile_kernel; ``rope``: the RoPE strategy (launch.rope_strategy; "once" makes RoPE run
@@ -96,6 +96,8 @@ def captured_launch(kernel: str, pe: str, head_dim: int, causal: bool, explicit:
     spec = pe_registry.REGISTRY[pe]()
     if extend is not None:  # RoPE extended by remapped positions (EXTENSIONS)
         spec = pe_registry.RoPE(extend=EXTENSIONS[extend])
+    if interleaved:  # GPT-J / torchscale pairs (2j, 2j + 1) instead of the half-split default
+        spec = type(spec)(interleaved=True)
     rec = _triton.kernel_pe(spec, head_dim, Hq, dev, None)
     if rec.params is not None and rec.params.device.type != dev:  # a spec's own tensor (T5's table)
         rec = dataclasses.replace(rec, params=rec.params.to(dev))
@@ -244,7 +246,7 @@ def _signature(fn, kw: dict, dtype: str):
 def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                    cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                    tma=None, center=None, window=None, softcap=None, varlen=False, rope="tile",
-                   kvcache=0, decode=0, extend=None):
+                   kvcache=0, decode=0, extend=None, interleaved=False):
     """triton.compile one shipped config (or ``cfg``, a TileConfig to try) for ``arch``,
     exactly as the launcher would launch it (captured_launch).
 
@@ -262,7 +264,7 @@ def compile_kernel(kernel: str, pe: str, head_dim: int, causal: bool, explicit: 
     """
     ln, tile, _ = captured_launch(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                   pe_grad, part, tma, center, window, softcap, varlen, rope,
-                                  kvcache, decode, extend)
+                                  kvcache, decode, extend, interleaved)
     kw = dict(ln.kwargs)
     options = {"num_warps": kw.pop("num_warps"), "num_stages": kw.pop("num_stages"),
                "enable_fp_fusion": kw.pop("enable_fp_fusion")}  # launch options, not arguments
@@ -291,13 +293,14 @@ def resource_usage(ck):
 def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: bool = False,
                 cfg=None, arch: int = 90, dtype: str = "bf16", pe_grad=None, part="both",
                 tma=None, center=None, window=None, softcap=None, varlen=False, kvcache=0,
-                decode=0, extend=None):
+                decode=0, extend=None, interleaved=False):
     """Compile one config (see compile_kernel) and return its report row."""
     if tma is None:  # (a paged cache is read through pointers: launch.tma_ready)
         tma = uses_tma(kernel, pe, arch, dtype, explicit, varlen) and not kvcache
     ck, cfg, seconds = compile_kernel(kernel, pe, head_dim, causal, explicit, cfg, arch, dtype,
                                       pe_grad, part, tma, center, window, softcap, varlen,
-                                      kvcache=kvcache, decode=decode, extend=extend)
+                                      kvcache=kvcache, decode=decode, extend=extend,
+                                      interleaved=interleaved)
     pe_grad = ck_pe_grad(kernel, pe, pe_grad)
     ptx = ck.asm["ptx"]
     field = resource_usage(ck)
@@ -308,7 +311,8 @@ def compile_one(kernel: str, pe: str, head_dim: int, causal: bool, explicit: boo
                mma=MMA[arch] in ptx, compile_s=round(seconds, 1), triton=triton.__version__,
                mma_util=None, tma=tma, center=centred(pe, explicit, center),
                window=list(window) if window is not None else None, softcap=softcap,
-               varlen=varlen, kvcache=kvcache, decode=decode, extend=extend)
+               varlen=varlen, kvcache=kvcache, decode=decode, extend=extend,
+               interleaved=interleaved)
     if dtype != "fp32":  # useful / issued tensor-core FLOPs in the hot loop (bench.sass_loop)
         from bench.sass_loop import mma_utilisation
         row["mma_util"] = mma_utilisation(ck, kernel, cfg, head_dim, part)
@@ -334,6 +338,9 @@ GEOMETRY_ROWS = (
     ("sandwich", False, True, dict(window=(256, 256))),  # explicit: int64 clamped table index
     ("xpos", True, True, {}),  # explicit: per-element decays, the block's reference and span
     ("xpos", True, False, dict(varlen=True)),  # dK/dV: the sequence's own tile starts
+    # interleaved pairs (GPT-J, torchscale): loaded contiguously and split in registers
+    ("rope", True, False, dict(interleaved=True)),
+    ("xpos", True, True, dict(interleaved=True)),
 )
 # RoPE extended by remapped positions (posattn.RoPEExtension): the forward only, causal, one
 # row per method shape (ReRoPE: an unrotated far key; leaky: a second frequency set;
@@ -452,6 +459,8 @@ def _print_row(r):
                     and r["kernel"] == "bwd_dq" else "")
     if r.get("extend"):
         pe += f"+{r['extend']}"
+    if r.get("interleaved"):
+        pe += " interleaved"
     if r.get("center") and not r["explicit"]:
         pe += " centred"
     if r.get("window") is not None:

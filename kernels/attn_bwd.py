@@ -36,7 +36,7 @@ from .bias import (BIAS_NONE, bias_params, bias_row_ref, param_grad_init, param_
 from .fmath import LOG2E, softcap_logits
 from .geometry import (key_band, load_positions, query_key_tiles, seq_geometry, tile_range,
                        tile_run, visible)
-from .loader import load_qk, load_tile, qk_dot
+from .loader import load_qk, load_tile, pair_mask, qk_dot
 from .rotary import (ROT_ROPE, block_ref, offset_table, qk_columns, rope_cos_sin, rope_rotate,
                      rope_start_cos_sin, tile_rope)
 
@@ -76,14 +76,23 @@ def attn_bwd_preprocess_kernel(O, DO, LSE, DELTA, NLSE2,
 
 @triton.jit
 def store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, colB, maskA,
-                 colC, maskC, ROT: tl.constexpr, HAS_PASS: tl.constexpr):
-    """Store a gradient held as dot groups (see load_qk) back into its head-dim columns."""
+                 colC, maskC, ROT: tl.constexpr, HAS_PASS: tl.constexpr,
+                 INTERLEAVED: tl.constexpr = False):
+    """Store a gradient held as dot groups (see load_qk) back into its head-dim columns
+    (interleaved pairs joined in registers and stored contiguously: loader.load_pairs)."""
     base = ptr + rows.to(tl.int64)[:, None] * stride_row
-    tl.store(base + colA[None, :] * stride_col, xa.to(ptr.dtype.element_ty),
-             mask=row_mask[:, None] & maskA[None, :])
-    if ROT == ROT_ROPE:
-        tl.store(base + colB[None, :] * stride_col, xb.to(ptr.dtype.element_ty),
+    if ROT == ROT_ROPE and INTERLEAVED:
+        cols = tl.arange(0, 2 * colA.shape[0])
+        x = tl.reshape(tl.join(xa, xb), [xa.shape[0], 2 * colA.shape[0]])
+        tl.store(base + cols[None, :] * stride_col, x.to(ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & pair_mask(maskA)[None, :])
+    else:
+        tl.store(base + colA[None, :] * stride_col, xa.to(ptr.dtype.element_ty),
                  mask=row_mask[:, None] & maskA[None, :])
+    if ROT == ROT_ROPE:
+        if not INTERLEAVED:
+            tl.store(base + colB[None, :] * stride_col, xb.to(ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & maskA[None, :])
         if HAS_PASS:
             tl.store(base + colC[None, :] * stride_col, xc.to(ptr.dtype.element_ty),
                      mask=row_mask[:, None] & maskC[None, :])
@@ -106,7 +115,7 @@ def store_grad_groups(ptr, rows, row_mask, pos, stride_row, stride_col, xa, xb, 
                       rope_factor, colA, colB, maskA, colC, maskC, ROT: tl.constexpr,
                       HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr,
                       xref=0, XPOS: tl.constexpr = False, QUERY: tl.constexpr = False,
-                      span=0):
+                      span=0, INTERLEAVED: tl.constexpr = False):
     """dQ or dK, accumulated as dot groups in the rotated frame: times the logit scale, rotated
     back for RoPE (the transpose rotation of the rows at ``pos``), stored (store_groups).
     The cos/sin are recomputed here rather than kept live through the loop: registers are the
@@ -119,7 +128,7 @@ def store_grad_groups(ptr, rows, row_mask, pos, stride_row, stride_col, xa, xb, 
         c, s = rope_cos_sin(pos, xref, THETA, rope_factor, XPOS, QUERY, ROT_HALF, BLOCK_A, span)
         xa, xb = rope_rotate(xa, xb, c, -s)
     store_groups(ptr, rows, row_mask, stride_row, stride_col, xa, xb, xc, colA, colB, maskA,
-                 colC, maskC, ROT, HAS_PASS)
+                 colC, maskC, ROT, HAS_PASS, INTERLEAVED)
 
 
 @triton.jit
@@ -136,7 +145,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                 HAS_PASS: tl.constexpr, ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr,
                 BLOCK_M: tl.constexpr, PREC: tl.constexpr, BIAS_TABLE: tl.constexpr,
                 DO_DK: tl.constexpr, DO_DV: tl.constexpr, CENTER: tl.constexpr,
-                XPOS: tl.constexpr):
+                XPOS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Accumulate dK, dV of one key block.
 
     One flat loop over (query head of the GQA group, query tile): iteration i is head
@@ -168,7 +177,7 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                                      rope_factor, c_seq, s_seq, ROT, EXPLICIT_POS, SEQ_SHIFT,
                                      ROT_HALF, BLOCK_A, xref, q0, XPOS, True)
         qa, qb, qc = load_qk(Qh, offs_m, m_mask, stride_qm, stride_qd, cos, sin, c0, s0, colA, colB,
-                             maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
+                             maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS, INTERLEAVED=INTERLEAVED)
         do = load_tile(DOh, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, MASKED)
         if MASKED:  # rows past Sq: P = exp2(s - inf) = 0
             nlse2 = tl.load(NLSE2 + row0 + offs_m, mask=m_mask, other=float("-inf"))
@@ -288,7 +297,7 @@ def attn_bwd_dkdv_kernel(
             if VARLEN:  # the Q tile-start table starts at 0; this sequence's queries at q_start
                 c_seq, s_seq = rope_start_cos_sin(q_start, THETA, ROT_HALF, BLOCK_A)
     ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, c_k, s_k, 0.0, 0.0, colA, colB,
-                         maskA, colC, maskC, ROT, HAS_PASS, True, False)
+                         maskA, colC, maskC, ROT, HAS_PASS, True, False, INTERLEAVED=INTERLEAVED)
     v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, True)
 
     # Query tiles (geometry.tile_range, rows = this key block): masked [t_lo, f_lo), unmasked
@@ -339,12 +348,13 @@ def attn_bwd_dkdv_kernel(
             ROT=ROT, BIAS=BIAS, NP=NP, MASKED=run == 0, CAUSAL=CAUSAL, WIN_L=WIN_L,
             WIN_R=WIN_R, SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, SEQ_SHIFT=VARLEN,
             HAS_PASS=HAS_PASS, ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_M=BLOCK_M, PREC=PREC,
-            BIAS_TABLE=BIAS_TABLE, DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER, XPOS=XPOS)
+            BIAS_TABLE=BIAS_TABLE, DO_DK=DO_DK, DO_DV=DO_DV, CENTER=CENTER, XPOS=XPOS,
+            INTERLEAVED=INTERLEAVED)
 
     if DO_DK:
         store_grad_groups(DK_OUT, offs_n, n_mask, kpos, stride_dkn, stride_dkd, dka, dkb, dkc,
                           scale, THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS,
-                          ROT_HALF, BLOCK_A, xref, XPOS, False, kspan)
+                          ROT_HALF, BLOCK_A, xref, XPOS, False, kspan, INTERLEAVED)
     if DO_DV:
         tl.store(DV_OUT + offs_n.to(tl.int64)[:, None] * stride_dvn + colV[None, :] * stride_dvd,
                  dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & maskV[None, :])
@@ -361,7 +371,8 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
               SOFTCAP: tl.constexpr, EXPLICIT_POS: tl.constexpr, HAS_PASS: tl.constexpr,
               ROT_HALF: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
               PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, NEED_PE_GRAD: tl.constexpr,
-              CENTER: tl.constexpr, NP: tl.constexpr, XPOS: tl.constexpr):
+              CENTER: tl.constexpr, NP: tl.constexpr, XPOS: tl.constexpr,
+              INTERLEAVED: tl.constexpr):
     """Accumulate dQ of one query block over key tiles [tile_lo, tile_hi), and with
     NEED_PE_GRAD the accumulators g1, g2 of dS * d(bias)/d(param) (bias.param_grad_init)."""
     colA, colB, maskA, colC, maskC, colV, maskV = cols  # head-dim columns
@@ -377,7 +388,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
                                      BLOCK_A, xref[0], k_start + t * BLOCK_N, XPOS, False,
                                      xref[1])
         ka, kb, kc = load_qk(K, offs_n, n_mask, stride_kn, stride_kd, cos, sin, c0, s0, colA, colB,
-                             maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS)
+                             maskA, colC, maskC, ROT, HAS_PASS, MASKED, not EXPLICIT_POS, INTERLEAVED=INTERLEAVED)
         v = load_tile(V, offs_n, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
@@ -484,7 +495,7 @@ def attn_bwd_dq_kernel(
         if not EXPLICIT_POS:
             c_tab, s_tab = offset_table(THETA, XPOS, False, ROT_HALF, BLOCK_A, BLOCK_N)
     qa, qb, qc = load_qk(Q, offs_m, m_mask, stride_qm, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
-                         maskA, colC, maskC, ROT, HAS_PASS, True, False)
+                         maskA, colC, maskC, ROT, HAS_PASS, True, False, INTERLEAVED=INTERLEAVED)
     do = load_tile(DO, offs_m, m_mask, colV, maskV, stride_dom, stride_dod, True)
     nlse2 = tl.load(NLSE2 + lse_row + offs_m, mask=m_mask, other=float("-inf"))
     delta = tl.load(DELTA + lse_row + offs_m, mask=m_mask, other=0.0)
@@ -514,9 +525,9 @@ def attn_bwd_dq_kernel(
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, NEED_PE_GRAD=NEED_PE_GRAD, CENTER=CENTER, NP=NP,
-                XPOS=XPOS)
+                XPOS=XPOS, INTERLEAVED=INTERLEAVED)
     store_grad_groups(DQ, offs_m, m_mask, qpos, stride_dqm, stride_dqd, dqa, dqb, dqc, scale,
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS, ROT_HALF,
-                      BLOCK_A, xref, XPOS, True)
+                      BLOCK_A, xref, XPOS, True, 0, INTERLEAVED)
     if NEED_PE_GRAD:  # partials (query blocks, B, Hq, NP); torch sums them
         store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP, TABLE_REF)

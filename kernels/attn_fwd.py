@@ -90,7 +90,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                PREC: tl.constexpr, BIAS_TABLE: tl.constexpr, FOLD_SCALE: tl.constexpr,
                TMA: tl.constexpr, CENTER: tl.constexpr, BT, PAGE: tl.constexpr,
                REGION: tl.constexpr, FAR_K: tl.constexpr, N_FAR: tl.constexpr,
-               CHUNKED: tl.constexpr, XPOS: tl.constexpr):
+               CHUNKED: tl.constexpr, XPOS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Online-softmax update over key tiles [tile_lo, tile_hi) of one sequence.
 
     REGION (RoPE extended by remapped positions; 0: none): the pass over region REGION's pairs
@@ -152,7 +152,7 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                 # beforehand (launch.attn_fwd: K_FAR, laid out as K)
                 K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit = remap
                 ka, kb, kc = load_groups(K_FAR, krows, n_mask, stride_kn, stride_kd, colA, colB,
-                                         maskA, colC, maskC, ROT, HAS_PASS, MASKED)
+                                         maskA, colC, maskC, ROT, HAS_PASS, MASKED, INTERLEAVED=INTERLEAVED)
             elif REGION >= 2:  # a far pass over a KV cache: K rotated here, per element
                 K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit = remap
                 kf = far_positions(kpos, rk_a, rk_b, r_group)
@@ -160,11 +160,11 @@ def _fwd_tiles(acc, l_i, m_i, qa, qb, qc, qpos, K, V, KD, VD, b, hk, KPOS, THETA
                     kf = kf - floor_div(kf, r_unit) * r_unit
                 c_f, s_f = rope_angle_cos_sin(kf, THETA_FAR, rope_factor, ROT_HALF, BLOCK_A)
                 ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, c_f, s_f, 0.0, 0.0,
-                                     colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, False)
+                                     colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED, False, INTERLEAVED=INTERLEAVED)
             else:
                 ka, kb, kc = load_qk(K, krows, n_mask, stride_kn, stride_kd, cos, sin, c0, s0,
                                      colA, colB, maskA, colC, maskC, ROT, HAS_PASS, MASKED,
-                                     not EXPLICIT_POS)
+                                     not EXPLICIT_POS, INTERLEAVED=INTERLEAVED)
             v = load_tile(V, krows, n_mask, colV, maskV, stride_vn, stride_vd, MASKED)
 
         qk = qk_dot(qa, qb, qc, ka, kb, kc, ROT, HAS_PASS, PREC)
@@ -341,7 +341,7 @@ def attn_fwd_kernel(
         if not EXPLICIT_POS:
             c_tab, s_tab = offset_table(THETA, XPOS, False, ROT_HALF, BLOCK_A, BLOCK_N)
     qa, qb, qc = load_qk(Q, q_rows, m_mask, q_stride, stride_qd, c_q, s_q, 0.0, 0.0, colA, colB,
-                         maskA, colC, maskC, ROT, HAS_PASS, True, False)
+                         maskA, colC, maskC, ROT, HAS_PASS, True, False, INTERLEAVED=INTERLEAVED)
     remap = (K_FAR, THETA_FAR, remap_w, rk_a, rk_b, r_group, r_unit)
 
     # Key tiles (geometry.tile_range): masked [t_lo, f_lo), unmasked [f_lo, f_hi), masked
@@ -371,10 +371,10 @@ def attn_fwd_kernel(
         for region in tl.static_range(1, N_FAR + 2):
             if region == 2:  # Q at its far positions, rotated beforehand (laid out as Q)
                 qa, qb, qc = load_groups(Q_FAR, q_rows, m_mask, q_stride, stride_qd,
-                                         colA, colB, maskA, colC, maskC, ROT, HAS_PASS, True)
+                                         colA, colB, maskA, colC, maskC, ROT, HAS_PASS, True, INTERLEAVED=INTERLEAVED)
             elif region == 3:
                 qa, qb, qc = load_groups(Q_FAR2, q_rows, m_mask, q_stride, stride_qd,
-                                         colA, colB, maskA, colC, maskC, ROT, HAS_PASS, True)
+                                         colA, colB, maskA, colC, maskC, ROT, HAS_PASS, True, INTERLEAVED=INTERLEAVED)
             lo = t_lo  # explicit positions: every tile, the pairs masked
             hi = t_hi
             if not EXPLICIT_POS:  # the tiles that hold a pair of this region
@@ -391,7 +391,7 @@ def attn_fwd_kernel(
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
                 PAGE=PAGE, REGION=region, FAR_K=FAR_K, N_FAR=N_FAR, CHUNKED=CHUNKED,
-                XPOS=False)
+                XPOS=False, INTERLEAVED=INTERLEAVED)
 
     # Three runs of tiles (unrolled at compile time; a run that cannot occur is not compiled):
     # 0 = masked tiles before the band (a window's left edge), 1 = unmasked, 2 = masked.
@@ -411,7 +411,8 @@ def attn_fwd_kernel(
                 SOFTCAP=SOFTCAP, EXPLICIT_POS=EXPLICIT_POS, HAS_PASS=HAS_PASS,
                 ROT_HALF=ROT_HALF, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, PREC=PREC,
                 BIAS_TABLE=BIAS_TABLE, FOLD_SCALE=FOLD_SCALE, TMA=TMA, CENTER=CENTER, BT=BT,
-                PAGE=PAGE, REGION=0, FAR_K=False, N_FAR=N_FAR, CHUNKED=False, XPOS=XPOS)
+                PAGE=PAGE, REGION=0, FAR_K=False, N_FAR=N_FAR, CHUNKED=False, XPOS=XPOS,
+                INTERLEAVED=INTERLEAVED)
 
     # Rows that saw no key: output 0 and LSE -inf. (l_i != 0, not > 0: a NaN row stays NaN.)
     seen = l_i != 0

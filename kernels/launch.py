@@ -58,6 +58,7 @@ class KernelPE:
     buckets: Optional[torch.Tensor] = None
     remap: Optional[object] = None
     xpos: bool = False
+    xpos_rate: float = 0.0  # xPos: -log2(zeta_0) / gamma, its fastest decay per position
     theta_far: Optional[torch.Tensor] = None
 
     def __post_init__(self):
@@ -555,6 +556,25 @@ def roomy_tile(pos: KernelPositions, center: bool) -> bool:
     return pos.explicit or center
 
 
+# xPos: the largest log2 of a factor a contiguous block may form ((BLOCK - 1) x its rate: a
+# key at the block's last query, seen from its first), by input dtype. fp16 keeps 2**12 (k up
+# to 16 in magnitude stays below 65504; the matching query factor 2**-12 stays normal);
+# bf16 / fp32 have fp32's exponent range.
+XPOS_MAX_LOG2 = {torch.float16: 12.0}
+
+
+def check_xpos_block(pe: KernelPE, block: int, dtype) -> None:
+    """A ValueError when xPos's factors inside one block of ``block`` rows would leave the
+    input dtype (a small scale_base: the factor grows as zeta_0^(-(block - 1) / gamma))."""
+    if not pe.xpos:
+        return
+    top = XPOS_MAX_LOG2.get(dtype, 100.0)
+    if (block - 1) * pe.xpos_rate > top:
+        raise ValueError(f"XPos: scale_base too small for {dtype} on these tiles: a block of "
+                         f"{block} rows spans factors up to 2**{(block - 1) * pe.xpos_rate:.1f} "
+                         f"> 2**{top:.0f}; raise scale_base, or use float32 / backend='cpu'")
+
+
 def geometry_tile(pos: KernelPositions, mask: Mask, pe: Optional[KernelPE] = None) -> bool:
     """Whether a launch takes the geometry tiles (configs.tile_config's ``geometry``):
     packed sequences (bounds and row offsets), a KV cache (per-sequence key counts, page
@@ -664,7 +684,7 @@ def _remap_args(pe: KernelPE, pos: KernelPositions, q, k) -> dict:
     return dict(Q_FAR=q_far[0], Q_FAR2=q_far[1] if ext.n_far > 1 else None, K_FAR=k_far,
                 THETA_FAR=pe.theta_far, remap_w=ext.window, r_unit=ext.unit, rk_a=a_k,
                 rk_b=b_k, r_group=g_k, REMAP=True, FAR_K=k_far is not None, N_FAR=ext.n_far,
-                CHUNKED=ext.unit > 1)
+                CHUNKED=ext.unit > 1 or mod_k != 0)
 
 
 def _far_record(pe: KernelPE) -> KernelPE:
@@ -900,6 +920,7 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
     pack = pack_gqa(pe, pos, mask, scale, Hq // Hkv, Sq, center)
     if pack:  # decode-shaped (a KV cache): a GQA group's heads x tokens in the rows
         cfg = decode_tile(pack, width, q.dtype, _arch(q))
+    check_xpos_block(pe, cfg.BLOCK_M, q.dtype)
     k_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.k_start, Sk, meta, lse)
     bt = _bias_tables(pe, pos, Sq, Sk, False, lse, center)
     rows, heads = (pack, Hkv) if pack else (Sq, Hq)  # programs: (row blocks, B * heads)
@@ -1048,6 +1069,8 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
     common = _common_args(pe, pos, mask, scale, q)
     cfg = tile_config("bwd_dkdv", width, mask.causal, q.dtype, arch, pe.family, explicit=roomy,
                       geometry=geo)
+    # (a query tile straddling the key block's first key forms its start's factor too)
+    check_xpos_block(pe, max(cfg.BLOCK_M, cfg.BLOCK_N), q.dtype)
     q_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.q_start, Sq, meta, delta)
     bt = _bias_tables(pe, pos, Sq, Sk, need_pe_grad, delta, center)
     # split tiles: dV, then dK, in two launches (configs.TileConfig.split)
@@ -1068,6 +1091,7 @@ def attn_bwd(do, q, k, v, out, lse, pe: KernelPE, pos: KernelPositions, mask: Ma
 
     cfg = tile_config("bwd_dq", width, mask.causal, q.dtype, arch, pe.family, need_pe_grad,
                       explicit=roomy, geometry=geo)
+    check_xpos_block(pe, cfg.BLOCK_M, q.dtype)
     k_tiles = _rope_tiles(pe, pos, 0 if pos.varlen else pos.k_start, Sk, meta, delta)
     n_qblocks = triton.cdiv(Sq, cfg.BLOCK_M)
     if need_pe_grad:  # one partial per dQ program (query block, batch, head, parameter)

@@ -85,7 +85,8 @@ def kernel_pe(spec: PE, head_dim: int, num_heads: int, device, cur_len) -> Kerne
         theta, factor = _device_constant(
             lambda: ("rope", _state(spec), head_dim, cur_len, torch.device(device)), make)
         rope = dict(theta=theta, factor=factor, rot_dim=spec.resolve_rotary_dim(head_dim),
-                    interleaved=spec.interleaved, xpos=spec.xpos)
+                    interleaved=spec.interleaved, xpos=spec.xpos,
+                    xpos_rate=-float(spec.decay(head_dim)[0]) if spec.xpos else 0.0)
         if spec.extend is not None:  # a RoPE extension: its far passes
             rope.update(remap=spec.extend, theta_far=theta * spec.extend.freq_scale)
     params = None
@@ -219,6 +220,9 @@ def attention_bhsd(q, k, v, spec: PE, *, causal: bool, scale: float, q_pos: Posi
         if pe.remap is not None:
             raise ValueError("RoPE(extend=...) does not run under torch.compile yet (the custom "
                              "ops carry no far pass); call it eagerly")
+        if pe.xpos:
+            raise ValueError("XPos does not run under torch.compile yet (the custom ops carry "
+                             "no decay); call it eagerly")
         out, lse, _ = _ops.fwd(q, k, v, *_ops.flat_args(pe, pos, mask), scale)
         return out, lse
     return _FusedAttention.apply(q, k, v, pe.params, pe, pos, mask, scale)

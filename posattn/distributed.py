@@ -614,6 +614,10 @@ def ring_attention(
         spec = spec.at_length(max(max_pos + 1, 1))
 
     if backend == "triton":
+        if plan.q_pos is not None and n:  # xPos: the kernels' per-block span (a ValueError)
+            from . import _triton
+            _triton.check_xpos_span(spec, q.dtype, ("q_positions", plan.q_pos, None),
+                                    *(("k_positions", p, None) for p in plan.k_pos_all))
         engine = _TritonEngine(spec, q, causal, window, softcap, scale)
     else:
         if backend == "cpu":

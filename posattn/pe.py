@@ -573,7 +573,11 @@ class RoPEExtension:
     window: int
     unit = 1  # positions are grouped by floor(pos / unit) for the regions
     n_far = 1  # how many far regions (each its own query rotation)
-    freq_scale = 1.0
+
+    @property
+    def freq_scale(self) -> float:
+        """The far rotations' frequencies are the model's times this (far_map's last entry)."""
+        return float(self.far_map()[5])
 
     def far_map(self) -> Tuple[int, int, int, int, int, float]:
         """(a_q, b_q, a_k, b_k, group, freq_scale): far positions ``(a pos + b) // group`` (one
@@ -651,10 +655,6 @@ class LeakyReRoPE(RoPEExtension):
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (1 is plain RoPE), got {self.factor}")
 
-    @property
-    def freq_scale(self) -> float:
-        return 1.0 / self.factor
-
     def far_map(self):
         return 1, self.window * (self.factor - 1), 1, 0, 1, 1.0 / self.factor
 
@@ -694,6 +694,7 @@ class DualChunk(RoPEExtension):
 
     window = 1  # region 0: the query's own chunk (g = 0)
     n_far = 2  # successive (g = 1), inter (g >= 2)
+    freq_scale = 1.0  # (no far_map: its positions are not affine)
 
     def __init__(self, chunk_size: int, local_window: int):
         self.chunk_size = _positive_int("chunk_size", chunk_size)
@@ -1008,7 +1009,7 @@ class XPos(RoPE):
     xpos = True
     causal_only = True
     name = "xpos"
-    # explicit positions: the largest span of positions in 256 consecutive rows the Triton
+    # explicit positions: the largest span of positions in 128 consecutive rows the Triton
     # kernels take (their factors zeta_0 ** (+-span / scale_base) must stay well inside the
     # input dtype's normal range: fp16 2**+-8, bf16 / fp32 2**+-64), at scale_base 512
     EXPLICIT_SPAN = {torch.float16: 2048, torch.bfloat16: 16384, torch.float32: 16384}

@@ -154,11 +154,12 @@ class FlashSlack:
       ~ eps * L_i) and forms Delta = rowsum(O * dO) from the rounded output, so dS = P (dP - Delta)
       carries an error ~ eps * (|dO| |V| + |O| |dO|) that the naive math (which keeps P, and gets
       dS = 0 exactly on one-hot rows, e.g. Sk = 1) does not have.
-    * xPos, k and v only: the dK/dV kernel takes its decays relative to its key block, the
-      forward relative to its query block (kernels/rotary.py), so the recomputed logit differs
-      from the forward's by the roundings of the factors: ~eps * |scale| |q_i| |k_j| per
-      score, which can exceed eps * L_i where the pairs' terms cancel. L_i there is raised by
-      4 |scale| |q_i| max_j |k_j| (the dQ kernel shares the forward's factors).
+    * xPos, the gradients: each kernel takes its decays relative to its own block (dK/dV: the
+      key block; forward and dQ: their query blocks, whose sizes differ on a GPU), so the
+      backward's recomputed logit differs from the forward's by the roundings of the factors:
+      ~eps * |scale| |q_i| |k_j| per score, which can exceed eps * L_i where the pairs' terms
+      cancel. L_i there is raised by 4 |scale| |q_i| max_j |k_j| (the interpreter's dQ tiles
+      happen to match the forward's; a GPU's need not).
     * pe(name): per head, the sum over (b, i, j) of (eps |dS| + that dS error) * |d bias / d param|:
       a PE-parameter gradient is a reduction over B * Sq * Sk terms that often cancel, so its
       rounding error scales with this sum, not with the (small) result.
@@ -227,7 +228,7 @@ class FlashSlack:
             return t.abs().max().item() if t.numel() else 0.0
 
         rot = 2.0  # a rotated (RoPE) element: at most sqrt(2) x attention factor x the largest input
-        self.q = abs(scale) * rot * mx(k) * mx(self.PW.sum(-1))
+        self.q = abs(scale) * rot * mx(k) * mx(PW_kv.sum(-1))
         self.k = abs(scale) * rot * mx(q) * mx(PW_kv.sum(-2)) * g
         self.v = mx((4 * eps * L_kv * P).transpose(-1, -2) @ dout.abs()) * g
 

@@ -247,6 +247,24 @@ def test_dca_over_a_kv_cache():
         assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
 
 
+def test_dca_chunks_of_one_over_a_kv_cache():
+    """chunk_size - local_window = 1: every key at position 0 (k mod 1) in the far passes,
+    the cached keys rotated in the tile too (the key map's modulus, not only chunks > 1)."""
+    g = torch.Generator().manual_seed(14)
+    pe = RoPE(extend=DualChunk(2, 1))
+    kc, vc = (torch.randn(1, 20, 1, 16, generator=g).to(DEVICE) for _ in range(2))
+    qn = torch.randn(1, 2, 2, 16, generator=g).to(DEVICE)
+    with torch.no_grad():
+        got = posattn.attention_with_kvcache(
+            qn, kc, vc, cache_seqlens=torch.tensor([20], dtype=torch.int32, device=DEVICE),
+            pe=pe, backend="triton")
+    qs, ks, vs = qn.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
+                            backend="reference")
+    naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
+    assert_rule("out", got.transpose(1, 2), ref, naive, 2, FP32)
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_split_k(monkeypatch, cache):
     """The forward split over runs of key tiles (flash-decoding) merged by their LSEs: each run

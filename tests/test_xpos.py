@@ -190,6 +190,17 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="q_positions.*span 4000 > 2048"):
         posattn.attention(q.half(), q.half(), q.half(), pe=XPos(), causal=True, backend="triton",
                           q_positions=pos, k_positions=pos)
+    # a scale base too small for fp16 in a block of 128 rows (the GPU tiles): refused by name
+    from posattn.kernels import launch
+    rec = launch.KernelPE(rot="rope", xpos=True, xpos_rate=1.807 / 8.0)
+    with pytest.raises(ValueError, match="scale_base too small"):
+        launch.check_xpos_block(rec, 128, torch.float16)
+    launch.check_xpos_block(rec, 32, torch.float16)  # the interpreter's tiles: 2**7
+    launch.check_xpos_block(rec, 128, torch.float32)
+    # torch.compile has no decay in its custom ops: refused, never plain RoPE
+    with pytest.raises(Exception, match="XPos does not run under torch.compile"):
+        torch.compile(lambda a: posattn.attention(a, a, a, pe=XPos(), causal=True,
+                                                  backend="triton"), fullgraph=True)(q)
     # the same positions in fp32 (16384) run
     out = posattn.attention(q, q, q, pe=XPos(), causal=True, backend="triton",
                             q_positions=pos, k_positions=pos)
