@@ -1000,8 +1000,7 @@ class XPos(RoPE):
     rotary dim): attention decays with distance, more in the fast-rotating pairs. Causal
     attention only (a ValueError otherwise: the factor grows for keys after the query).
     Half-split pairs by default, as posattn.RoPE; ``interleaved=True`` pairs dims as
-    torchscale does (for its checkpoints; on sm_90 interleaved pairs cost registers that some
-    shipped tiles do not have -- docs/internals.md). RoPE's scalings apply to its angles. The kernels take the factor relative to each block (never overflowing at any
+    torchscale does (for its checkpoints). RoPE's scalings apply to its angles. The kernels take the factor relative to each block (never overflowing at any
     position); with explicit positions a block of rows (up to 128) must span at most
     :attr:`EXPLICIT_SPAN` positions for its dtype (checked, a ValueError).
     """
