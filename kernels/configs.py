@@ -316,7 +316,7 @@ def _load_env() -> None:
 
 
 def remap_tile(cfg: TileConfig, head_dim: int, dtype, arch: Optional[int],
-               explicit: bool, chunked: bool = False) -> TileConfig:
+               explicit: bool, chunked: bool = False, kvcache: bool = False) -> TileConfig:
     """The forward tile of a RoPE extension (attn_fwd REMAP: a near pass and one per far region, the
     (query, key) region tested per score; launch.attn_fwd asks for the geometry tiles first).
     On Ampere with explicit positions the per-element angles of the near pass and the int64
@@ -324,8 +324,15 @@ def remap_tile(cfg: TileConfig, head_dim: int, dtype, arch: Optional[int],
     16 B on 3.6): 64 x 32 on 4 warps. DCA (chunked: a floor division of every position by
     the chunk length, per row and per column, and a third pass) with explicit positions: on
     Hopper the D=64 geometry tile 128 x 64 spilled 8 B on triton 3.6: 128 x 32; on Ampere at
-    D=128 64 x 32 on 4 warps spilled 120 B (3.6): 128 x 16 on 8 warps."""
-    if arch is None or dtype == torch.float32 or not explicit:
+    D=128 64 x 32 on 4 warps spilled 120 B (3.6): 128 x 16 on 8 warps. DCA over a KV cache
+    on Ampere (its keys rotated in the tile, k mod L): the D=128 split-K forward at 128 x 16
+    spilled 16 B (triton 3.9): one stage (its K/V loads unpipelined; a decode step is
+    memory-bound either way), clean on 3.9; on 3.6 every tile tried keeps 16-64 B at D=128."""
+    if arch is None or dtype == torch.float32:
+        return cfg
+    if chunked and kvcache and arch not in HOPPER_CLASS:
+        return TileConfig(cfg.BLOCK_M, cfg.BLOCK_N, cfg.num_warps, 1)
+    if not explicit:
         return cfg
     if arch not in HOPPER_CLASS:
         if chunked and head_dim > 64:
@@ -340,8 +347,9 @@ def xpos_tile(cfg: TileConfig, kernel: str, head_dim: int, dtype, arch: Optional
               explicit: bool) -> TileConfig:
     """xPos's tile (it takes the geometry tiles: launch.geometry_tile), but on Ampere with
     explicit positions at D=128 the forward's 128 x 16 on 8 warps spilled 8 B on triton 3.6
-    (the block's reference and span next to per-element decays): 64 x 16 on 4 warps."""
+    (the block's reference and span next to per-element decays): one stage (64 x 16 on 4
+    warps is clean too, but computes S twice: 67 % useful MMA)."""
     if (kernel == "fwd" and explicit and head_dim > 64 and arch is not None
             and arch not in HOPPER_CLASS and dtype != torch.float32):
-        return TileConfig(64, 16, 4, 2)
+        return TileConfig(64, 32, 4, 1)
     return cfg

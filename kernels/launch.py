@@ -914,7 +914,8 @@ def attn_fwd(q, k, v, pe: KernelPE, pos: KernelPositions, mask: Mask, scale: flo
                       explicit=roomy_tile(pos, center), tma=tma,
                       geometry=geometry_tile(pos, mask, pe) or pe.remap is not None)
     if pe.remap is not None:
-        cfg = remap_tile(cfg, width, q.dtype, _arch(q), pos.explicit, pe.remap.unit > 1)
+        cfg = remap_tile(cfg, width, q.dtype, _arch(q), pos.explicit, pe.remap.unit > 1,
+                         pos.k_lens is not None)
     if pe.xpos:
         cfg = xpos_tile(cfg, "fwd", width, q.dtype, _arch(q), pos.explicit)
     pack = pack_gqa(pe, pos, mask, scale, Hq // Hkv, Sq, center)

@@ -69,7 +69,7 @@ def _positions(kind, Sq, Sk, seed):
 
 # dtype, heads (Hq, Hkv), positions, window, softcap, spec | Sq, Sk, D
 CASES = [
-    (FP16, (2, 2), "default", None, None, XPos(scale_base=16.0), 45, 45, 16),
+    (FP16, (2, 2), "default", None, None, XPos(scale_base=24.0), 45, 45, 16),  # (GPU tiles: >= 19)
     (FP32, (4, 2), "explicit", (9, 0), 20.0, XPos(), 21, 40, 32),
     (FP16, (2, 1), "far", None, None, XPos(scale_base=32.0), 17, 50, 16),
     (FP32, (2, 2), "far", (12, 0), None, XPos(rotary_dim=8, interleaved=False), 33, 33, 16),
