@@ -17,7 +17,7 @@ import torch
 import posattn
 from posattn import DualChunk, LeakyReRoPE, ReRoPE, RoPE, SelfExtend
 from conftest import DEVICE
-from helpers import assert_rule, force_splits
+from helpers import assert_rule, check_fwd_bwd, force_splits
 
 FP16, FP32 = torch.float16, torch.float32
 METHODS = {"rerope": ReRoPE(7), "leaky": LeakyReRoPE(6, 4), "selfextend": SelfExtend(3, 8),
@@ -305,25 +305,9 @@ def test_backward_matches_reference(case, backend):
     rotated at their far positions); cpu: both directions as those two pieces, merged by
     their LSEs."""
     name, dtype, (Hq, Hkv), kind, window, cap, Sq, Sk, D = case
-    g = torch.Generator().manual_seed(Sq + Sk)
-    q = torch.randn(2, Hq, Sq, D, generator=g).to(DEVICE, dtype)
-    k = torch.randn(2, Hkv, Sk, D, generator=g).to(DEVICE, dtype)
-    v = torch.randn(2, Hkv, Sk, D, generator=g).to(DEVICE, dtype)
-    dout = torch.randn(2, Hq, Sq, D, generator=g).to(DEVICE, dtype)
-    pe = RoPE(extend=METHODS[name])
     kw = dict(causal=True, window=window, softcap=cap, **_positions(kind, Sq, Sk, Sq))
-
-    def run(backend_, cast):
-        leaves = [t.to(cast).detach().requires_grad_() for t in (q, k, v)]
-        out, lse = posattn.attention(*leaves, pe=pe, backend=backend_, return_lse=True, **kw)
-        return (out, lse) + torch.autograd.grad(out, leaves, dout.to(cast))
-
-    got = run(backend, dtype)
-    ref = run("reference", torch.float64)
-    naive = run("reference", dtype)
-    for name_, a, r, n in zip(("out", "lse", "dq", "dk", "dv"), got, ref, naive):
-        assert_rule(name_, a.detach(), r.detach(), n.detach(), 2 if name_ in ("out", "lse") else 3,
-                    dtype)
+    check_fwd_bwd(RoPE(extend=METHODS[name]), backend, dtype, (2, Hq, Hkv, Sq, Sk, D), Sq + Sk,
+                  **kw)
 
 
 def test_broadcast_inputs_with_per_batch_positions():

@@ -15,7 +15,7 @@ import torch
 import posattn
 from posattn import XPos
 from conftest import DEVICE
-from helpers import assert_rule, force_splits
+from helpers import assert_rule, check_fwd_bwd, force_splits
 
 FP16, FP32 = torch.float16, torch.float32
 
@@ -97,26 +97,8 @@ RUNS = [(c, "triton") for c in CASES] + [(c, "cpu") for c in CASES if c[0] == FP
 def test_forward_and_backward_match_reference(case, backend):
     """out, lse (2x) and dq, dk, dv (3x) by the error rule."""
     dtype, (Hq, Hkv), kind, window, cap, pe, Sq, Sk, D = case
-    g = torch.Generator().manual_seed(Sq + Sk)
-    q = torch.randn(2, Hq, Sq, D, generator=g).to(DEVICE, dtype)
-    k = torch.randn(2, Hkv, Sk, D, generator=g).to(DEVICE, dtype)
-    v = torch.randn(2, Hkv, Sk, D, generator=g).to(DEVICE, dtype)
-    dout = torch.randn(2, Hq, Sq, D, generator=g).to(DEVICE, dtype)
     kw = dict(causal=True, window=window, softcap=cap, **_positions(kind, Sq, Sk, Sq))
-
-    def run(backend_, cast):
-        leaves = [t.to(cast).detach().requires_grad_() for t in (q, k, v)]
-        out, lse = posattn.attention(*leaves, pe=pe, backend=backend_, return_lse=True, **kw)
-        return (out, lse) + torch.autograd.grad(out, leaves, dout.to(cast))
-
-    got = run(backend, dtype)
-    ref = run("reference", torch.float64)
-    naive = run("reference", dtype)
-    for name, a, r, n in zip(("out", "lse", "dq", "dk", "dv"), got, ref, naive):
-        if name != "lse":  # (a query with no visible key has LSE -inf)
-            assert torch.isfinite(a).all(), name
-        assert_rule(name, a.detach(), r.detach(), n.detach(), 2 if name in ("out", "lse") else 3,
-                    dtype)
+    check_fwd_bwd(pe, backend, dtype, (2, Hq, Hkv, Sq, Sk, D), Sq + Sk, finite=True, **kw)
 
 
 def test_varlen_kvcache_and_split_k(monkeypatch):
