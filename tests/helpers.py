@@ -159,3 +159,45 @@ def check_fwd_bwd(pe, backend, dtype, shapes, seed, finite=False, **kw):
             assert torch.isfinite(a).all(), name
         assert_rule(name, a.detach(), r.detach(), n.detach(), 2 if name in ("out", "lse") else 3,
                     dtype)
+
+
+def check_varlen_causal(pe, g):
+    """Two packed sequences (13 and 29 tokens, positions restarting per sequence), causal,
+    fp32, Triton against the reference per sequence by the rule; inputs drawn from ``g``."""
+    from conftest import DEVICE
+    cu = torch.tensor([0, 13, 42], dtype=torch.int32, device=DEVICE)
+    q, k, v = (torch.randn(42, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+    with torch.no_grad():
+        got = posattn.attention_varlen(q, k, v, cu, cu, 29, 29, pe=pe, causal=True, backend="triton")
+    for (a, b) in ((0, 13), (13, 42)):
+        sl = (slice(None), slice(None), slice(a, b))
+        qs, ks, vs = (t.transpose(0, 1)[None][sl] for t in (q, k, v))
+        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
+                                backend="reference")
+        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
+        assert_rule("out", got[a:b].transpose(0, 1)[None], ref, naive, 2, torch.float32)
+
+
+def check_paged_decode(pe, g):
+    """A paged KV cache (8 pages of 16 tokens, 2 sequences of 20 and 37 keys, 2 new query
+    heads on 1 KV head, one token each), Triton against the reference per sequence by the
+    rule; inputs drawn from ``g``."""
+    from conftest import DEVICE
+    page, lens = 16, [20, 37]
+    kc = torch.randn(8, page, 1, 16, generator=g).to(DEVICE)
+    vc = torch.randn(8, page, 1, 16, generator=g).to(DEVICE)
+    bt = torch.randperm(8, generator=g)[:6].view(2, 3).to(DEVICE, torch.int32)
+    qn = torch.randn(2, 1, 2, 16, generator=g).to(DEVICE)
+    with torch.no_grad():
+        got = posattn.attention_with_kvcache(
+            qn, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+            block_table=bt, pe=pe, backend="triton")
+    for b, n in enumerate(lens):
+        keys = kc[bt[b].long()].reshape(-1, 1, 16)[:n]
+        vals = vc[bt[b].long()].reshape(-1, 1, 16)[:n]
+        qs = qn[b:b + 1].transpose(1, 2)  # (1, Hq, 1, D)
+        ks, vs = keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]  # (1, 1, n, D)
+        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
+                                backend="reference")
+        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
+        assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, torch.float32)

@@ -17,7 +17,8 @@ import torch
 import posattn
 from posattn import DualChunk, LeakyReRoPE, ReRoPE, RoPE, SelfExtend
 from conftest import DEVICE
-from helpers import assert_rule, check_fwd_bwd, force_splits
+from helpers import (assert_rule, check_fwd_bwd, check_paged_decode, check_varlen_causal,
+                     force_splits)
 
 FP16, FP32 = torch.float16, torch.float32
 METHODS = {"rerope": ReRoPE(7), "leaky": LeakyReRoPE(6, 4), "selfextend": SelfExtend(3, 8),
@@ -189,40 +190,9 @@ def test_triton_varlen_and_kvcache():
     """Packed sequences (each restarts its positions) and a paged KV cache (decode rows whose
     every key but the nearest is far)."""
     g = torch.Generator().manual_seed(9)
-    pe = RoPE(extend=SelfExtend(2, 6))
-    cu = torch.tensor([0, 13, 42], dtype=torch.int32, device=DEVICE)
-    q, k, v = (torch.randn(42, 2, 16, generator=g).to(DEVICE) for _ in range(3))
-    with torch.no_grad():
-        got = posattn.attention_varlen(q, k, v, cu, cu, 29, 29, pe=pe, causal=True, backend="triton")
-    for (a, b) in ((0, 13), (13, 42)):
-        sl = (slice(None), slice(None), slice(a, b))
-        qs, ks, vs = (t.transpose(0, 1)[None][sl] for t in (q, k, v))
-        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
-                                backend="reference")
-        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
-        assert_rule("out", got[a:b].transpose(0, 1)[None], ref, naive, 2, FP32)
-
+    check_varlen_causal(RoPE(extend=SelfExtend(2, 6)), g)
     # paged cache: 2 sequences, 16-token pages, one new token each
-    pe = RoPE(extend=ReRoPE(5))
-    page, lens = 16, [20, 37]
-    n_blocks = 8
-    kc = torch.randn(n_blocks, page, 1, 16, generator=g).to(DEVICE)
-    vc = torch.randn(n_blocks, page, 1, 16, generator=g).to(DEVICE)
-    bt = torch.randperm(n_blocks, generator=g)[:6].view(2, 3).to(DEVICE, torch.int32)
-    qn = torch.randn(2, 1, 2, 16, generator=g).to(DEVICE)
-    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    with torch.no_grad():
-        got = posattn.attention_with_kvcache(qn, kc, vc, cache_seqlens=seqlens, block_table=bt,
-                                             pe=pe, backend="triton")
-    for b, n in enumerate(lens):
-        keys = kc[bt[b].long()].reshape(-1, 1, 16)[:n]
-        vals = vc[bt[b].long()].reshape(-1, 1, 16)[:n]
-        qs = qn[b:b + 1].transpose(1, 2)  # (1, Hq, 1, D)
-        ks, vs = keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]  # (1, 1, n, D)
-        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
-                                backend="reference")
-        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
-        assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
+    check_paged_decode(RoPE(extend=ReRoPE(5)), g)
 
 
 def test_dca_over_a_kv_cache():

@@ -15,7 +15,8 @@ import torch
 import posattn
 from posattn import XPos
 from conftest import DEVICE
-from helpers import assert_rule, check_fwd_bwd, force_splits
+from helpers import (assert_rule, check_fwd_bwd, check_paged_decode, check_varlen_causal,
+                     force_splits)
 
 FP16, FP32 = torch.float16, torch.float32
 
@@ -107,35 +108,8 @@ def test_varlen_kvcache_and_split_k(monkeypatch):
     the forward split over runs of key tiles."""
     g = torch.Generator().manual_seed(9)
     pe = XPos(scale_base=24.0)
-    cu = torch.tensor([0, 13, 42], dtype=torch.int32, device=DEVICE)
-    q, k, v = (torch.randn(42, 2, 16, generator=g).to(DEVICE) for _ in range(3))
-    with torch.no_grad():
-        got = posattn.attention_varlen(q, k, v, cu, cu, 29, 29, pe=pe, causal=True, backend="triton")
-    for (a, b) in ((0, 13), (13, 42)):
-        sl = (slice(None), slice(None), slice(a, b))
-        qs, ks, vs = (t.transpose(0, 1)[None][sl] for t in (q, k, v))
-        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
-                                backend="reference")
-        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
-        assert_rule("out", got[a:b].transpose(0, 1)[None], ref, naive, 2, FP32)
-
-    page, lens = 16, [20, 37]
-    kc = torch.randn(8, page, 1, 16, generator=g).to(DEVICE)
-    vc = torch.randn(8, page, 1, 16, generator=g).to(DEVICE)
-    bt = torch.randperm(8, generator=g)[:6].view(2, 3).to(DEVICE, torch.int32)
-    qn = torch.randn(2, 1, 2, 16, generator=g).to(DEVICE)
-    with torch.no_grad():
-        got = posattn.attention_with_kvcache(
-            qn, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-            block_table=bt, pe=pe, backend="triton")
-    for b, n in enumerate(lens):
-        keys = kc[bt[b].long()].reshape(-1, 1, 16)[:n]
-        vals = vc[bt[b].long()].reshape(-1, 1, 16)[:n]
-        qs, ks, vs = qn[b:b + 1].transpose(1, 2), keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]
-        ref = posattn.attention(qs.double(), ks.double(), vs.double(), pe=pe, causal=True,
-                                backend="reference")
-        naive = posattn.attention(qs, ks, vs, pe=pe, causal=True, backend="reference")
-        assert_rule("out", got[b:b + 1].transpose(1, 2), ref, naive, 2, FP32)
+    check_varlen_causal(pe, g)
+    check_paged_decode(pe, g)
 
     merges = force_splits(monkeypatch, 3)
     q = torch.randn(1, 2, 3, 16, generator=g).to(DEVICE)
