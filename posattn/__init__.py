@@ -26,7 +26,7 @@ if (not _os.path.isdir(_os.path.join(_here, "kernels"))
 from .api import attention, attention_varlen
 from .kvcache import attention_with_kvcache
 from .pe import (
-    PE, NoPE, RoPE, XPos, ALiBi, KERPLE, T5Bias, Sandwich,
+    PE, NoPE, RoPE, XPos, ALiBi, KERPLE, T5Bias, Sandwich, FIRE,
     RoPEScaling, PI, NTK, DynamicNTK, YaRN, Llama3, LongRoPE,
     RoPEExtension, ReRoPE, LeakyReRoPE, SelfExtend, DualChunk,
     alibi_slopes,
@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_varlen", "attention_with_kvcache", "PE", "NoPE", "RoPE", "XPos", "ALiBi", "KERPLE", "T5Bias", "Sandwich",
+    "attention", "attention_varlen", "attention_with_kvcache", "PE", "NoPE", "RoPE", "XPos", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "FIRE",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend", "DualChunk",
     "alibi_slopes", "reference", "nn", "distributed",

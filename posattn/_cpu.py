@@ -148,7 +148,7 @@ def rel_table(spec: PE, Hq: int, geo: Geometry, dtype) -> Optional[torch.Tensor]
     """(Hq | 1, Sq + Sk - 1) the additive mask (bias, and -inf where invisible) at relative
     positions k - q from k_first - q_last up; None unless positions are contiguous and there is
     a bias or a mask. Not differentiable (the op's paths; PE gradients take the explicit one)."""
-    if geo.q_start is None:
+    if geo.q_start is None or not spec.relative_only:  # (FIRE's bias reads q too)
         return None
     Sq, Sk = geo.qpos.shape[1], geo.kpos.shape[1]
     rel = torch.arange(Sq + Sk - 1, dtype=torch.int64) + (geo.k_start - (geo.q_start + Sq - 1))

@@ -2,6 +2,7 @@
 
     bias = posattn.nn.KERPLEBias(num_heads=12, kind="log")
     out = posattn.attention(q, k, v, pe=bias.spec(), causal=True)   # gradients reach bias.r1 / bias.r2
+    fire = posattn.nn.FIREBias(num_heads=12)                         # FIRE: an MLP, c and L
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .pe import KERPLE, _KERPLE_KINDS, _positive_int
+from .pe import FIRE, KERPLE, _KERPLE_KINDS, _positive_int
 
-__all__ = ["KERPLEBias"]
+__all__ = ["KERPLEBias", "FIREBias"]
 
 
 class KERPLEBias(nn.Module):
@@ -90,3 +91,62 @@ class KERPLEBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, kind={self.kind!r}"
+
+
+class FIREBias(nn.Module):
+    """Learnable FIRE bias (Li et al. 2023, arXiv 2310.04418), laid out and initialised as the
+    paper's reference module: an MLP ``Linear(1, mlp_width) -> activation -> Linear(mlp_width,
+    num_heads)`` (torch's default initialisation), ``c`` learnable (init 0.1), the threshold
+    ``L = |L_multiplier * init_L|`` with ``init_L`` fixed (512) and ``L_multiplier`` learnable
+    (init 1).
+
+    One difference, on purpose: the activation defaults to GELU, not the paper's ReLU; the
+    kernels read f_theta from a table of cubics, exact to fp32 rounding only for a smooth
+    MLP (posattn.FIRE explains why, and refuses ReLU).
+
+        fire = posattn.nn.FIREBias(num_heads=12)
+        out = posattn.attention(q, k, v, pe=fire.spec(), causal=True)  # gradients reach fire's
+                                                                       # MLP, c and L_multiplier
+    Args:
+        num_heads: query heads H.
+        mlp_width: the MLP's hidden width (default 32, the paper's).
+        init_c, init_L, eps: as the paper (0.1, 512, 1e-6).
+        activation: "gelu" (default) | "silu" | "tanh".
+        num_cells: the kernels' table cells (posattn.FIRE; default 64).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(self, num_heads: int, mlp_width: int = 32, *, init_c: float = 0.1,
+                 init_L: float = 512.0, eps: float = 1e-6, activation: str = "gelu",
+                 num_cells: int = 64, device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.num_heads = _positive_int("num_heads", num_heads)
+        factory = {"device": device, "dtype": dtype}
+        self.mlp_in = nn.Linear(1, _positive_int("mlp_width", mlp_width), **factory)
+        self.mlp_out = nn.Linear(mlp_width, self.num_heads, **factory)
+        self.c = nn.Parameter(torch.tensor(float(init_c), **factory))
+        self.register_buffer("init_L", torch.tensor(float(init_L), **factory))
+        self.L_multiplier = nn.Parameter(torch.tensor(1.0, **factory))
+        self.eps = eps
+        self.activation = activation
+        self.num_cells = num_cells
+        self.spec()  # validate the options now, not at the first forward
+
+    def spec(self) -> FIRE:
+        """A :class:`posattn.FIRE` holding the live parameters (gradients flow)."""
+        return FIRE(self.mlp_in.weight[:, 0], self.mlp_in.bias, self.mlp_out.weight,
+                    self.mlp_out.bias, c=self.c, L=(self.L_multiplier * self.init_L).abs(),
+                    eps=self.eps, activation=self.activation, num_cells=self.num_cells)
+
+    def forward(self) -> FIRE:
+        """Same as :meth:`spec`."""
+        return self.spec()
+
+    def interpolation_error(self) -> float:
+        """The kernels' table against the exact MLP, in units of the bias's fp32 rounding
+        (posattn.FIRE.interpolation_error): below 1 is exact to fp32."""
+        return self.spec().interpolation_error()
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, activation={self.activation!r}, "
+                f"num_cells={self.num_cells}")

@@ -31,7 +31,7 @@ import torch
 Number = Union[int, float]
 
 __all__ = [
-    "PE", "NoPE", "RoPE", "XPos", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "t5_bucket",
+    "PE", "NoPE", "RoPE", "XPos", "ALiBi", "KERPLE", "T5Bias", "Sandwich", "FIRE", "t5_bucket",
     "RoPEScaling", "PI", "NTK", "DynamicNTK", "YaRN", "Llama3", "LongRoPE",
     "RoPEExtension", "ReRoPE", "LeakyReRoPE", "SelfExtend", "DualChunk",
     "alibi_slopes", "resolve_pe", "REGISTRY", "registered", "axes",
@@ -167,7 +167,9 @@ class PE:
     * :meth:`bias_params`: its per-head parameters as one (H, P) tensor (the kernels' one
       parameter channel; autograd flows through it back into the spec's own tensors);
     * :meth:`bias_buckets`: for a table bias (T5), the table column per relative position;
-    * :meth:`reference_bias`: the bias the naive reference adds (posattn.reference);
+    * :meth:`reference_bias`: the bias the naive reference adds (posattn.reference); a bias
+      that depends on more than k - q (``relative_only`` False: FIRE's normaliser reads q)
+      implements :meth:`reference_bias_at` instead;
     * :meth:`tensors`: the tensors its bias reads (those that require grad get gradients).
     """
 
@@ -176,6 +178,7 @@ class PE:
     bias: str = "none"
     tile_family: str = "none"
     causal_only: bool = False  # defined for decoders only: check_mask refuses causal=False
+    relative_only: bool = True  # the bias is a function of k - q alone (reference_bias)
 
     def bias_params(self, num_heads: int, device) -> Optional[torch.Tensor]:
         """(num_heads, P) per-head bias parameters, or None for a PE without a bias."""
@@ -186,6 +189,13 @@ class PE:
         ``rel = k_pos - q_pos`` (B, 1, Sq, Sk) in the math dtype, or None. Written for
         clarity: the oracle the kernels are tested against."""
         return None
+
+    def reference_bias_at(self, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                          dtype) -> Optional[torch.Tensor]:
+        """The additive bias (B, H, Sq, Sk) in ``dtype`` from integer positions q_pos (B, Sq)
+        and k_pos (B, Sk). By default :meth:`reference_bias` of k - q."""
+        rel = (k_pos[:, None, :] - q_pos[:, :, None]).to(dtype)[:, None]  # (B, 1, Sq, Sk)
+        return self.reference_bias(num_heads, rel)
 
     def bias_buckets(self) -> Optional[torch.Tensor]:
         """For a bias that is a per-head table looked up by relative position (T5): the
@@ -1360,6 +1370,228 @@ class Sandwich(PE):
         return f"Sandwich(d_bar={self.d_bar}, base={self.base:g})"
 
 
+# FIRE (Li et al. 2023): a learned function of a normalised distance, tabulated for the kernels
+_FIRE_ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+}
+# Power-basis coefficients of the cubic through a cell's samples at t = 0, 1/3, 2/3, 1:
+# a = _FIRE_VANDERMONDE_INV @ y (float64, exact to rounding).
+_FIRE_NODES = torch.tensor([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0], dtype=torch.float64)
+_FIRE_VANDERMONDE_INV = torch.linalg.inv(_FIRE_NODES[:, None] ** torch.arange(4.0, dtype=torch.float64))
+
+
+class FIRE(PE):
+    """FIRE, functional interpolation for relative positions (Li et al., ICLR 2024,
+    arXiv 2310.04418, eq. (4) and its appendix's reference module): the bias of query
+    position q and key position k is
+
+        bias_h(q, k) = f_theta(u)[h],   u = psi(|q - k|) / (psi(max(L, q)) + eps),
+        psi(x) = log(|c| x + 1),
+
+    f_theta a two-layer MLP (1 -> width -> H) shared by the heads up to its output layer,
+    c and the threshold L learnable. u is in [0, 1) whenever the keys sit at non-negative
+    positions before their query (a decoder); elsewhere (keys after a query, under
+    causal=False, or at negative positions) posattn saturates it at 1: the bias there is
+    f_theta(1), in the reference as in the kernels.
+
+    **Tabulated for the kernels.** Evaluating a width-32 MLP per score would cost ~100
+    instructions, more than the attention itself; the kernels instead read f_theta from a
+    per-head table of cubics, one per cell of a uniform grid of ``num_cells`` cells over
+    [0, 1], each through f_theta's values at 4 equispaced points of its cell (built by torch
+    from the MLP on every call, through autograd: the gradients of the cells' coefficients
+    flow back into theta). :meth:`interpolation_error` measures the table against the exact
+    MLP: with GELU or SiLU and the default 64 cells it stays below the fp32 rounding of the
+    bias for weights up to 8x nn.Linear's initial ones (tanh, steeper, needs 128 cells
+    there; tests/test_fire.py). Check it on a trained model; more cells cost the backward's
+    gradient walk, not the forward. The
+    paper's ReLU is refused: its kinks put an O(cell width) error in the cells that hold
+    them, 10^3 times the fp32 rounding at any practical grid, so no table meets the
+    requirement; GELU (the default), SiLU or tanh do.
+
+    The reference (posattn.reference) evaluates the MLP exactly, in the math dtype.
+
+    Args:
+        w1, b1: (width,) the first layer (``nn.Linear(1, width)``'s weight[:, 0] and bias).
+        w2: (H, width), b2: (H,) the output layer.
+        c: the log transform's scale (a float or a 0-d tensor; |c| is used, as the paper).
+        L: the threshold (a float or a 0-d tensor, > 0): the normaliser is psi(max(L, q)).
+        eps: added to the normaliser (the paper's 1e-6).
+        activation: "gelu" | "silu" | "tanh".
+        num_cells: the table's cells (a power of two, 8 .. 1024; default 64).
+
+    Use :class:`posattn.nn.FIREBias` to hold the parameters as a module.
+    """
+
+    name = "fire"
+    bias = "fire"
+    tile_family = "fire"  # four table reads and a cubic per score (configs.py)
+    relative_only = False  # the bias depends on q as well as on k - q (its normaliser)
+
+    def __init__(self, w1, b1, w2, b2, c=0.1, L=512.0, eps: float = 1e-6,
+                 activation: str = "gelu", num_cells: int = 64):
+        for name, t, dim in (("w1", w1, 1), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a floating torch.Tensor, got {type(t).__name__}")
+            _check_tensor_type(name, t)
+            if t.dim() != dim:
+                raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+        width = w1.shape[0]
+        if b1.shape != (width,) or w2.shape[1] != width or b2.shape != (w2.shape[0],):
+            raise ValueError(f"FIRE's MLP shapes disagree: w1 {tuple(w1.shape)}, b1 "
+                             f"{tuple(b1.shape)}, w2 {tuple(w2.shape)} (H, width), b2 "
+                             f"{tuple(b2.shape)} (H,)")
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        self.c = _fire_scalar("c", c)
+        self.L = _fire_scalar("L", L)
+        self.eps = _nonneg_float("eps", eps)
+        if activation not in _FIRE_ACTIVATIONS:
+            hint = (" (ReLU's kinks defeat any interpolation table; see the class docstring)"
+                    if activation == "relu" else "")
+            raise ValueError(f"activation must be one of {sorted(_FIRE_ACTIVATIONS)}, got "
+                             f"{activation!r}{hint}")
+        self.activation = activation
+        n = _positive_int("num_cells", num_cells)
+        if n < 8 or n > 1024 or n & (n - 1):
+            raise ValueError(f"num_cells must be a power of two in [8, 1024], got {num_cells}")
+        self.num_cells = n
+
+    @property
+    def num_heads(self) -> int:
+        return self.w2.shape[0]
+
+    def check(self, num_heads: int, head_dim: int, device: torch.device) -> None:
+        """The MLP's output width is num_heads; every tensor on ``device`` and finite."""
+        _check_dims(num_heads, head_dim)
+        if self.num_heads != num_heads:
+            raise ValueError(f"w2 must have shape (num_heads, width) = ({num_heads}, "
+                             f"{self.w2.shape[1]}), got {tuple(self.w2.shape)}")
+        for name in ("w1", "b1", "w2", "b2", "c", "L"):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor):
+                if not _same_device(t.device, device):
+                    raise ValueError(f"{name} must be on the inputs' device "
+                                     f"{torch.device(device)}, got {t.device}")
+                if not _all_true(torch.isfinite(t.detach())):
+                    raise ValueError(f"{name} must be finite")
+        if isinstance(self.L, torch.Tensor) and not _all_true(self.L.detach() > 0):
+            raise ValueError("L must be > 0")
+
+    def mlp(self, u: torch.Tensor) -> torch.Tensor:
+        """f_theta(u) (..., H) in u's dtype, for u (...) (exactly: the reference's MLP)."""
+        dt = u.dtype
+        h = _FIRE_ACTIVATIONS[self.activation](u[..., None] * self.w1.to(dt) + self.b1.to(dt))
+        return h @ self.w2.to(dt).T + self.b2.to(dt)
+
+    def _scalars(self, dtype, device):
+        def t(x):
+            return x.to(device=device, dtype=dtype) if isinstance(x, torch.Tensor) else \
+                torch.tensor(x, device=device, dtype=dtype)
+        return t(self.c).abs(), t(self.L)
+
+    def normalised(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> torch.Tensor:
+        """u (B, Sq, Sk) in ``dtype`` from integer positions q_pos (B, Sq), k_pos (B, Sk),
+        saturated at 1 (differentiable into c and L)."""
+        c, L = self._scalars(dtype, q_pos.device)
+        qp = q_pos.to(dtype)[:, :, None]
+        d = (q_pos[:, :, None] - k_pos[:, None, :]).abs().to(dtype)
+        m = torch.where(qp > L, qp, L)  # max(L, q): L's branch at a tie
+        u = torch.log(c * d + 1.0) / (torch.log(c * m + 1.0) + self.eps)
+        return u.clamp(max=1.0)
+
+    def reference_bias_at(self, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                          dtype) -> torch.Tensor:
+        """The bias (B, H, Sq, Sk) in ``dtype``: the MLP evaluated exactly at every score."""
+        return self.mlp(self.normalised(q_pos, k_pos, dtype)).permute(0, 3, 1, 2)
+
+    def coefficients(self, derivative: bool = False) -> torch.Tensor:
+        """(H, num_cells, 4) float64, differentiable into theta: cell i's cubic in
+        t = u * num_cells - i, power basis (a0 + a1 t + a2 t^2 + a3 t^3), through f_theta at
+        t = 0, 1/3, 2/3, 1. ``derivative``: the same of df/dt = f_theta'(u) / num_cells (the
+        exact derivative, by forward mode; not differentiable), for the gradients of c and
+        L -- the value table's own slope is an order of h less accurate."""
+        n = self.num_cells
+        u = torch.arange(3 * n + 1, dtype=torch.float64, device=self.w1.device) / (3 * n)
+        if derivative:
+            with torch.no_grad():
+                _, y = torch.func.jvp(self.mlp, (u,), (torch.full_like(u, 1.0 / n),))
+        else:
+            y = self.mlp(u)  # (3n + 1, H)
+        idx = 3 * torch.arange(n, device=u.device)[:, None] + torch.arange(4, device=u.device)
+        return torch.einsum("kj,njh->hnk", _FIRE_VANDERMONDE_INV.to(u.device), y[idx])
+
+    def bias_params(self, num_heads: int, device) -> torch.Tensor:
+        """(H, 4 + 8 num_cells) float32: |c|, L, eps, num_cells, each cell's 4 coefficients,
+        then its derivative's 4 (kernels/bias.py, "FIRE"). Through autograd: the kernels'
+        gradient of it reaches theta, c and L (the derivative table is data: no gradient)."""
+        c, L = self._scalars(torch.float32, device)
+        head = torch.stack([c, L, torch.full_like(c, self.eps),
+                            torch.full_like(c, float(self.num_cells))])
+        coef = self.coefficients().reshape(self.num_heads, -1)
+        slope = self.coefficients(derivative=True).reshape(self.num_heads, -1)
+        return torch.cat([head[None].expand(self.num_heads, 4),
+                          coef.to(device=device, dtype=torch.float32),
+                          slope.to(device=device, dtype=torch.float32)], 1)
+
+    def interpolation_error(self, samples_per_cell: int = 64) -> float:
+        """max over heads and u in [0, 1] of |table(u) - f_theta(u)|, in units of the fp32
+        rounding of the bias (half an ulp at the head's largest |f_theta|): below 1 means the
+        table is as good as evaluating the MLP in fp32. Measured in float64 on
+        ``samples_per_cell`` points per cell."""
+        with torch.no_grad():
+            n = self.num_cells
+            u = torch.arange(n * samples_per_cell + 1, dtype=torch.float64,
+                             device=self.w1.device) / (n * samples_per_cell)
+            exact = self.mlp(u)  # (M, H)
+            a = self.coefficients()  # (H, n, 4)
+            x = u * n
+            cell = x.floor().clamp(max=n - 1).long()
+            t = (x - cell)[None]
+            ac = a[:, cell]  # (H, M, 4)
+            table = ac[..., 0] + t * (ac[..., 1] + t * (ac[..., 2] + t * ac[..., 3]))
+            err = (table - exact.T).abs().amax(1)
+            rounding = 2.0 ** -24 * exact.abs().amax(0).clamp(min=2.0 ** -100)
+            return float((err / rounding).max())
+
+    def tensors(self):
+        return tuple(t for t in (self.w1, self.b1, self.w2, self.b2, self.c, self.L)
+                     if isinstance(t, torch.Tensor))
+
+    def __repr__(self) -> str:
+        def show(x):
+            return f"{float(x.detach()):g}" if isinstance(x, torch.Tensor) else f"{x:g}"
+        return (f"FIRE(heads={self.num_heads}, width={self.w1.shape[0]}, c={show(self.c)}, "
+                f"L={show(self.L)}, activation={self.activation!r}, "
+                f"num_cells={self.num_cells})")
+
+    @classmethod
+    def random(cls, num_heads: int = 8, width: int = 32, seed: int = 0, **kw) -> "FIRE":
+        """A FIRE with nn.Linear's default initialisation from a fixed seed (tests, the bench
+        and pe="fire"'s default; a model holds its own, posattn.nn.FIREBias)."""
+        g = torch.Generator().manual_seed(seed)
+        def u(shape, bound):
+            return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        w1, b1 = u((width,), 1.0), u((width,), 1.0)
+        bound = 1.0 / math.sqrt(width)
+        return cls(w1.float(), b1.float(), u((num_heads, width), bound).float(),
+                   u((num_heads,), bound).float(), **kw)
+
+
+def _fire_scalar(name: str, x):
+    if isinstance(x, torch.Tensor):
+        _check_tensor_type(name, x)
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (a float or a 1-element tensor), got "
+                             f"shape {tuple(x.shape)}")
+        return x.reshape(())
+    if name == "L":
+        return _positive_float(name, x)
+    if not _is_real(x):  # c: any finite real (its magnitude is used)
+        raise TypeError(f"{name} must be a real number or a 0-d tensor, got {type(x).__name__}")
+    return _nonneg_float(name, abs(float(x)))
+
+
 _PE_NAMES = {"none": NoPE, "rope": RoPE, "alibi": ALiBi, "kerple": KERPLE}
 
 # The registry: every kernel PE kind by its one name, with a factory of a default spec.
@@ -1377,9 +1609,11 @@ REGISTRY = {
         _default_t5_table(num_heads) if table is None else table, **kw),
     "sandwich": Sandwich,
     "xpos": XPos,
+    # FIRE's MLP is the model's: the default is nn.Linear's initialisation from a fixed seed
+    "fire": lambda num_heads=8, **kw: FIRE.random(num_heads, **kw),
 }
 # names a user cannot pass as a string: the spec needs the model's data (T5's table)
-_NEEDS_DATA = {"t5": "posattn.T5Bias(table)"}
+_NEEDS_DATA = {"t5": "posattn.T5Bias(table)", "fire": "posattn.nn.FIREBias(num_heads).spec()"}
 
 
 def _default_t5_table(num_heads: int = 8, num_buckets: int = 32) -> torch.Tensor:

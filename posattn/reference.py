@@ -108,8 +108,7 @@ def bias(spec: PE, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, dty
     owns its formula, posattn.pe), else None."""
     if spec.bias == "none":
         return None
-    rel = (k_pos[:, None, :] - q_pos[:, :, None]).to(dtype)[:, None]  # (B, 1, Sq, Sk), k - q
-    return spec.reference_bias(num_heads, rel)
+    return spec.reference_bias_at(num_heads, q_pos, k_pos, dtype)
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
