@@ -191,8 +191,9 @@ def _dkdv_tiles(dka, dkb, dkc, dv, ka, kb, kc, v, kpos, n_mask,
                                   cap_in, cap_log2, SOFTCAP)
         sT = tl.fma(xT, mult, nlse2[None, :])
         if BIAS != BIAS_NONE:
-            dref, fref = bias_row_ref(BIAS, CENTER, DREF, offs_m, m_mask, pb_h)  # tile's queries
-            fT = tile_bias_centred(BIAS, BIAS_TABLE, CENTER, 1, BIAS_F + table_row(BIAS, h, bias_len), kpos, qpos,
+            FT = BIAS_F + table_row(BIAS, h, bias_len)
+            dref, fref = bias_row_ref(BIAS, CENTER, DREF, offs_m, m_mask, pb_h, qpos, FT)  # tile's queries
+            fT = tile_bias_centred(BIAS, BIAS_TABLE, CENTER, 1, FT, kpos, qpos,
                                    q0, EXPLICIT_POS, pb_h, dref, fref)
             sT = tl.fma(fT, -(pa_h * LOG2E), sT)
         if MASKED:
@@ -408,7 +409,7 @@ def _dq_tiles(dqa, dqb, dqc, g1, g2, qa, qb, qc, do, nlse2, delta, qpos, m_mask,
             f, r2_term = tile_bias_grad_inputs(BIAS, BIAS_TABLE, CENTER, BIAS_F, BIAS_G, qpos,
                                                kpos, k_start + t * BLOCK_N, EXPLICIT_POS, pb,
                                                dref, fref)
-            g1, g2 = param_grad_update(BIAS, g1, g2, ds, f, r2_term, pa, NP)
+            g1, g2 = param_grad_update(BIAS, g1, g2, ds, f, r2_term, pa, NP, BIAS_F, fref)
         if SOFTCAP:  # d(c tanh(x)) = c (1 - tanh^2) dx: back to the scaled q.k
             ds = ds * (1.0 - x * x)
         dqa, dqb, dqc = grad_dot(ds.to(qa.dtype), ka, kb, kc, dqa, dqb, dqc, ROT, HAS_PASS, PREC)
@@ -480,7 +481,8 @@ def attn_bwd_dq_kernel(
     else:
         qpos = q_start + offs_m
     pa, pb = bias_params(BIAS, PARAMS, h, NP, bias_len)
-    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
+    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb,
+                              qpos, BIAS_F)
     c_q = 0.0
     s_q = 0.0
     c_tab = 0.0
@@ -530,4 +532,5 @@ def attn_bwd_dq_kernel(
                       THETA, rope_factor, colA, colB, maskA, colC, maskC, ROT, HAS_PASS, ROT_HALF,
                       BLOCK_A, xref, XPOS, True, 0, INTERLEAVED)
     if NEED_PE_GRAD:  # partials (query blocks, B, Hq, NP); torch sums them
-        store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP, TABLE_REF)
+        store_param_grads(BIAS, GPARAM, pid_m * tl.num_programs(1) + bh, g1, g2, NP, TABLE_REF,
+                          BIAS_F, qpos, m_mask)

@@ -323,7 +323,8 @@ def attn_fwd_kernel(
     else:
         pa, pb = bias_params(BIAS, PARAMS, h, NP, bias_len)
     pa2 = pa * LOG2E
-    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb)
+    dref, fref = bias_row_ref(BIAS, CENTER, DREF, bt * lse_rows + q_row0 + offs_m, m_mask, pb,
+                              qpos, BIAS_F)
 
     # RoPE: rotate the Q tile once; build the per-offset table for the key tiles. xPos: every
     # decay relative to the block's first query (rotary.py)

@@ -1,7 +1,7 @@
 """The bias axis: hooks that add a position bias to the logits (all ``@triton.jit``, inlined).
 
 The kind is the ``BIAS`` constexpr (BIAS_NONE, BIAS_ALIBI, BIAS_KERPLE_LOG, BIAS_KERPLE_POWER,
-BIAS_T5, BIAS_SANDWICH; posattn.pe's registry maps spec classes to them); a kind no hook knows is a
+BIAS_T5, BIAS_SANDWICH, BIAS_FIRE; posattn.pe's registry maps spec classes to them); a kind no hook knows is a
 ``tl.static_assert`` at compile time, never a fall-through. Every bias here is
 ``bias = -a f(q, k; b)`` with the head's parameters read from one channel, PARAMS (Hq, NP)
 (:func:`bias_params`), and the gradients written to one buffer of partials of the same
@@ -32,16 +32,19 @@ BIAS_KERPLE_LOG = tl.constexpr(2)
 BIAS_KERPLE_POWER = tl.constexpr(3)
 BIAS_T5 = tl.constexpr(4)  # a learnable per-head table read by bucket (see "Table biases")
 BIAS_SANDWICH = tl.constexpr(5)  # a (head-shared) per-distance table, always (see "Sandwich")
+BIAS_FIRE = tl.constexpr(6)  # a learned function of a normalised distance, tabulated (see "FIRE")
 # by the names posattn.pe's specs give their bias axis (the launcher maps names to codes here)
 KINDS = {"none": BIAS_NONE, "alibi": BIAS_ALIBI, "kerple_log": BIAS_KERPLE_LOG,
-         "kerple_power": BIAS_KERPLE_POWER, "t5": BIAS_T5, "sandwich": BIAS_SANDWICH}
+         "kerple_power": BIAS_KERPLE_POWER, "t5": BIAS_T5, "sandwich": BIAS_SANDWICH,
+         "fire": BIAS_FIRE}
 
 
 @triton.jit
 def check_bias(BIAS: tl.constexpr):
     """Compile-time guard: the hooks call it, so an unknown BIAS never runs another's math."""
     tl.static_assert(BIAS == BIAS_NONE or BIAS == BIAS_ALIBI or BIAS == BIAS_KERPLE_LOG
-                     or BIAS == BIAS_KERPLE_POWER or BIAS == BIAS_T5 or BIAS == BIAS_SANDWICH,
+                     or BIAS == BIAS_KERPLE_POWER or BIAS == BIAS_T5 or BIAS == BIAS_SANDWICH
+                     or BIAS == BIAS_FIRE,
                      "unknown bias kind (BIAS constexpr)")
 
 
@@ -70,6 +73,9 @@ def bias_params(BIAS: tl.constexpr, PARAMS, h, NP: tl.constexpr, bias_len):
     elif BIAS == BIAS_SANDWICH:
         a = tl.load(PARAMS + h * NP).to(tl.float32)
         b = (bias_len - 1).to(tl.float32)  # the distance table's last entry (tile_bias)
+    elif BIAS == BIAS_FIRE:  # bias = +f (the table's value), b = |c| ("FIRE")
+        a = -1.0
+        b = tl.load(PARAMS + h * NP).to(tl.float32)
     elif BIAS != BIAS_NONE:
         a = tl.load(PARAMS + h * NP).to(tl.float32)
         if NP > 1:
@@ -94,16 +100,27 @@ def param_grad_init(BIAS: tl.constexpr, BLOCK_M: tl.constexpr, NP: tl.constexpr,
             ref0 = TABLE_REF + 2.0 * NP
         return (tl.zeros([BLOCK_M, NP], tl.float32),
                 tl.where(two[None, :] == 1, ref0, tl.zeros([BLOCK_M, 2], tl.float32)))
+    elif BIAS == BIAS_FIRE:  # the cells' coefficients, and per row the two sums of fire_grad_update
+        # per row: S_c, S_L, the sum of dS, its reference score's x (-1: none yet; fixed at
+        # u = 0 with TABLE_REF >= 0: above any x, never replaced) and dx/dc (fire_store)
+        eight = tl.arange(0, 8)
+        return (tl.zeros([(NP - 4) // 2], tl.float32),
+                tl.where(eight[None, :] == 3, -1.0 if TABLE_REF < 0 else 2.0 * FIXED_REF,
+                         tl.zeros([BLOCK_M, 8], tl.float32)))
     else:
         return tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32)
 
 
 @triton.jit
-def param_grad_update(BIAS: tl.constexpr, g1, g2, ds, f, r2_term, a, NP: tl.constexpr):
+def param_grad_update(BIAS: tl.constexpr, g1, g2, ds, f, r2_term, a, NP: tl.constexpr, FT,
+                      fref):
     """Add a tile's dS * d(bias)/d(param) to the accumulators (param_grad_init); f, r2_term:
-    :func:`tile_bias_grad_inputs` of the tile."""
+    :func:`tile_bias_grad_inputs` of the tile; FT, fref: the head's table row and
+    bias_row_ref's fref (FIRE)."""
     if BIAS == BIAS_T5:
         g1, g2 = table_grad_update(g1, g2, ds, r2_term, NP)
+    elif BIAS == BIAS_FIRE:
+        g1, g2 = fire_grad_update(g1, g2, ds, f, r2_term, FT, fref, NP)
     else:
         t1, t2 = bias_grad_terms(BIAS, ds, f, r2_term, a)
         g1 += t1
@@ -113,13 +130,16 @@ def param_grad_update(BIAS: tl.constexpr, g1, g2, ds, f, r2_term, a, NP: tl.cons
 
 @triton.jit
 def store_param_grads(BIAS: tl.constexpr, GPARAM, slot, g1, g2, NP: tl.constexpr,
-                      TABLE_REF: tl.constexpr):
+                      TABLE_REF: tl.constexpr, FT=None, row_pos=0, row_mask=True):
     """One program's share of d(loss)/d(PARAMS[h]) at GPARAM (slots, NP): the accumulators
     of param_grad_update, reduced here once. Torch sums the slots: no atomics,
-    deterministic."""
+    deterministic. FIRE: FT (the head's row) and the rows' positions and mask (its c and L
+    gradients, fire_store)."""
     if BIAS == BIAS_T5:
         tl.store(GPARAM + slot * NP + tl.arange(0, NP),
                  tl.sum(table_grad_centred(g1, g2, NP, TABLE_REF), 0))
+    elif BIAS == BIAS_FIRE:
+        fire_store(GPARAM + slot * NP, g1, g2, FT, row_pos, row_mask, NP, TABLE_REF)
     else:
         tl.store(GPARAM + slot * NP, tl.sum(g1, 0))
         if NP > 1:
@@ -262,14 +282,19 @@ def bias_ref_kernel(QPOS, KPOS, DREF, CU_Q, CU_K, stride_qpb, stride_qpm, stride
 
 
 @triton.jit
-def bias_row_ref(BIAS: tl.constexpr, CENTER: tl.constexpr, DREF, rows, row_mask, b):
+def bias_row_ref(BIAS: tl.constexpr, CENTER: tl.constexpr, DREF, rows, row_mask, b, qpos=0,
+                 FT=None):
     """(d_ref, f_ref) of ``rows`` (queries; offsets into DREF, the batch row included): their
     nearest visible key's distance, read from DREF, and f there (:func:`bias_shape`, with b = r2) --
     what a centred row subtracts from every f. KERPLE power centres at max(d_ref, 1) instead
-    (launch.caller_lse does the same). (0.0, 0.0) without CENTER."""
+    (launch.caller_lse does the same). (0.0, 0.0) without CENTER.
+    FIRE (never centred) has per-query data instead: (R, n) of fire_rows for the queries at
+    ``qpos``, FT the head's row."""
     dref = 0.0
     fref = 0.0
-    if CENTER:
+    if BIAS == BIAS_FIRE:
+        dref, fref, _, _ = fire_rows(qpos, FT)
+    elif CENTER:
         dref = tl.load(DREF + rows, mask=row_mask, other=0.0)
         if BIAS == BIAS_KERPLE_POWER:  # centred at max(d_ref, 1): f(1) = 1, no d_ref = 0 branch
             dref = tl.maximum(dref, 1.0)
@@ -464,8 +489,12 @@ def tile_bias_centred(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: tl.c
                       EXPLICIT_POS: tl.constexpr, b, dref, fref):
     """f of a tile, centred on the queries' nearest visible keys when CENTER (centred_shape,
     computed in the tile: no table), else :func:`tile_bias`. dref, fref (per query, see
-    bias_row_ref) and QUERY_AXIS as in query_axis."""
-    if CENTER:
+    bias_row_ref) and QUERY_AXIS as in query_axis. FIRE: its table ("FIRE"; dref, fref =
+    bias_row_ref's (R, n))."""
+    if BIAS == BIAS_FIRE:
+        x, _ = fire_coords(row_pos, col_pos, b, query_axis(dref, QUERY_AXIS))
+        return fire_value(FT, x, fref)
+    elif CENTER:
         dist = tile_dist(row_pos, col_pos, col0, EXPLICIT_POS)
         f, _ = centred_shape(BIAS, dist, query_axis(dref, QUERY_AXIS), query_axis(fref, QUERY_AXIS), b)
         return f
@@ -481,7 +510,9 @@ def tile_bias_grad_inputs(BIAS: tl.constexpr, BIAS_TABLE: tl.constexpr, CENTER: 
     queries' nearest visible keys when CENTER (computed in the tile), else from the tables or
     computed. A table bias: (f, its bucket) by clamped k - q (b = the table's radius)."""
     tl.static_assert(BIAS != BIAS_SANDWICH, "Sandwich has no learnable parameter")
-    if BIAS == BIAS_T5:
+    if BIAS == BIAS_FIRE:  # (x, dx/dc): fire_grad_update's inputs
+        return fire_grad_inputs(row_pos, col_pos, b, dref, FT)
+    elif BIAS == BIAS_T5:
         idx = table_index(row_pos, col_pos, b.to(tl.int32), 0)
         return tl.load(FT + idx), tl.load(GT + idx)
     elif CENTER:
@@ -512,3 +543,174 @@ def bias_grad_terms(BIAS: tl.constexpr, ds, f, r2_term, a):
     if BIAS == BIAS_ALIBI:
         return g1, g1 * 0.0
     return g1, -a * tl.sum(ds * r2_term, 1)
+
+
+# FIRE (Li et al. 2023)
+# ---------------------
+# bias_h(q, k) = f_h(u), u = min(psi(|q - k|) / (psi(max(L, q)) + eps), 1), psi(x) = log(c x + 1)
+# (posattn.pe.FIRE), f an MLP that torch tabulates: PARAMS is the table itself, (Hq, NP)
+# float32, row h = [|c|, L, eps, n, then n cells x 4 coefficients, then n x 4 more], cell i
+# holding the cubic a0 + a1 t + a2 t^2 + a3 t^3 of f_h on u in [i / n, (i + 1) / n],
+# t = n u - i (through f at t = 0, 1/3, 2/3, 1: FIRE.coefficients), and the same of df/dt,
+# from the MLP's exact derivative (c's and L's gradients: the value cubic's own slope is
+# good to ~h^3 only, 1e-5 at 16 cells). The launcher hands the same tensor in as BIAS_F
+# (the tables' channel), so the hooks read everything from the head's row FT.
+# Per score: x = n u = log2(1 + c |d|) R_q, R_q = n ln2 / (ln(c max(L, q) + 1) + eps) per
+# query (fire_rows, once per query block), u saturated at 1 (x at n); the cell is floor(x)
+# (at most n - 1), t = x - cell: an FMA, a log2, a multiply, a floor, 4 L1-resident loads and
+# 3 FMAs. log2(1 + c |d|) rounds 1 + c |d|: an absolute error of ~1e-7 in the log, as the
+# naive fp32 formula has.
+# Gradients (dQ program): the coefficients' by the cells the tile's live scores span (a pass
+# per cell: the four sums of dS t^k, each reduced over the whole tile -- T5's bucket walk, but
+# n x 4 columns per row would not fit in registers); c's and L's by the chain rule through x,
+# f'(x) = a1 + t (2 a2 + 3 a3 t):
+#   dx/dc = (R_q / ln2) |d| / (1 + c |d|) - x M_q / ((c M_q + 1) psi_q),  M_q = max(L, q)
+#   dx/dL = -x c / ((c L + 1) psi_q) where q <= L (else 0),           psi_q = ln(c M_q + 1) + eps
+# each row sums S_c = sum dS f' dx/dc (formed per score) and S_L = sum dS f' x, times its
+# factor at the store (fire_store, which also centres every sum). A saturated score (u = 1)
+# has f' = 0.
+LN2_F = tl.constexpr(0.6931471805599453)
+FIXED_REF = tl.constexpr(1e30)  # a reference x above this: the fixed one, u = 0 (fire_store)
+
+
+@triton.jit
+def fire_rows(qpos, FT):
+    """Per query at ``qpos`` (BLOCK,), head row FT: (R, n, B, C) float32 -- R = n ln2 / psi_q
+    (x = log2(1 + c |d|) R), the cell count n (a scalar), and the factors of dx/dc and dx/dL
+    ("FIRE"): B = M_q / ((c M_q + 1) psi_q), C = c / ((c L + 1) psi_q) where q <= L, else 0."""
+    c = tl.load(FT).to(tl.float32)
+    L = tl.load(FT + 1).to(tl.float32)
+    eps = tl.load(FT + 2).to(tl.float32)
+    n = tl.load(FT + 3).to(tl.float32)
+    q = qpos.to(tl.float32)
+    above = q > L
+    m = tl.where(above, q, L)  # max(L, q), L's branch at a tie (as the reference)
+    psi = tl.log(c * m + 1.0) + eps
+    r = n * LN2_F / psi
+    bq = m / ((c * m + 1.0) * psi)
+    cq = tl.where(above, 0.0, c / ((c * L + 1.0) * psi))
+    return r, n, bq, cq
+
+
+@triton.jit
+def fire_coords(row_pos, col_pos, c, R):
+    """(x, w) of a tile: x = log2(1 + c |d|) R (R broadcast along the query axis), not yet
+    saturated, and w = |d| / (1 + c |d|) (dx/dc's per-score factor), |d| = |row - column
+    position| (integer positions of any width: differenced, then converted)."""
+    d = tl.abs(row_pos[:, None] - col_pos[None, :]).to(tl.float32)
+    cd1 = c * d + 1.0
+    return tl.log2(cd1) * R, d / cd1
+
+
+@triton.jit
+def fire_grad_inputs(row_pos, col_pos, c, R, FT):
+    """(x, dx/dc) of a tile whose rows are queries (R: theirs, fire_rows):
+    dx/dc = (R / ln2) |d| / (1 + c |d|) - x M_q / ((c M_q + 1) psi_q), per score ("FIRE")."""
+    x, w = fire_coords(row_pos, col_pos, c, R[:, None])
+    _, _, bq, _ = fire_rows(row_pos, FT)
+    return x, (R / LN2_F)[:, None] * w - bq[:, None] * x
+
+
+@triton.jit
+def fire_cell(x, n):
+    """(cell int32, t) of cell coordinates x, u saturated at 1 (x at n)."""
+    xc = tl.minimum(x, n)
+    cell = tl.minimum(tl.floor(xc), n - 1.0)
+    return cell.to(tl.int32), xc - cell
+
+
+@triton.jit
+def fire_coeffs(A, cell):
+    """The 4 coefficients of each score's cell from the table at A (cells of 4 floats): four
+    L1-resident gathers. (One 16-byte load per score split in registers, tl.reshape +
+    tl.split, made the sm_90 forward spill 3 KB: its 3-D layouts go through shared memory.)"""
+    a = A + 4 * cell
+    return tl.load(a), tl.load(a + 1), tl.load(a + 2), tl.load(a + 3)
+
+
+@triton.jit
+def fire_value(FT, x, n):
+    """f of a tile from its cell coordinates x: its cell's cubic at t (Horner: 3 FMAs)."""
+    cell, t = fire_cell(x, n)
+    a0, a1, a2, a3 = fire_coeffs(FT + 4, cell)
+    return tl.fma(tl.fma(tl.fma(a3, t, a2), t, a1), t, a0)
+
+
+@triton.jit
+def fire_slope(FT, cell, t, n):
+    """df/dx at (cell, t), from the derivative table (after the n x 4 value coefficients)."""
+    a0, a1, a2, a3 = fire_coeffs(FT + 4 + 4 * n.to(tl.int32), cell)
+    return tl.fma(tl.fma(tl.fma(a3, t, a2), t, a1), t, a0)
+
+
+@triton.jit
+def fire_grad_update(g, rows, ds, x, w, FT, n, NP: tl.constexpr):
+    """g ((NP - 4) / 2,) += this tile's sums of dS t^k per cell, k = 0..3 (the coefficients'
+    gradient), walking only the cells the tile's live scores (dS != 0) span; rows
+    (BLOCK_M, 8) += per row (S_c, S_L, sum dS) = (sum dS f' dx/dc, sum dS f' x, sum dS), and
+    its reference score's (x, dx/dc) (fire_store). x, w = x, dx/dc: fire_grad_inputs."""
+    cell, t = fire_cell(x, n)
+    fp = tl.where(x < n, fire_slope(FT, cell, t, n), 0.0)  # df/dx (0 where u is saturated)
+    dsf = ds * fp
+    live = ds != 0.0
+    # each row's reference score (fire_store): its live score of largest x so far, and its w
+    tx = tl.max(tl.where(live, x, -1.0), 1)
+    tw = tl.max(tl.where(live & (x == tx[:, None]), w, float("-inf")), 1)
+    col = tl.arange(0, 8)[None, :]
+    old = tl.sum(tl.where(col == 3, rows, 0.0), 1)
+    new = tx > old
+    rows = tl.where((col == 3) & new[:, None], tx[:, None],
+                    tl.where((col == 4) & new[:, None], tw[:, None], rows))
+    rows += tl.where(col == 0, tl.sum(dsf * w, 1)[:, None],
+                     tl.where(col == 1, tl.sum(dsf * x, 1)[:, None],
+                              tl.where(col == 2, tl.sum(ds, 1)[:, None], 0.0)))
+    lo = tl.min(tl.min(tl.where(live, cell, NP), 1), 0)
+    hi = tl.max(tl.max(tl.where(live, cell, -1), 1), 0)
+    t2 = t * t
+    cols = tl.arange(0, (NP - 4) // 2)
+    for j in range(lo, hi + 1):
+        dj = tl.where(cell == j, ds, 0.0)
+        s0 = tl.sum(tl.sum(dj, 1), 0)
+        s1 = tl.sum(tl.sum(dj * t, 1), 0)
+        s2 = tl.sum(tl.sum(dj * t2, 1), 0)
+        s3 = tl.sum(tl.sum(dj * t2 * t, 1), 0)
+        k = cols - 4 * j
+        g += tl.where(k == 0, s0, tl.where(k == 1, s1, tl.where(k == 2, s2,
+                                                                tl.where(k == 3, s3, 0.0))))
+    return g, rows
+
+
+@triton.jit
+def fire_store(G, g, rows, FT, row_pos, row_mask, NP: tl.constexpr, TABLE_REF: tl.constexpr):
+    """One program's FIRE gradient at G (NP,): dc, dL, 0, 0, then the coefficients'.
+
+    Centred, as T5's table gradient (table_grad_centred) and for the same reason: a row's dS
+    sums to 0 in exact math, so subtracting that sum times every gradient term at one of the
+    row's own scores is the same gradient -- but the kernels' rows sum to ~eps |dP| (Delta
+    comes from the rounded output), and where a row's keys all sit at one u (a single key,
+    or keys far away) the naive math's gradient is exact while an uncentred sum would keep
+    that residual times the terms. The reference score is the row's live score of largest
+    x; with TABLE_REF >= 0 (one piece of a row: ring attention) it is u = 0 in every piece,
+    where the c and L terms vanish and the coefficients' is cell 0's a0."""
+    _, n, _, cq = fire_rows(row_pos, FT)
+    col = tl.arange(0, 8)[None, :]
+    s1 = tl.sum(tl.where(col == 0, rows, 0.0), 1)
+    s2 = tl.sum(tl.where(col == 1, rows, 0.0), 1)
+    total = tl.where(row_mask, tl.sum(tl.where(col == 2, rows, 0.0), 1), 0.0)
+    x_ref = tl.sum(tl.where(col == 3, rows, 0.0), 1)  # -1: none live (total 0); FIXED: u = 0
+    x_ref = tl.where(x_ref > FIXED_REF, 0.0, tl.maximum(x_ref, 0.0))
+    w_ref = tl.sum(tl.where(col == 4, rows, 0.0), 1)  # its dx/dc (0 unless a live score set it)
+    cell, t = fire_cell(x_ref, n)
+    fp = tl.where(x_ref < n, fire_slope(FT, cell, t, n), 0.0)
+    dc = tl.sum(tl.where(row_mask, s1 - total * fp * w_ref, 0.0), 0)
+    dl = tl.sum(tl.where(row_mask, -cq * (s2 - total * fp * x_ref), 0.0), 0)
+    four = tl.arange(0, 4)
+    tl.store(G + four, tl.where(four == 0, dc, tl.where(four == 1, dl, 0.0)))
+    cols = tl.arange(0, (NP - 4) // 2)[None, :]  # each row's total at its reference: -total t_ref^k
+    k = cols % 4
+    tk = tl.where(k == 0, 1.0, tl.where(k == 1, t[:, None], tl.where(
+        k == 2, (t * t)[:, None], (t * t * t)[:, None])))
+    corr = tl.sum(tl.where(cols // 4 == cell[:, None], total[:, None] * tk, 0.0), 0)
+    tl.store(G + 4 + tl.arange(0, (NP - 4) // 2), g - corr)
+    # (the derivative table is data, no parameter: its slots are zero)
+    tl.store(G + 4 + (NP - 4) // 2 + tl.arange(0, (NP - 4) // 2), tl.zeros([(NP - 4) // 2], tl.float32))

@@ -91,7 +91,9 @@ KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 FAMILIES = ("none", "rope", "alibi", "kerple")  # the tuned families (bench.tune's PE names)
 # T5's family: KERPLE's tiles but for one (tile_config), not tuned on its own
 TABLE_FAMILY = "table"
-_KNOWN_FAMILIES = FAMILIES + (TABLE_FAMILY,)
+# FIRE's family: four table reads and a cubic per score, a cell walk in dQ (_fire)
+FIRE_FAMILY = "fire"
+_KNOWN_FAMILIES = FAMILIES + (TABLE_FAMILY, FIRE_FAMILY)
 
 # Archs with ~227 KiB of shared memory per block; every other arch >= 80 gets the Ampere table.
 HOPPER_CLASS = (90, 100, 103)
@@ -140,6 +142,11 @@ def tile_config(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype,
             return hit
     if arch is None:  # Triton interpreter on CPU
         return TileConfig(32, 32, 4, 1)
+    if pe == FIRE_FAMILY:
+        if dtype == torch.float32 or head_dim > 128:
+            pe = "kerple"  # (fp32's and D=256's small tiles; not compiled by the report)
+        else:
+            return _fire(kernel, head_dim > 64, arch in HOPPER_CLASS, explicit)
     if pe == TABLE_FAMILY:  # a table read per score and a bucket per score in dQ, as KERPLE's
         if (kernel == "bwd_dkdv" and explicit and head_dim > 64 and arch in HOPPER_CLASS
                 and dtype != torch.float32 and not geometry):
@@ -241,6 +248,25 @@ def _ampere(kernel: str, pe: str, big: bool, explicit: bool = False,
         # a window's third loop spills 32 B there
         return TileConfig(128, 16, 8, 2)
     return TileConfig(128, 32, 8, 2)
+
+
+def _fire(kernel: str, big: bool, hopper: bool, explicit: bool = False) -> TileConfig:
+    # FIRE's score holds a cell index, its fraction and four gathered coefficients (and in
+    # dQ the slope's four and the walk's sums): T5's tiles spill 72-1080 B (sm_90 forward
+    # 128 x 128: 1 KB). These are the compile report's clean ones, triton 3.9 (registers):
+    if kernel == "fwd":  # sm_90 D=64 220, D=128 208; sm_80 168 / 255
+        return TileConfig(128, 32 if hopper and not big else 16, 8, 2)
+    if kernel == "bwd_dkdv":  # sm_90 223 / 252; sm_80 (32 x 128 overflows 99 KiB) 255 / 255
+        if hopper:
+            return TileConfig(16 if big else 32, 128, 8, 2)
+        if explicit:  # int64 distances: 32 x 64 spills 56 / 144 B; these 233 / 248
+            return TileConfig(32, 32, 4, 2) if big else TileConfig(16, 128, 8, 2)
+        return TileConfig(32, 64, 4, 2)
+    # bwd_dq: 64 x 16 (sm_90 252 / 254, sm_80 D=64 254); sm_80 D=128 128 x 16 (64 x 16
+    # spills 248 B there), explicit 32 x 32 (128 x 16 spills 48 B)
+    if big and not hopper:
+        return TileConfig(32, 32, 4, 2) if explicit else TileConfig(128, 16, 8, 2)
+    return TileConfig(64, 16, 4, 2)
 
 
 def _fp32(kernel: str, pe: str, big: bool) -> TileConfig:

@@ -382,7 +382,9 @@ DISTANCE_TABLES = ("kerple_log", "kerple_power")  # biases with an optional per-
 
 TABLE_BIASES = ("t5",)  # biases that are a per-head table read by bucket (bias.py, "Table biases")
 SHARED_DISTANCE_TABLES = ("sandwich",)  # biases always read from one head-shared distance row
-UNCENTRED_BIASES = TABLE_BIASES + SHARED_DISTANCE_TABLES  # bounded: rows are never centred
+PARAM_TABLES = ("fire",)  # biases whose parameter channel is the table the tiles read (bias.py, "FIRE")
+# bounded: rows are never centred
+UNCENTRED_BIASES = TABLE_BIASES + SHARED_DISTANCE_TABLES + PARAM_TABLES
 
 
 @dataclass
@@ -407,6 +409,9 @@ def _bias_tables(pe: KernelPE, pos: KernelPositions, Sq: int, Sk: int, need_g: b
     # centred rows compute f - f_ref in the tile (bias.py, "Centring"): no table
     if pe.buckets is not None:
         return _bucket_tables(pe, need_g)
+    if pe.bias in PARAM_TABLES:  # the parameters are the table (FIRE): read as they are
+        f = pe.params.detach().float().contiguous()
+        return BiasTables(f, f, f.shape[1])
     if pe.bias in SHARED_DISTANCE_TABLES:
         return _shared_distance_table(pe, pos, Sq, Sk, dummy)
     if pe.bias not in DISTANCE_TABLES or pos.explicit or centred:

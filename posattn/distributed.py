@@ -249,6 +249,8 @@ class _TritonEngine:
         self.table_ref = None
         if self.pe.buckets is not None:
             self.table_ref = int(self.pe.buckets[self.pe.buckets.shape[0] // 2])
+        elif self.pe.bias in _triton.launch.PARAM_TABLES:  # FIRE: at u = 0 (bias.fire_store)
+            self.table_ref = 0
 
     def inputs(self) -> tuple:
         return (self.pe.params,) if self.pe.params is not None else ()
