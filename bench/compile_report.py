@@ -66,7 +66,8 @@ def ck_pe_grad(kernel: str, pe: str, pe_grad) -> bool:
     dQ, only bias PEs; by default KERPLE (trainable r1, r2) and T5 (a trainable table), not
     ALiBi (fixed slopes)."""
     if pe_grad is None:
-        pe_grad = pe.startswith("kerple") or pe in launch.TABLE_BIASES
+        pe_grad = (pe.startswith("kerple") or pe in launch.TABLE_BIASES
+                   or pe in launch.PARAM_TABLES)
     return bool(pe_grad) and kernel == "bwd_dq" and pe not in ("none", "rope")
 
 
@@ -338,6 +339,8 @@ GEOMETRY_ROWS = (
     ("sandwich", False, True, dict(window=(256, 256))),  # explicit: int64 clamped table index
     ("xpos", True, True, {}),  # explicit: per-element decays, the block's reference and span
     ("xpos", True, False, dict(varlen=True)),  # dK/dV: the sequence's own tile starts
+    ("fire", True, True, dict(window=(1023, 0))),  # explicit: int64 distances, a window
+    ("fire", True, False, dict(varlen=True, softcap=30.0)),
     # interleaved pairs (GPT-J, torchscale): loaded contiguously and split in registers
     ("rope", True, False, dict(interleaved=True)),
     ("xpos", True, True, dict(interleaved=True)),
