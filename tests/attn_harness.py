@@ -237,14 +237,19 @@ class FlashSlack:
         (the largest bias it sees: every such bias is -a f(|q - k|), f increasing), else 0
         (T5's table is bounded: the kernels do not centre it)."""
         bias = reference.bias(self.spec, Hq, self.qp, self.kp, torch.float64)
-        if bias is None or Sk == 0 or isinstance(self.spec, posattn.T5Bias):  # a table: bounded,
-            return torch.zeros_like(lse)  # never centred
-            return torch.zeros_like(lse)
+        if bias is None or Sk == 0 or isinstance(self.spec, (posattn.T5Bias, posattn.FIRE)):
+            return torch.zeros_like(lse)  # a table, an MLP: bounded, never centred
         if causal:
             visible = (self.kp[:, None, :] <= self.qp[:, :, None])[:, None]
             bias = torch.where(visible, bias, torch.full_like(bias, float("-inf")))
         c = bias.amax(-1, keepdim=True)
         return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+
+    fire_ref = "row"  # where FIRE's gradient is centred: "row" (the Triton kernels, whole
+    # rows), "zero" (u = 0: ring attention's pieces) or "none" (the cpu backend)
+
+    def _fire(self, dS, name):
+        return _fire_slack(self.spec, dS.shape[1], self.qp, self.kp, dS, name, self.fire_ref)
 
     def pe(self, name):
         spec = self.spec
@@ -268,6 +273,8 @@ class FlashSlack:
                                     dS.transpose(0, 1).flatten(1))
         if isinstance(spec, posattn.ALiBi):
             return per_head(lambda d: d)
+        if isinstance(spec, posattn.FIRE):
+            return self._fire(dS, name)
         r1, r2 = (t[:, None, None] if isinstance(t, torch.Tensor) else t for t in (spec.r1, spec.r2))
         if spec.kind == "log":
             return per_head((lambda d: torch.log1p(r2 * d)) if name == "r1" else
@@ -278,6 +285,38 @@ class FlashSlack:
         if name == "r1":
             return per_head(powd)
         return per_head(lambda d: abs(r1) * powd(d) * torch.log(torch.where(d > 0, d, torch.ones_like(d))))
+
+
+def _fire_slack(spec, H, qp, kp, dS, name, ref):
+    """FIRE's pe slack for its tensor ``name``, of that tensor's shape: per element p, the sum
+    over scores of dS * |d(bias) / dp - its value at the row's reference score| -- the
+    kernels centre each row's gradient terms there (kernels/bias.py fire_store): ``ref`` "row",
+    the row's seen score of largest u; "zero", u = 0; "none", not centred (the cpu backend).
+    Forward-mode derivatives, one element at a time."""
+    names = ("w1", "b1", "w2", "b2", "c", "L")
+    prim = tuple(torch.as_tensor(getattr(spec, n), dtype=torch.float64, device=dS.device)
+                 for n in names)
+
+    def bias(*ts):
+        f = posattn.FIRE(*ts, eps=spec.eps, activation=spec.activation, num_cells=spec.num_cells)
+        b = f.reference_bias_at(H, qp, kp, torch.float64)
+        if ref == "zero":
+            b = b - f.mlp(torch.zeros(1, dtype=torch.float64, device=dS.device))[0][None, :, None, None]
+        return b
+
+    seen = dS > 0
+    u = spec.normalised(qp, kp, torch.float64)[:, None].expand_as(dS)
+    at = torch.where(seen, u, torch.full_like(u, -1.0)).argmax(-1, keepdim=True)
+    i = names.index(name)
+    out = torch.zeros_like(prim[i])
+    for e in range(prim[i].numel()):
+        tan = [torch.zeros_like(p) for p in prim]
+        tan[i].view(-1)[e] = 1.0
+        _, d = torch.func.jvp(bias, prim, tuple(tan))
+        if ref == "row":
+            d = d - d.gather(-1, at)
+        out.view(-1)[e] = (dS * d.abs()).sum()
+    return out
 
 
 def assert_rule_with_slack(name, got, ref64, naive, dtype, slack, factor=3):

@@ -42,7 +42,8 @@ def run_attention(q, k, v, pe, backend, dout, **kw):
     return out, lse, dict(zip(leaves, grads))
 
 
-PE_PARAMS = ("slopes", "r1", "r2", "table")  # the PE specs' trainable tensors (ALiBi, KERPLE, T5)
+# the PE specs' trainable tensors (ALiBi, KERPLE, T5, FIRE)
+PE_PARAMS = ("slopes", "r1", "r2", "table", "w1", "b1", "w2", "b2", "c", "L")
 
 
 def pe_leaves(pe):
@@ -73,6 +74,11 @@ def with_params(pe, cast):
         return posattn.KERPLE(spec.kind, r1, r2)
     if isinstance(spec, posattn.T5Bias):
         return posattn.T5Bias(cast(spec.table), spec.bidirectional, spec.max_distance)
+    if isinstance(spec, posattn.FIRE):
+        def c(x):
+            return cast(x) if isinstance(x, torch.Tensor) else x
+        return posattn.FIRE(c(spec.w1), c(spec.b1), c(spec.w2), c(spec.b2), c(spec.c), c(spec.L),
+                            spec.eps, spec.activation, spec.num_cells)
     return spec
 
 

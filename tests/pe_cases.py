@@ -60,6 +60,16 @@ def _param(H, lo, hi, seed):
     return (lo + (hi - lo) * torch.rand(H, generator=_gen(seed))).to(DEVICE).requires_grad_()
 
 
+def _fire(H, seed):
+    """A FIRE with trainable leaves (nn.Linear's initialisation from ``seed``), c 0.3, L 24,
+    16 cells."""
+    base = posattn.FIRE.random(H, width=16, seed=seed)
+    def leaf(t):
+        return t.detach().to(DEVICE).requires_grad_()
+    return posattn.FIRE(leaf(base.w1), leaf(base.b1), leaf(base.w2), leaf(base.b2),
+                        c=leaf(torch.tensor(0.3)), L=leaf(torch.tensor(24.0)), num_cells=16)
+
+
 def _t5_table(H, buckets, seed):
     """A T5 table (H, buckets) of a trained model's magnitude (entries of a few units)."""
     return (2.0 * torch.randn(H, buckets, generator=_gen(seed))).to(DEVICE).requires_grad_()
@@ -81,6 +91,9 @@ HARNESS = _table([
     Case("sandwich", "sandwich", lambda H, D: posattn.Sandwich(d_bar=32)),
     # xPos: scale_base 32, not 512, so that test lengths see the decay; causal only
     Case("xpos", "xpos", lambda H, D: posattn.XPos(scale_base=32.0, interleaved=True)),
+    # FIRE: L 24 and c 0.3, so that test lengths have rows on both sides of the threshold;
+    # 16 cells (a quarter of the default: a shorter gradient walk in the interpreter)
+    Case("fire", "fire", lambda H, D: _fire(H, 8)),
     # variants
     Case("t5_decoder", "t5",
          lambda H, D: posattn.T5Bias(_t5_table(H, 32, 6), bidirectional=False, max_distance=20)),
@@ -120,6 +133,7 @@ def kernel_cases() -> dict[str, Case]:
             (2.0 * torch.randn(H, 32, generator=g)).to(DEVICE).requires_grad_(), max_distance=20)),
         Case("sandwich", "sandwich", lambda H, D: posattn.Sandwich(d_bar=32)),
         Case("xpos", "xpos", lambda H, D: posattn.XPos(scale_base=64.0, interleaved=False)),
+        Case("fire", "fire", lambda H, D: _fire(H, 9)),
     ])
 
 

@@ -37,7 +37,7 @@ def test_codes_are_numbered_once_and_distinct():
     assert len(set(launch.BIAS_CODES.values())) == len(launch.BIAS_CODES)
 
 
-@pytest.mark.parametrize("kw", [dict(rot="xpos"), dict(bias="fire")])
+@pytest.mark.parametrize("kw", [dict(rot="xpos"), dict(bias="fourier")])
 def test_unknown_kind_is_refused_by_the_record(kw):
     with pytest.raises(ValueError, match="unknown"):
         launch.KernelPE(**kw)

@@ -73,6 +73,9 @@ CASES = [
     ("self_extend", "triton", 2, "zigzag", True, "bshd", "gqa", "fp32", "default", None, None),
     ("leaky_rerope", "triton", 4, "none", True, "bhsd", "mha", "fp16", "explicit", "w", "cap"),
     ("dca", "triton", 4, "zigzag", True, "bshd", "gqa", "fp16", "explicit", None, "cap"),
+    # FIRE (not a FACTORS value: one row per backend, its gradient centred as a ring piece)
+    ("fire", "triton", 2, "zigzag", True, "bhsd", "gqa", "fp32", "far", "w", None),
+    ("fire", "cpu", 2, "none", False, "bshd", "mha", "fp16", "explicit", None, "cap"),
 ]
 EXTENSIONS = {"self_extend": lambda: posattn.SelfExtend(2, 5),
               "leaky_rerope": lambda: posattn.LeakyReRoPE(4, 3),
@@ -144,6 +147,8 @@ def _check_case(c, seed, world):
     kpos = parse_positions(kw.get("k_positions"), "k_positions", B, S, 0, q64.device)
     slack = Slack(q64, k64, v64, ref[0], ref[1], make_dout(ref[0].shape, dtype), pe, causal=causal,
                   scale=D ** -0.5, qpos=qpos, kpos=kpos, window=kw.get("window"), softcap=kw.get("softcap"))
+    # FIRE's gradient: the Triton pieces centre it at u = 0 (attn_harness.FlashSlack.fire_ref)
+    slack.fire_ref = "zero" if backend == "triton" else "none"
 
     # the ring: this rank's shards (on its device; compared on the reference's), stored in the
     # call's layout -- bshd leaves are real (B, n, H, D) tensors, not views of bhsd ones

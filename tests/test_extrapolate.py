@@ -215,7 +215,8 @@ def test_every_attention_goes_through_posattn(pe, monkeypatch):
     loss.backward()
     expected = {"nope": posattn.NoPE, "rope": posattn.RoPE, "alibi": posattn.ALiBi,
                 "kerple_log": posattn.KERPLE, "kerple_power": posattn.KERPLE,
-                "t5": posattn.T5Bias, "sandwich": posattn.Sandwich, "xpos": posattn.XPos}[pe]
+                "t5": posattn.T5Bias, "sandwich": posattn.Sandwich, "xpos": posattn.XPos,
+                "fire": posattn.FIRE}[pe]
     assert len(calls) == cfg.n_layers
     assert all(t is expected and kw["causal"] is True for t, kw in calls)
     for blk in model.blocks:  # learnable PE parameters get gradients through posattn.attention
@@ -234,7 +235,7 @@ def test_models_differ_only_in_pe():
         assert all(".pe_module." in k for k in extra) and (bool(extra) == (ex.study_pe(pe).module is not None))
         assert all(torch.equal(sd[k], ref[k]) for k in ref)
     with pytest.raises(ValueError):
-        ex.ByteLM(cfg, "fire")  # not (yet) a study PE
+        ex.ByteLM(cfg, "cope")  # not (yet) a study PE
 
 
 @pytest.mark.parametrize("pe", ex.PE_NAMES)
@@ -359,7 +360,7 @@ def test_registry_is_the_single_source(tmp_path, monkeypatch):
     default names, LABELS and the CLI choices are read from the registries."""
     # the default run is the committed results' set (results/extrapolate_cpu)
     assert ex.PE_NAMES == ex.Config().pes == ("nope", "rope", "alibi", "kerple_log", "kerple_power",
-                                               "t5", "sandwich", "xpos")
+                                               "t5", "sandwich", "xpos", "fire")
     assert ex.ROPE_SCALINGS == ex.Config().rope_scalings == ("pi", "ntk", "dynamic_ntk", "yarn",
                                                              "rerope", "leaky_rerope", "self_extend", "dca")
     assert list(ex.LABELS) == ex.run_keys() and all(ex.LABELS[k] == ex.label(k) for k in ex.LABELS)
@@ -388,4 +389,4 @@ def test_registry_is_the_single_source(tmp_path, monkeypatch):
     assert "| ALiBi (learned) |" in md and "| RoPE + PI x2 |" in md
     assert (tmp_path / "ppl_vs_length.png").stat().st_size > 0
     with pytest.raises(SystemExit):
-        ex.main(["--tiny", "--pes", "fire"])  # not (yet) a study PE
+        ex.main(["--tiny", "--pes", "cope"])  # not (yet) a study PE

@@ -133,7 +133,7 @@ def test_issue_cases(name):
 B, HQ, HKV, SQ, SK, D = 2, 2, 1, 9, 37, 16  # GQA; 37 keys: two interpreter key tiles
 # fp16 distances where the naive fp16 bias rounds by <= 0.06 (|bias| <= 250; see make_pe)
 FP16_DIST = {"alibi": 1000, "alibi_trainable": 500, "kerple_log": 1000, "kerple_power": 1000,
-             "t5": 1000, "sandwich": 1000}
+             "t5": 1000, "sandwich": 1000, "fire": 1000}
 
 
 def far_positions(kind, dist):

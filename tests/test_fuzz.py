@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import posattn
-from posattn import (ALiBi, DynamicNTK, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, Sandwich, T5Bias,
+from posattn import (ALiBi, DynamicNTK, FIRE, KERPLE, Llama3, LongRoPE, NTK, PI, RoPE, Sandwich, T5Bias,
                      XPos, YaRN)
 from conftest import DEVICE
 from attn_harness import check
@@ -102,6 +102,10 @@ def _draw_pe(rng, Hq, D):
         return {"kind": "xpos", "base": 10000.0, "scale_base": rng.choice([512.0, 64.0]),
                 "scaling": _draw_scaling(rng, rotary_dim or D), "rotary_dim": rotary_dim,
                 "interleaved": rng.random() < 0.7}
+    if kind == "fire":  # an MLP from a seed: the paper's width or a narrow one, L short or long
+        return {"kind": "fire", "heads": Hq, "seed": rng.randrange(1000), "width": rng.choice([8, 32]),
+                "c": round(rng.uniform(0.05, 1.0), 4), "L": rng.choice([16.0, 512.0]),
+                "activation": rng.choice(["gelu", "silu", "tanh"]), "cells": rng.choice([16, 64])}
     if not kind.startswith("kerple"):
         raise NotImplementedError(f"test_fuzz draws no {kind!r} case: teach _draw_pe, make_pe and "
                                   "_bias_bound about it")
@@ -164,6 +168,9 @@ def _bias_bound(pe, max_dist):
         return max(abs(x) for row in pe["table"] for x in row)
     if pe["kind"] == "sandwich":  # a_1 = H / 8 times at most d_bar
         return pe["heads"] / 8 * pe["d_bar"]
+    if pe["kind"] == "fire":  # bounded by its MLP on u in [0, 1], whatever the distance
+        f = FIRE.random(pe["heads"], pe["width"], pe["seed"])
+        return float(f.mlp(torch.linspace(0, 1, 257, dtype=torch.float64)).abs().max())
     if pe["kind"] == "kerple":
         if pe["type"] == "log":
             return mx(pe["r1"]) * math.log1p(mx(pe["r2"]) * max_dist)
@@ -192,7 +199,8 @@ def draw_case(rng):
     if pe["kind"] == "kerple" and pe["type"] == "power" and _bias_bound(pe, max_dist) > BIAS_LIMIT[torch.float32]:
         pe["r2"] = [min(x, 1.0) for x in pe["r2"]] if isinstance(pe["r2"], list) else min(pe["r2"], 1.0)
     if _bias_bound(pe, max_dist) > BIAS_LIMIT[getattr(torch, dtype)] or (
-            dtype == "float16" and pe["kind"] in ("alibi", "kerple", "sandwich") and max_dist > FP16_MAX_DIST):
+            dtype == "float16" and pe["kind"] in ("alibi", "kerple", "sandwich", "fire")
+            and max_dist > FP16_MAX_DIST):
         dtype = "float32"
     causal = rng.random() < 0.5
     if pe["kind"] == "xpos":  # causal only; explicit positions within the kernels' block span
@@ -238,6 +246,13 @@ def make_pe(desc):
         return T5Bias(param(desc["table"]), desc["bidirectional"], desc["max_distance"])
     if kind == "sandwich":
         return Sandwich(desc["d_bar"])
+    if kind == "fire":  # every tensor a trainable leaf
+        f = FIRE.random(desc["heads"], desc["width"], desc["seed"])
+        def lf(t):
+            return t.detach().to(DEVICE).requires_grad_()
+        return FIRE(lf(f.w1), lf(f.b1), lf(f.w2), lf(f.b2), c=lf(torch.tensor(desc["c"])),
+                    L=lf(torch.tensor(desc["L"])), activation=desc["activation"],
+                    num_cells=desc["cells"])
     scaling = desc["scaling"]
     if kind == "xpos":
         return XPos(base=desc["base"], scale_base=desc["scale_base"], scaling=_make_scaling(scaling),

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import posattn
-from posattn import ALiBi, KERPLE, RoPE, Sandwich, T5Bias
+from posattn import FIRE, ALiBi, KERPLE, RoPE, Sandwich, T5Bias
 from conftest import DEVICE
 from attn_harness import check, plain, qkv
 from helpers import force_bias_tables
@@ -53,8 +53,15 @@ def _inputs(pe_name, B=1):
          "r2": heads(0.3, 1.5) if pe_name == "kerple_power" else heads(0.05, 1.0),
          "q_positions": qpos, "k_positions": kpos,
          # T5's table (a generator of its own: the values above stay what they were)
-         "table": 2.0 * torch.randn(HQ, 32, generator=torch.Generator().manual_seed(1))}
+         "table": 2.0 * torch.randn(HQ, 32, generator=torch.Generator().manual_seed(1)),
+         # FIRE's output layer (its own generator too), per head
+         **_fire_out()}
     return {n: t.to(DEVICE) for n, t in a.items()}
+
+
+def _fire_out():
+    f = FIRE.random(HQ, width=8, seed=2)
+    return {"w2": f.w2, "b2": f.b2}
 
 
 def _pe(pe_name, a):
@@ -68,14 +75,18 @@ def _pe(pe_name, a):
         return T5Bias(a["table"], max_distance=20)
     if pe_name == "sandwich":
         return Sandwich(d_bar=32)
+    if pe_name == "fire":  # its first layer fixed, the per-head output layer as given
+        f = FIRE.random(HQ, width=8, seed=2)
+        return FIRE(f.w1.to(DEVICE), f.b1.to(DEVICE), a["w2"], a["b2"], L=20.0, num_cells=16)
     raise _unknown(pe_name)
 
 
 def _param_names(pe_name):
     if pe_name.startswith("kerple"):
         return ("r1", "r2")
-    if pe_name in ("rope", "alibi", "t5", "sandwich"):
-        return {"rope": (), "alibi": ("slopes",), "t5": ("table",), "sandwich": ()}[pe_name]
+    if pe_name in ("rope", "alibi", "t5", "sandwich", "fire"):
+        return {"rope": (), "alibi": ("slopes",), "t5": ("table",), "sandwich": (),
+                "fire": ("b2",)}[pe_name]  # (its per-head vector; w2 is (H, width))
     raise _unknown(pe_name)
 
 

@@ -246,6 +246,11 @@ CASES = [
     ("xpos", True, "right3", CAP, "fp32", "gqa", "default", 1, 40, 52, 16, None),
     ("xpos", True, "4_2", None, "fp16", "mha", "default", 1, 45, 45, 32, 16),
     ("xpos", True, "0_0", CAP, "fp16", "gqa", "offset", 1, 19, 30, 16, None),
+    ("fire", False, "None", CAP, "fp16", "gqa", "default", 1, 35, 30, 16, None),
+    ("fire", True, "left5", None, "fp32", "mha", "explicit", 1, 41, 41, 16, None),
+    ("fire", False, "right3", None, "fp32", "gqa", "offset", 1, 26, 39, 32, None),
+    ("fire", True, "4_2", CAP, "fp16", "mha", "offset", 2, 30, 30, 16, None),
+    ("fire", True, "0_0", None, "fp32", "gqa", "explicit", 1, 21, 45, 16, None),
 ]
 DTYPES = {"fp16": FP16, "fp32": FP32}
 
