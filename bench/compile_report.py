@@ -402,7 +402,7 @@ def shipped_configs(quick: bool = False, head_dims=(64, 128)):
 
 
 def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf16", echo=None,
-           half=None):
+           half=None, pes=None):
     """Compile every shipped config for ``arch``; returns the rows. echo: called with each row.
     half (0 or 1): every other config of each head dim, the D=64 and D=128 halves offset by one
     -- CI compiles sm_90 with half 0 and sm_80 with half 1, so every config is compiled at
@@ -411,6 +411,8 @@ def report(arch: int, quick: bool = False, head_dims=(64, 128), dtype: str = "bf
     rows = []
     seen = {}
     for kernel, pe, hd, causal, explicit, pe_grad, center, opts in shipped_configs(quick, head_dims):
+        if pes is not None and pe not in pes:  # (--pe: one PE's rows; half counts those only)
+            continue
         i = seen[hd] = seen.get(hd, -1) + 1
         if half is not None and (i + head_dims.index(hd) + half) % 2:
             continue
@@ -506,6 +508,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     ap.add_argument("--half", type=int, choices=(0, 1), default=None,
                     help="every other config (see report): CI's pairwise cover")
+    ap.add_argument("--pe", action="append", dest="pes",
+                    help="only this registered PE's rows (repeatable; default: every PE)")
     ap.add_argument("--rope-pass", action="store_true",
                     help="compile the RoPE rotate-once pass instead (ROPE_PASS_ROWS)")
     args = ap.parse_args(argv)
@@ -520,7 +524,7 @@ def main(argv=None):
             print(f"sm_{arch} compile report, triton {triton.__version__}, {args.dtype}, "
                   f"shared memory limit {SMEM_LIMIT[arch] // 1024} KiB", flush=True)
         rows += report(arch, args.quick, tuple(args.head_dims or (64, 128)), args.dtype,
-                       None if args.json else _print_row, args.half)
+                       None if args.json else _print_row, args.half, args.pes)
     if args.json:
         print(json.dumps(rows))
     bad = [r for r in rows if not r["ok"]]

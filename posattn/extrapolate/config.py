@@ -108,6 +108,14 @@ class T5Table(nn.Module):
         self.table = nn.Parameter(torch.randn(cfg.n_heads, num_buckets) * cfg.d_model ** -0.5)
 
 
+def _fire_params(module: nn.Module) -> Dict[str, object]:
+    """FIRE's learned c and L, and its table's measured interpolation error (in units of the
+    bias's fp32 rounding: below 1, the kernels' table is exact to fp32; posattn.FIRE)."""
+    spec = module.spec()
+    return {"c": abs(float(spec.c.detach())), "L": float(spec.L.detach()),
+            "interpolation_error": module.interpolation_error()}
+
+
 STUDY_PES: Dict[str, StudyPE] = {
     "nope": StudyPE("NoPE", spec=lambda m, cfg, rope: posattn.NoPE()),
     "rope": StudyPE("RoPE", spec=lambda m, cfg, rope: posattn.RoPE(base=cfg.rope_base, **rope), rope_methods=True),
@@ -123,6 +131,11 @@ STUDY_PES: Dict[str, StudyPE] = {
     # RoPE model's base; without the paper's blockwise causal attention at evaluation
     "xpos": StudyPE("xPos", spec=lambda m, cfg, rope: posattn.XPos(base=cfg.rope_base,
                                                                   scale_base=cfg.train_len / 2)),
+    # FIRE with the paper's width (32), init_c (0.1) and ratio of threshold to training length
+    # (init_L 512 at 2048: L / 4); GELU, not the paper's ReLU (posattn.FIRE says why)
+    "fire": StudyPE("FIRE", spec=lambda m, cfg, rope: m.spec(),
+                    module=lambda cfg: posattn.nn.FIREBias(cfg.n_heads, init_L=cfg.train_len / 4),
+                    params=_fire_params),
 }
 
 
