@@ -37,7 +37,16 @@ CASES = {
         pe=lambda: posattn.KERPLE("power", _param([0.9, 1.1]), _param([0.5, 1.2])), causal=True,
         q_positions=torch.tensor([3, 9, 4, 20, 7], device=DEVICE),
         k_positions=torch.arange(13, device=DEVICE) * 2),
+    # FIRE: its table is the parameter channel, so the ops carry it like any params
+    "fire": dict(pe=lambda: _fire(), causal=True),
 }
+
+
+def _fire():
+    f = posattn.FIRE.random(2, width=8, seed=3, L=8.0, num_cells=16)
+    return posattn.FIRE(*(t.to(DEVICE).requires_grad_() for t in (f.w1, f.b1, f.w2, f.b2)),
+                        c=torch.tensor(0.3, device=DEVICE, requires_grad=True), L=8.0,
+                        num_cells=16)
 
 
 def _inputs(case, dtype, layout="bhsd"):
