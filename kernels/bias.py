@@ -706,11 +706,22 @@ def fire_store(G, g, rows, FT, row_pos, row_mask, NP: tl.constexpr, TABLE_REF: t
     dl = tl.sum(tl.where(row_mask, -cq * (s2 - total * fp * x_ref), 0.0), 0)
     four = tl.arange(0, 4)
     tl.store(G + four, tl.where(four == 0, dc, tl.where(four == 1, dl, 0.0)))
-    cols = tl.arange(0, (NP - 4) // 2)[None, :]  # each row's total at its reference: -total t_ref^k
-    k = cols % 4
-    tk = tl.where(k == 0, 1.0, tl.where(k == 1, t[:, None], tl.where(
-        k == 2, (t * t)[:, None], (t * t * t)[:, None])))
-    corr = tl.sum(tl.where(cols // 4 == cell[:, None], total[:, None] * tk, 0.0), 0)
-    tl.store(G + 4 + tl.arange(0, (NP - 4) // 2), g - corr)
+    # each row's total at its reference, -total t_ref^k in its cell: a walk over the rows'
+    # reference cells (a few; one in the fixed mode), not a (rows, 4 n) tile
+    cols = tl.arange(0, (NP - 4) // 2)
+    lo = tl.min(tl.where(total != 0.0, cell, NP), 0)
+    hi = tl.max(tl.where(total != 0.0, cell, -1), 0)
+    for j in range(lo, hi + 1):
+        tj = tl.where(cell == j, total, 0.0)
+        m0 = tl.sum(tj, 0)
+        tj = tj * t
+        m1 = tl.sum(tj, 0)
+        tj = tj * t
+        m2 = tl.sum(tj, 0)
+        m3 = tl.sum(tj * t, 0)
+        k = cols - 4 * j
+        g -= tl.where(k == 0, m0, tl.where(k == 1, m1, tl.where(k == 2, m2,
+                                                                tl.where(k == 3, m3, 0.0))))
+    tl.store(G + 4 + cols, g)
     # (the derivative table is data, no parameter: its slots are zero)
     tl.store(G + 4 + (NP - 4) // 2 + tl.arange(0, (NP - 4) // 2), tl.zeros([(NP - 4) // 2], tl.float32))

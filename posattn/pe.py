@@ -1376,10 +1376,17 @@ _FIRE_ACTIVATIONS = {
     "silu": torch.nn.functional.silu,
     "tanh": torch.tanh,
 }
-# Power-basis coefficients of the cubic through a cell's samples at t = 0, 1/3, 2/3, 1:
-# a = _FIRE_VANDERMONDE_INV @ y (float64, exact to rounding).
-_FIRE_NODES = torch.tensor([0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0], dtype=torch.float64)
-_FIRE_VANDERMONDE_INV = torch.linalg.inv(_FIRE_NODES[:, None] ** torch.arange(4.0, dtype=torch.float64))
+
+
+def _cubic_through(y0, y1, y2, y3):
+    """(a0, a1, a2, a3): the power-basis coefficients in t of the cubic through y0..y3 at
+    t = 0, 1/3, 2/3, 1, from Newton's forward differences in s = 3t (elementwise ops only:
+    no matrix, no solver, no host copy -- CUDA-graph capturable)."""
+    d1 = y1 - y0
+    d2 = y2 - 2.0 * y1 + y0
+    d3 = y3 - 3.0 * y2 + 3.0 * y1 - y0
+    # y0 + s d1 + s(s-1)/2 d2 + s(s-1)(s-2)/6 d3, then s = 3t
+    return (y0, 3.0 * (d1 - d2 / 2.0 + d3 / 3.0), 9.0 * (d2 / 2.0 - d3 / 2.0), 27.0 * d3 / 6.0)
 
 
 class FIRE(PE):
@@ -1392,17 +1399,19 @@ class FIRE(PE):
 
     f_theta a two-layer MLP (1 -> width -> H) shared by the heads up to its output layer,
     c and the threshold L learnable. u is in [0, 1) whenever the keys sit at non-negative
-    positions before their query (a decoder); elsewhere (keys after a query, under
-    causal=False, or at negative positions) posattn saturates it at 1: the bias there is
-    f_theta(1), in the reference as in the kernels.
+    positions before their query (a decoder); where |q - k| passes max(L, q) (a key far after
+    its query under causal=False, or at a negative position) posattn saturates u at 1: the
+    bias there is f_theta(1), in the reference as in the kernels. At q == L the normaliser
+    takes L's branch (its gradient goes to L; the paper's torch.max splits it half and half).
 
     **Tabulated for the kernels.** Evaluating a width-32 MLP per score would cost ~100
     instructions, more than the attention itself; the kernels instead read f_theta from a
     per-head table of cubics, one per cell of a uniform grid of ``num_cells`` cells over
     [0, 1], each through f_theta's values at 4 equispaced points of its cell (built by torch
     from the MLP on every call, through autograd: the gradients of the cells' coefficients
-    flow back into theta). :meth:`interpolation_error` measures the table against the exact
-    MLP: with GELU or SiLU and the default 64 cells it stays below the fp32 rounding of the
+    flow back into theta). :meth:`interpolation_error` measures the table (in float64)
+    against the exact MLP -- the kernels' float32 coefficients and Horner steps add about 2
+    units of rounding on top, as any fp32 evaluation of the MLP would: with GELU or SiLU and the default 64 cells it stays below the fp32 rounding of the
     bias for weights up to 8x nn.Linear's initial ones (tanh, steeper, needs 128 cells
     there; tests/test_fire.py). Check it on a trained model; more cells cost the backward's
     gradient walk, not the forward. The
@@ -1419,7 +1428,11 @@ class FIRE(PE):
         L: the threshold (a float or a 0-d tensor, > 0): the normaliser is psi(max(L, q)).
         eps: added to the normaliser (the paper's 1e-6).
         activation: "gelu" | "silu" | "tanh".
-        num_cells: the table's cells (a power of two, 8 .. 1024; default 64).
+        num_cells: the table's cells (a power of two, 8 .. 256; default 64; the static
+            compile checks use 64).
+
+    Precision: c's gradient loses digits as |c| -> 0 (its two terms cancel): ~2e-4 relative
+    at c = 1e-3, as in the naive fp32 formula.
 
     Use :class:`posattn.nn.FIREBias` to hold the parameters as a module.
     """
@@ -1445,7 +1458,7 @@ class FIRE(PE):
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
         self.c = _fire_scalar("c", c)
         self.L = _fire_scalar("L", L)
-        self.eps = _nonneg_float("eps", eps)
+        self.eps = _positive_float("eps", eps)  # (> 0: at c = 0 the normaliser is eps)
         if activation not in _FIRE_ACTIVATIONS:
             hint = (" (ReLU's kinks defeat any interpolation table; see the class docstring)"
                     if activation == "relu" else "")
@@ -1453,8 +1466,8 @@ class FIRE(PE):
                              f"{activation!r}{hint}")
         self.activation = activation
         n = _positive_int("num_cells", num_cells)
-        if n < 8 or n > 1024 or n & (n - 1):
-            raise ValueError(f"num_cells must be a power of two in [8, 1024], got {num_cells}")
+        if n < 8 or n > 256 or n & (n - 1):
+            raise ValueError(f"num_cells must be a power of two in [8, 256], got {num_cells}")
         self.num_cells = n
 
     @property
@@ -1485,9 +1498,9 @@ class FIRE(PE):
         return h @ self.w2.to(dt).T + self.b2.to(dt)
 
     def _scalars(self, dtype, device):
-        def t(x):
+        def t(x):  # (a float: filled on the device, not copied from the host)
             return x.to(device=device, dtype=dtype) if isinstance(x, torch.Tensor) else \
-                torch.tensor(x, device=device, dtype=dtype)
+                torch.full((), x, device=device, dtype=dtype)
         return t(self.c).abs(), t(self.L)
 
     def normalised(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype) -> torch.Tensor:
@@ -1518,8 +1531,8 @@ class FIRE(PE):
                 _, y = torch.func.jvp(self.mlp, (u,), (torch.full_like(u, 1.0 / n),))
         else:
             y = self.mlp(u)  # (3n + 1, H)
-        idx = 3 * torch.arange(n, device=u.device)[:, None] + torch.arange(4, device=u.device)
-        return torch.einsum("kj,njh->hnk", _FIRE_VANDERMONDE_INV.to(u.device), y[idx])
+        y = y.T  # (H, 3n + 1)
+        return torch.stack(_cubic_through(y[:, 0:-1:3], y[:, 1::3], y[:, 2::3], y[:, 3::3]), -1)
 
     def bias_params(self, num_heads: int, device) -> torch.Tensor:
         """(H, 4 + 8 num_cells) float32: |c|, L, eps, num_cells, each cell's 4 coefficients,

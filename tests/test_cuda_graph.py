@@ -56,11 +56,13 @@ def _specs(H):
         "alibi_trainable": posattn.ALiBi(posattn.alibi_slopes(H).cuda().requires_grad_()),
         "kerple": posattn.KERPLE("log", torch.full((H,), 0.8, device="cuda").requires_grad_(),
                                  torch.full((H,), 0.4, device="cuda").requires_grad_()),
+        # FIRE: its table is rebuilt by torch on every call, on the device (no host copy)
+        "fire": posattn.nn.FIREBias(H, init_L=64.0).cuda().spec(),
     }
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("name", ["rope", "alibi", "alibi_trainable", "kerple"])
+@pytest.mark.parametrize("name", ["rope", "alibi", "alibi_trainable", "kerple", "fire"])
 def test_graph_replay_equals_eager(name):
     B, H, Hkv, S, D = 2, 4, 2, 300, 64
     pe = _specs(H)[name]

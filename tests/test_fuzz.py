@@ -169,7 +169,7 @@ def _bias_bound(pe, max_dist):
     if pe["kind"] == "sandwich":  # a_1 = H / 8 times at most d_bar
         return pe["heads"] / 8 * pe["d_bar"]
     if pe["kind"] == "fire":  # bounded by its MLP on u in [0, 1], whatever the distance
-        f = FIRE.random(pe["heads"], pe["width"], pe["seed"])
+        f = FIRE.random(pe["heads"], pe["width"], pe["seed"], activation=pe["activation"])
         return float(f.mlp(torch.linspace(0, 1, 257, dtype=torch.float64)).abs().max())
     if pe["kind"] == "kerple":
         if pe["type"] == "log":
