@@ -563,7 +563,7 @@ def bias_grad_terms(BIAS: tl.constexpr, ds, f, r2_term, a):
 # Gradients (dQ program): the coefficients' by the cells the tile's live scores span (a pass
 # per cell: the four sums of dS t^k, each reduced over the whole tile -- T5's bucket walk, but
 # n x 4 columns per row would not fit in registers); c's and L's by the chain rule through x,
-# f'(x) = a1 + t (2 a2 + 3 a3 t):
+# with f'(x) from the slope table (fire_slope):
 #   dx/dc = (R_q / ln2) |d| / (1 + c |d|) - x M_q / ((c M_q + 1) psi_q),  M_q = max(L, q)
 #   dx/dL = -x c / ((c L + 1) psi_q) where q <= L (else 0),           psi_q = ln(c M_q + 1) + eps
 # each row sums S_c = sum dS f' dx/dc (formed per score) and S_L = sum dS f' x, times its
