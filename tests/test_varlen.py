@@ -68,9 +68,10 @@ def run_varlen(base, pe, dtype, backend, cu_q, cu_k, compute_dtype=None, max_seq
 
 
 def varlen_slack(base, dtype, ref, pe, cu_q, cu_k, *, causal=False, scale=None, window=None, softcap=None,
-                 q_positions=None, k_positions=None):
+                 q_positions=None, k_positions=None, fire_ref="row"):
     """Slack per sequence (test_window_softcap.Slack), assembled: out (total_q, Hq, 1),
-    lse (Hq, total_q), and a function name -> slack of that gradient."""
+    lse (Hq, total_q), and a function name -> slack of that gradient. fire_ref: where the
+    backend centres FIRE's gradient (attn_harness.FlashSlack.fire_ref)."""
     q64, k64, v64 = (base[n].to(DEVICE).to(dtype).double() for n in "qkv")
     out64, lse64 = ref[0], ref[1]
     dout = make_dout(out64.shape, dtype).double()
@@ -96,6 +97,7 @@ def varlen_slack(base, dtype, ref, pe, cu_q, cu_k, *, causal=False, scale=None, 
         s = Slack(seq(q64, q0, q1), seq(k64, k0, k1), seq(v64, k0, k1), seq(out64, q0, q1),
                   lse64[:, q0:q1][None], seq(dout, q0, q1), pe, causal=causal, scale=scale, qpos=qpos,
                   kpos=kpos, window=window, softcap=softcap)
+        s.fire_ref = fire_ref
         out_s[q0:q1] = s.out[0].transpose(0, 1)
         lse_s[:, q0:q1] = s.lse[0]
         for n in scal:
@@ -151,6 +153,11 @@ CASES = {
                                           torch.int64, None, None),
     "mixed-kerple_power-w4_2-fp32": (MIXED, "kerple_power", False, (4, 2), None, FP32, "mha", 16, None, "default",
                                      torch.int32, None, None),
+    # FIRE: every parameter's gradient summed over packed sequences (L = 24 inside them)
+    "train-fire-causal-fp32-gqa": (TRAIN, "fire", True, None, None, FP32, "gqa", 16, None, "default",
+                                   torch.int32, None, None),
+    "mixed-fire-w4_2-cap-fp16-explicit": (MIXED, "fire", False, (4, 2), CAP, FP16, "mha", 16, None,
+                                          "explicit", torch.int64, None, None),
 }
 
 
