@@ -21,7 +21,7 @@ BIAS_* value, and a spec class in posattn.pe.
 import triton
 import triton.language as tl
 
-from .fmath import expm1_acc, fast_div, log1p_pos
+from .fmath import LN2, expm1_acc, fast_div, log1p_pos
 from .geometry import load_positions, seq_bounds, visible
 from .rotary import sincos_reduced
 
@@ -569,7 +569,6 @@ def bias_grad_terms(BIAS: tl.constexpr, ds, f, r2_term, a):
 # each row sums S_c = sum dS f' dx/dc (formed per score) and S_L = sum dS f' x, times its
 # factor at the store (fire_store, which also centres every sum). A saturated score (u = 1)
 # has f' = 0.
-LN2_F = tl.constexpr(0.6931471805599453)
 FIXED_REF = tl.constexpr(1e30)  # a reference x above this: the fixed one, u = 0 (fire_store)
 
 
@@ -586,7 +585,7 @@ def fire_rows(qpos, FT):
     above = q > L
     m = tl.where(above, q, L)  # max(L, q), L's branch at a tie (as the reference)
     psi = tl.log(c * m + 1.0) + eps
-    r = n * LN2_F / psi
+    r = n * LN2 / psi
     bq = m / ((c * m + 1.0) * psi)
     cq = tl.where(above, 0.0, c / ((c * L + 1.0) * psi))
     return r, n, bq, cq
@@ -608,7 +607,7 @@ def fire_grad_inputs(row_pos, col_pos, c, R, FT):
     dx/dc = (R / ln2) |d| / (1 + c |d|) - x M_q / ((c M_q + 1) psi_q), per score ("FIRE")."""
     x, w = fire_coords(row_pos, col_pos, c, R[:, None])
     _, _, bq, _ = fire_rows(row_pos, FT)
-    return x, (R / LN2_F)[:, None] * w - bq[:, None] * x
+    return x, (R / LN2)[:, None] * w - bq[:, None] * x
 
 
 @triton.jit
@@ -644,6 +643,15 @@ def fire_slope(FT, cell, t, n):
 
 
 @triton.jit
+def cell_columns(cols, j, m0, m1, m2, m3):
+    """The four sums of cell j placed at its coefficients' columns 4j .. 4j + 3 of ``cols``
+    (the coefficients' gradient vector), zero elsewhere."""
+    k = cols - 4 * j
+    return tl.where(k == 0, m0, tl.where(k == 1, m1, tl.where(k == 2, m2,
+                                                              tl.where(k == 3, m3, 0.0))))
+
+
+@triton.jit
 def fire_grad_update(g, rows, ds, x, w, FT, n, NP: tl.constexpr):
     """g ((NP - 4) / 2,) += this tile's sums of dS t^k per cell, k = 0..3 (the coefficients'
     gradient), walking only the cells the tile's live scores (dS != 0) span; rows
@@ -674,9 +682,7 @@ def fire_grad_update(g, rows, ds, x, w, FT, n, NP: tl.constexpr):
         s1 = tl.sum(tl.sum(dj * t, 1), 0)
         s2 = tl.sum(tl.sum(dj * t2, 1), 0)
         s3 = tl.sum(tl.sum(dj * t2 * t, 1), 0)
-        k = cols - 4 * j
-        g += tl.where(k == 0, s0, tl.where(k == 1, s1, tl.where(k == 2, s2,
-                                                                tl.where(k == 3, s3, 0.0))))
+        g += cell_columns(cols, j, s0, s1, s2, s3)
     return g, rows
 
 
@@ -719,9 +725,7 @@ def fire_store(G, g, rows, FT, row_pos, row_mask, NP: tl.constexpr, TABLE_REF: t
         tj = tj * t
         m2 = tl.sum(tj, 0)
         m3 = tl.sum(tj * t, 0)
-        k = cols - 4 * j
-        g -= tl.where(k == 0, m0, tl.where(k == 1, m1, tl.where(k == 2, m2,
-                                                                tl.where(k == 3, m3, 0.0))))
+        g -= cell_columns(cols, j, m0, m1, m2, m3)
     tl.store(G + 4 + cols, g)
     # (the derivative table is data, no parameter: its slots are zero)
     tl.store(G + 4 + (NP - 4) // 2 + tl.arange(0, (NP - 4) // 2), tl.zeros([(NP - 4) // 2], tl.float32))
